@@ -1,0 +1,203 @@
+"""One typed config tree for a run; every default works on the tiny CPU setting.
+
+Load order: defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars).
+Unknown keys fail loudly with the dotted path and the file they came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PROMPT = "Detect all objects. For each, write its description and box."
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = ""  # a Qwen3-VL folder with coord tokens; "" = the tiny model, built on first use
+    tiny_seed: int = 0  # seed of the tiny model built when path is ""
+    tiny_size: dict[str, int] = Field(default_factory=dict)  # overrides of the tiny model's size
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    freeze_vision: bool = False  # keep the vision tower fixed (saves memory on real models)
+
+
+class DataConfig(_Section):
+    train: str = ""  # contract JSONL; "" = the synthetic set, built on first use
+    val: str = ""
+    image_root: str = ""  # "" = the JSONL's folder
+    skip_bbox_norm: bool = False  # records hold "<|coord_k|>" strings already (SPEC 3.2)
+    prompt: str = DEFAULT_PROMPT
+    synth_train: int = 512  # size of the synthetic set built when train is ""
+    synth_val: int = 64
+    synth_seed: int = 0
+    synth_image_size: int = 128
+    synth_max_objects: int = 4
+
+
+class CoordExpConfig(_Section):
+    tau_start: float = 1.0  # softmax temperature over the 1000 coord logits
+    tau_end: float = 1.0  # annealed linearly to this over anneal_steps (SPEC 2.5)
+    anneal_steps: int = 0
+    top_k: int = 0  # 0 = plain expectation; k > 0 = expectation over the k most probable bins
+
+
+class LossConfig(_Section):
+    lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (SPEC 5.3 / 8)
+    lambda_l1: float = 0.0  # Stage-1 CoordExp L1 on GT coord positions (SPEC 5.3)
+    lambda_geo: float = 1.0  # Stage-2 self-context geometric loss (SPEC 8)
+    alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU)
+    beta_giou: float = 1.0
+    lambda_entropy: float = 0.0  # entropy regulariser on coord distributions
+    eos_weight: float = 1.0  # CE weight of the end-of-turn token
+    extra_eos_weight: float = 2.0  # EOS weight when the rollout over-generated (SPEC 14.3)
+    ce_chunk_size: int = 256  # positions per chunk: full-vocab logits never exist for the whole sequence
+
+
+class MatchingConfig(_Section):
+    geometry: Literal["giou", "iou"] = "giou"
+    lambda_geo: float = 1.0
+    semantic: Literal["text", "minilm"] = "text"  # cheap normalised text, or the frozen MiniLM encoder
+    lambda_sem_start: float = 0.0  # curriculum: geometry-only and strict first (SPEC 11)
+    lambda_sem_end: float = 0.5
+    iou_thr_start: float = 0.5
+    iou_thr_end: float = 0.1
+    l1_thr_start: float = 0.05  # mean per-coordinate L1 in [0, 1] units
+    l1_thr_end: float = 0.2
+    curriculum_steps: int = 200
+    missing_policy: Literal["append", "drop"] = "append"  # unmatched GT become completion objects
+
+
+class OptimConfig(_Section):
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float = 1.0
+    batch_size: int = 8  # samples per learner step
+
+
+class Stage1Config(_Section):
+    steps: int = 300
+    order: Literal["canonical", "random"] = "canonical"
+
+
+class Stage2Config(_Section):
+    steps: int = 60
+    sync_every: int = 5  # learner steps between weight syncs
+
+
+class RolloutConfig(_Section):
+    engine: Literal["vllm", "hf"] = "vllm"
+    num_actors: int = 1
+    batch_size: int = 8  # requests per engine call
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.05  # LESSONS: small penalties curb repeated boxes
+    max_new_tokens: int = 192
+    seed: int = 0
+    max_model_len: int = 1024
+    max_num_seqs: int = 8
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    gpus_per_actor: float = 0.0  # 0 on CPU machines
+    cpus_per_actor: float = 1.0
+
+
+class BufferConfig(_Section):
+    capacity: int = 64  # rows; producers block when full
+    max_staleness: int = 1  # weight versions; 0 = on-policy
+    spill_dir: str = ""  # "" = no Parquet spill; relative paths live in the run folder
+
+
+class WeightSyncConfig(_Section):
+    transport: Literal["object_store", "broadcast"] = "object_store"
+    bucket_mb: int = 64
+    timeout_s: float = 120.0
+
+
+class LearnerConfig(_Section):
+    gpus: float = 0.0
+    cpus: float = 1.0
+
+
+class EvalConfig(_Section):
+    every: int = 0  # learner steps between evaluations; 0 = only before/after each stage
+    max_samples: int = 64
+    engine: Literal["vllm", "hf"] = "hf"
+
+
+class RunConfig(_Section):
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    resume: str = ""  # a checkpoint folder to continue from
+    ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    coordexp: CoordExpConfig = Field(default_factory=CoordExpConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    matching: MatchingConfig = Field(default_factory=MatchingConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML ``path`` <- ``["optim.lr=3e-4", ...]``; raises ConfigError naming the key."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value else "")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source} (+ overrides {overrides or []}): {problems}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
