@@ -67,7 +67,7 @@ class ParseResult:
     @property
     def status(self) -> str:
         """``ok`` (every record kept, ended), ``partial`` (some kept) or ``failed`` (none usable)."""
-        if not self.objects and (self.dropped or not self.ended):
+        if not self.objects and (self.dropped or self.stray_tokens or not self.ended):
             return "failed"
         if self.dropped or not self.ended or self.stray_tokens:
             return "partial"
