@@ -39,6 +39,7 @@ class ImageRecord:
     raw_descs: list[str]
     scores: list[float | None] = field(default_factory=list)  # predictions only
     parse_status: str = "ok"
+    parse_reasons: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # "FILE line N", for error messages
 
 
@@ -76,7 +77,9 @@ def _coord_value(v: Any, size: int, where: str) -> float:
     return float(v)
 
 
-def object_box(obj: dict[str, Any], width: int, height: int, where: str = "object") -> tuple[float, float, float, float]:
+def object_box(
+    obj: dict[str, Any], width: int, height: int, where: str = "object"
+) -> tuple[float, float, float, float]:
     """Pixel box of one contract object; a ``poly`` becomes its enclosing box."""
     if "bbox_2d" in obj:
         vals = obj["bbox_2d"]
@@ -111,7 +114,10 @@ def to_image_record(rec: dict[str, Any], *, is_pred: bool, index: int = 0) -> Im
         raise ValueError(f"{where}: 'objects' must be a list")
     if status == "failed":
         objects = []  # an unparseable output counts as an empty prediction, never as a dropped image
-    out = ImageRecord(images[0], width, height, [], [], [], parse_status=status, where=where)
+    reasons = rec.get("parse_reasons") or {}
+    if not isinstance(reasons, dict):
+        raise ValueError(f"{where}: 'parse_reasons' must be a JSON object, got {type(reasons).__name__}")
+    out = ImageRecord(images[0], width, height, [], [], [], parse_status=status, parse_reasons=reasons, where=where)
     for j, obj in enumerate(objects):
         owhere = f"{where} objects[{j}]"
         if not isinstance(obj, dict) or not isinstance(obj.get("desc"), str):

@@ -1,0 +1,353 @@
+"""The rollout buffer between rollout actors (producers) and the learner (the one consumer).
+
+Rows are Arrow record batches of ``coordexp_rl.rollout_schema`` from end to end; they cross process
+boundaries through Ray's object store as batches, never as pickled Python lists.
+
+Three layers, so that everything but the Ray call itself is testable in one process:
+- ``BufferCore``: the plain, non-blocking logic (FIFO of batches, capacity, staleness, permits, spill).
+- ``AsyncRolloutBuffer``: adds waiting with asyncio (blocking ``put`` = back-pressure, blocking ``get``).
+- ``RolloutBuffer = ray.remote(AsyncRolloutBuffer)``: an async Ray actor.
+
+Back-pressure: ``put`` awaits while the buffer is full (up to ``timeout_s``; then it returns False and the
+producer calls again). Waiting inside the actor wakes the producer the moment a ``get`` frees room, with
+no polling or backoff RPCs; and because the actor is async, a waiting ``put`` holds no thread, so the
+learner's ``get`` always gets in (a threaded actor whose threads are all held by blocked puts deadlocks).
+
+Staleness (weight versions): the learner announces its version with ``set_version(v)``; rows with
+``weight_version < v - max_staleness`` are dropped and counted (``stale_dropped``), never handed out.
+Dropping wastes generation, so producers should ask first: ``acquire(n, actor_version)`` grants permits
+to generate at most as many rows as the learner can still use within the staleness bound (and the free
+capacity); a ``put`` uses up permits, ``release`` returns unused ones. ``max_staleness=0`` is on-policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from coordexp_rl.rollout_schema import check_schema, concat_batches
+
+log = logging.getLogger(__name__)
+
+SPILL_PATTERN = re.compile(r"rollouts-(\d{6})\.parquet")
+
+
+@dataclass
+class BufferStats:
+    puts: int = 0  # batches accepted
+    rows_in: int = 0  # rows accepted (before staleness drops)
+    gets: int = 0  # non-empty batches handed out
+    rows_out: int = 0
+    stale_dropped: int = 0  # rows never handed out because their weights were too old
+    put_timeouts: int = 0  # puts that gave up while the buffer stayed full
+    blocked_s: float = 0.0  # total time producers waited for room
+    get_wait_s: float = 0.0  # total time the learner waited for rows
+    permits_granted: int = 0
+    spilled_rows: int = 0
+    spill_files: int = 0
+
+
+class SpillWriter:
+    """Appends handed-out rows to ``rollouts-NNNNNN.parquet`` files; numbering continues after old files.
+
+    ``rows_per_file=0`` writes one file per batch; otherwise rows collect until a file holds that many
+    (``flush`` writes the rest). Files appear atomically (written under a temporary name, then renamed).
+    """
+
+    def __init__(self, spill_dir: str | os.PathLike, rows_per_file: int = 0):
+        self.dir = Path(spill_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_file = rows_per_file
+        self._pending: list[pa.RecordBatch] = []
+        self._next = 1 + max((int(m.group(1)) for p in self.dir.iterdir()
+                              if (m := SPILL_PATTERN.fullmatch(p.name))), default=-1)
+
+    def write(self, batch: pa.RecordBatch) -> int:
+        """Queue ``batch``; returns the number of files written now."""
+        self._pending.append(batch)
+        pending_rows = sum(b.num_rows for b in self._pending)
+        return self.flush() if pending_rows >= max(1, self.rows_per_file) else 0
+
+    def flush(self) -> int:
+        if not self._pending:
+            return 0
+        path = self.dir / f"rollouts-{self._next:06d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_batches(self._pending), tmp)
+        os.replace(tmp, path)
+        self._next += 1
+        self._pending = []
+        return 1
+
+
+def replay(spill_dir: str | os.PathLike) -> Iterator[pa.RecordBatch]:
+    """Read spilled rows back in the order they were handed out: one checked batch per file."""
+    paths = sorted(p for p in Path(spill_dir).iterdir() if SPILL_PATTERN.fullmatch(p.name))
+    for path in paths:
+        table = pq.read_table(path)
+        check_schema(table.schema, where=str(path))
+        yield concat_batches(table.to_batches())
+
+
+class BufferCore:
+    """Bounded FIFO of rollout rows with staleness admission and optional spill; non-blocking.
+
+    >>> from coordexp_rl.rollout_schema import RolloutRow, rows_to_batch
+    >>> core = BufferCore(capacity=4)
+    >>> core.offer(rows_to_batch([RolloutRow("a"), RolloutRow("b"), RolloutRow("c")]))
+    True
+    >>> core.take(2).column("sample_id").to_pylist(), core.size
+    (['a', 'b'], 1)
+    """
+
+    def __init__(self, capacity: int, max_staleness: int = 0, rows_per_version: int | None = None,
+                 spill_dir: str | os.PathLike | None = None, spill_rows_per_file: int = 0,
+                 version: int = 0):
+        if capacity <= 0:
+            raise ValueError(f"buffer capacity must be positive, got {capacity}")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 (0 = on-policy), got {max_staleness}")
+        if rows_per_version is not None and rows_per_version <= 0:
+            raise ValueError(f"rows_per_version must be positive or None, got {rows_per_version}")
+        self.capacity = capacity
+        self.max_staleness = max_staleness
+        self.rows_per_version = rows_per_version  # rows the learner consumes per weight update
+        self.version = version
+        self.stats_ = BufferStats()
+        self._queue: deque[pa.RecordBatch] = deque()
+        self._size = 0
+        self._outstanding = 0  # permits granted whose rows have not been put yet
+        self._taken_at_version = 0  # rows handed out since the last set_version
+        self._spill = SpillWriter(spill_dir, spill_rows_per_file) if spill_dir else None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def min_version(self) -> int:
+        """Oldest weight version whose rows the learner may still use."""
+        return self.version - self.max_staleness
+
+    def fresh_rows(self, batch: pa.RecordBatch) -> int:
+        return batch.num_rows - self._stale_count(batch)
+
+    def can_put(self, batch: pa.RecordBatch) -> bool:
+        """Room for the batch's fresh rows; an empty buffer takes any batch, so none waits forever."""
+        fresh = self.fresh_rows(batch)
+        return fresh == 0 or self._size == 0 or self._size + fresh <= self.capacity
+
+    def offer(self, batch: pa.RecordBatch) -> bool:
+        """Add ``batch`` if there is room (stale rows are dropped and counted); False when full."""
+        check_schema(batch.schema, where="batch put into the rollout buffer")
+        if not self.can_put(batch):
+            return False
+        stale = self._stale_count(batch)
+        if stale:
+            batch = batch.filter(pc.greater_equal(batch.column("weight_version"), self.min_version))
+            self.stats_.stale_dropped += stale
+            log.info("dropped %d stale rows (weights older than version %d)", stale, self.min_version)
+        if batch.num_rows:
+            self._queue.append(batch)
+            self._size += batch.num_rows
+        self._outstanding = max(0, self._outstanding - batch.num_rows - stale)
+        self.stats_.puts += 1
+        self.stats_.rows_in += batch.num_rows + stale
+        return True
+
+    def take(self, n: int) -> pa.RecordBatch | None:
+        """Hand out (and forget) the oldest ``min(n, size)`` rows; None when empty. Spills them first."""
+        if n <= 0:
+            raise ValueError(f"get needs n > 0 rows, got {n}")
+        if not self._size:
+            return None
+        parts, need = [], n
+        while need and self._queue:
+            head = self._queue.popleft()
+            if head.num_rows > need:
+                self._queue.appendleft(head.slice(need))
+                head = head.slice(0, need)
+            parts.append(head)
+            need -= head.num_rows
+        out = concat_batches(parts)
+        self._size -= out.num_rows
+        self._taken_at_version += out.num_rows
+        self.stats_.gets += 1
+        self.stats_.rows_out += out.num_rows
+        if self._spill is not None:
+            self.stats_.spill_files += self._spill.write(out)
+            self.stats_.spilled_rows += out.num_rows
+        return out
+
+    def set_version(self, version: int) -> int:
+        """The learner now holds ``version``: drop rows that became too stale; returns how many."""
+        if version < self.version:
+            raise ValueError(f"weight version went back from {self.version} to {version}; versions only grow")
+        if version == self.version:
+            return 0
+        self.version, self._taken_at_version = version, 0
+        dropped, kept = 0, deque()
+        for batch in self._queue:
+            stale = self._stale_count(batch)
+            if stale:
+                batch = batch.filter(pc.greater_equal(batch.column("weight_version"), self.min_version))
+                dropped += stale
+            if batch.num_rows:
+                kept.append(batch)
+        self._queue, self._size = kept, self._size - dropped
+        self.stats_.stale_dropped += dropped
+        return dropped
+
+    def budget(self, actor_version: int) -> int:
+        """Rows an engine holding ``actor_version`` may still start generating (0 = wait or sync weights).
+
+        Free capacity minus rows already permitted; with ``rows_per_version`` also at most the rows the
+        learner will consume before its version passes ``actor_version + max_staleness``.
+        """
+        if actor_version < self.min_version:
+            return 0
+        supply = self._size + self._outstanding
+        budget = self.capacity - supply
+        if self.rows_per_version is not None:
+            versions_usable = actor_version + self.max_staleness - self.version + 1
+            demand = versions_usable * self.rows_per_version - self._taken_at_version
+            budget = min(budget, demand - supply)
+        return max(0, budget)
+
+    def grant(self, n: int, actor_version: int) -> int:
+        """Permit up to ``n`` rows of generation at ``actor_version``; returns the rows permitted."""
+        granted = min(n, self.budget(actor_version))
+        self._outstanding += granted
+        self.stats_.permits_granted += granted
+        return granted
+
+    def release(self, n: int) -> None:
+        """Return permits that were not used (generation failed or was cut short)."""
+        self._outstanding = max(0, self._outstanding - n)
+
+    def snapshot(self) -> pa.RecordBatch:
+        """The rows waiting now, oldest first, without taking them (for checkpoints; ``offer`` restores)."""
+        return concat_batches(list(self._queue))
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self.stats_.spill_files += self._spill.flush()
+
+    def stats(self) -> dict:
+        return {"size": self._size, "capacity": self.capacity, "version": self.version,
+                "max_staleness": self.max_staleness, "outstanding_permits": self._outstanding,
+                **asdict(self.stats_)}
+
+    def _stale_count(self, batch: pa.RecordBatch) -> int:
+        if batch.num_rows == 0:
+            return 0
+        fresh = pc.sum(pc.greater_equal(batch.column("weight_version"), self.min_version)).as_py() or 0
+        return batch.num_rows - fresh
+
+
+class AsyncRolloutBuffer:
+    """``BufferCore`` plus waiting: ``put`` and ``get`` await (with timeouts) instead of failing."""
+
+    def __init__(self, capacity: int, max_staleness: int = 0, rows_per_version: int | None = None,
+                 spill_dir: str | None = None, spill_rows_per_file: int = 0, version: int = 0):
+        self.core = BufferCore(capacity, max_staleness, rows_per_version, spill_dir, spill_rows_per_file,
+                               version)
+        self._changed = asyncio.Condition()  # notified on every change of size, version or permits
+
+    async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
+        """Add a batch, waiting while the buffer is full; False if still full after ``timeout_s``."""
+        check_schema(batch.schema, where="batch put into the rollout buffer")
+        start = time.monotonic()
+        async with self._changed:
+            ok = await self._wait(lambda: self.core.can_put(batch), timeout_s)
+            self.core.stats_.blocked_s += time.monotonic() - start
+            if not ok:
+                self.core.stats_.put_timeouts += 1
+                return False
+            self.core.offer(batch)
+            self._changed.notify_all()
+            return True
+
+    async def get(self, n: int, timeout_s: float | None = None,
+                  min_rows: int | None = None) -> pa.RecordBatch | None:
+        """Up to ``n`` rows once at least ``min_rows`` (default ``n``) are there; None after ``timeout_s``.
+
+        Every row is handed out exactly once. None means nothing was taken.
+        """
+        need = n if min_rows is None else max(1, min(min_rows, n))
+        start = time.monotonic()
+        async with self._changed:
+            ok = await self._wait(lambda: self.core.size >= need, timeout_s)
+            self.core.stats_.get_wait_s += time.monotonic() - start
+            if not ok:
+                return None
+            out = self.core.take(n)
+            self._changed.notify_all()
+            return out
+
+    async def acquire(self, n: int, actor_version: int, timeout_s: float = 0.0) -> int:
+        """Permits to generate up to ``n`` rows at ``actor_version``; waits up to ``timeout_s`` for any.
+
+        0 means: not now (buffer full, or the learner cannot use more rows of this version) or, when
+        ``actor_version < version() - max_staleness``, sync weights first.
+        """
+        async with self._changed:
+            # A stale engine stops waiting at once: only a weight sync helps it.
+            await self._wait(lambda: self.core.budget(actor_version) > 0
+                             or actor_version < self.core.min_version, timeout_s)
+            return self.core.grant(n, actor_version)
+
+    async def release(self, n: int) -> None:
+        async with self._changed:
+            self.core.release(n)
+            self._changed.notify_all()
+
+    async def may_generate(self, actor_version: int) -> bool:
+        return self.core.budget(actor_version) > 0
+
+    async def set_version(self, version: int) -> int:
+        async with self._changed:
+            dropped = self.core.set_version(version)
+            self._changed.notify_all()
+            return dropped
+
+    async def version(self) -> int:
+        return self.core.version
+
+    async def stats(self) -> dict:
+        return self.core.stats()
+
+    async def snapshot(self) -> pa.RecordBatch:
+        return self.core.snapshot()
+
+    async def close(self) -> dict:
+        """Flush the spill files; returns the final stats."""
+        self.core.close()
+        return self.core.stats()
+
+    async def _wait(self, predicate, timeout_s: float | None) -> bool:
+        if predicate():
+            return True
+        if timeout_s is not None and timeout_s <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+# The Ray actor. num_cpus=0: it only moves batches, so it must not take a CPU slot from engines.
+RolloutBuffer = ray.remote(num_cpus=0)(AsyncRolloutBuffer)

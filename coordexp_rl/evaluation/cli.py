@@ -1,0 +1,67 @@
+"""Score predictions against ground truth: COCO box mAP (constant and coord-probability scores), F1 at
+IoU 0.5, mean IoU, parse-failure and duplicate rates. Prints a JSON summary; with --out also writes
+metrics.json, plots, box overlays and report.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from coordexp_rl.evaluation.coco import SCORE_MODES
+from coordexp_rl.evaluation.metrics import evaluate_paired
+from coordexp_rl.evaluation.records import load_jsonl, pair_records
+from coordexp_rl.evaluation.report import render_markdown, summary
+from coordexp_rl.evaluation.robustness import boundary_report_paired
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gt", required=True, type=Path, help="ground-truth JSONL (data contract)")
+    parser.add_argument("--pred", required=True, type=Path, help="predictions JSONL (one line per GT record)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json, plots, overlays, report.md")
+    parser.add_argument("--image-root", type=Path, default=None, help="folder the GT image paths are relative to "
+                        "(default: the GT file's folder)")
+    parser.add_argument("--overlays", type=int, default=8, help="number of images to draw boxes on (0: none)")
+    parser.add_argument("--iou-thr", type=float, default=0.5, help="IoU threshold of F1 matching")
+    parser.add_argument("--score-modes", default=",".join(SCORE_MODES),
+                        help=f"comma-separated COCO score modes from {SCORE_MODES}")
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = tuple(m.strip() for m in args.score_modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in SCORE_MODES]
+    if bad:
+        print(f"error: unknown --score-modes {bad}; choose from {SCORE_MODES}", file=sys.stderr)
+        return 2
+    try:
+        gt_raw, pred_raw = load_jsonl(args.gt), load_jsonl(args.pred)
+        gts, preds = pair_records(gt_raw, pred_raw)
+        metrics = evaluate_paired(gts, preds, args.iou_thr, modes)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    metrics["quantisation_boundary"] = boundary_report_paired(gts, preds)
+    metrics["inputs"] = {"gt": str(args.gt), "pred": str(args.pred)}
+    if args.out is not None:
+        write_outputs(metrics, gts, preds, args)
+    print(json.dumps(summary(metrics), indent=2))
+    return 0
+
+
+def write_outputs(metrics: dict, gts: list, preds: list, args: argparse.Namespace) -> None:
+    # Imported here: matplotlib and PIL are only needed when writing files.
+    from coordexp_rl.evaluation.overlays import write_overlays
+    from coordexp_rl.evaluation.plots import plot_iou_histogram, plot_per_description
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    images = {"IoU histogram": plot_iou_histogram(metrics, out / "iou_histogram.png").name}
+    if metrics["per_description"]:
+        images["Per description"] = plot_per_description(metrics, out / "per_description.png").name
+    if args.overlays > 0:
+        root = args.image_root if args.image_root is not None else args.gt.parent
+        for path in write_overlays(gts, preds, root, out / "overlays", args.overlays):
+            images[f"overlay {path.stem}"] = f"overlays/{path.name}"
+    (out / "report.md").write_text(render_markdown(metrics, images), encoding="utf-8")

@@ -1,0 +1,70 @@
+"""A short Markdown report of one ``evaluate`` result (and the JSON summary the CLI prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: a flat dict small enough to print."""
+    out: dict[str, Any] = {k: metrics[k] for k in ("num_images", "num_gt_boxes", "num_pred_boxes")}
+    for mode, r in metrics["coco"].items():
+        for key, value in r.items():
+            out[f"{mode}/{key}"] = value
+    for key in ("precision", "recall", "f1"):
+        out[f"f1@{metrics['iou_threshold']}/{key}"] = metrics["f1"][key]
+    out["f1_class_agnostic"] = metrics["f1_class_agnostic"]["f1"]
+    out["mean_iou"] = metrics["mean_iou"]
+    out["parse_failure_rate"] = metrics["parse"]["failure_rate"]
+    out["duplicate_rate"] = metrics["duplicate_rate"]
+    out["unmatched_desc_rate"] = metrics["unmatched_desc"]["rate"]
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(metrics: dict[str, Any], images: dict[str, str] | None = None, top: int = 20) -> str:
+    """Report text; ``images`` maps a caption to a path relative to the report."""
+    m = metrics
+    lines = [
+        "# Detection evaluation",
+        "",
+        f"{m['num_images']} images, {m['num_gt_boxes']} GT boxes, {m['num_pred_boxes']} predicted boxes.",
+        "",
+        "## COCO box AP",
+        "",
+        "| score mode | mAP | AP50 | AP75 | AR@100 |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in m["coco"].items():
+        lines.append(f"| {mode} | {_fmt(r['mAP'])} | {_fmt(r['AP50'])} | {_fmt(r['AP75'])} | {_fmt(r['AR100'])} |")
+    lines += ["", *[f"- {mode}: {m['notes'][mode]}" for mode in m["coco"] if mode in m["notes"]],
+              f"- unmatched descriptions: {m['notes']['unmatched_desc']}", "",
+              f"## Matching at IoU >= {m['iou_threshold']}", "",
+              "| | precision | recall | F1 | TP | FP | FN |", "|---|---|---|---|---|---|---|"]
+    for name, key in (("per description", "f1"), ("class-agnostic", "f1_class_agnostic")):
+        r = m[key]
+        lines.append(f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
+                     f"{r['tp']} | {r['fp']} | {r['fn']} |")
+    p = m["parse"]
+    lines += ["", f"- {m['notes']['matching']}",
+              f"- mean IoU of matched pairs: {_fmt(m['mean_iou'])} (true positives only: {_fmt(m['mean_iou_tp'])})",
+              f"- parse: {p['ok']} ok, {p['partial']} partial, {p['failed']} failed "
+              f"(failure rate {_fmt(p['failure_rate'])}; failed outputs count as empty predictions)",
+              f"- duplicate rate: {_fmt(m['duplicate_rate'])}; predictions with an unknown description: "
+              f"{_fmt(m['unmatched_desc']['rate'])}", "",
+              "## Per description", "", "| desc | GT | pred | TP | F1 | " +
+              " | ".join(f"AP50 {mode}" for mode in m["coco"]) + " |",
+              "|---|---|---|---|---|" + "---|" * len(m["coco"])]
+    for r in m["per_description"][:top]:
+        aps = " | ".join(_fmt(r.get(f"AP50_{mode}")) for mode in m["coco"])
+        lines.append(f"| {r['desc']} | {r['gt']} | {r['pred']} | {r['tp']} | {_fmt(r['f1'])} | {aps} |")
+    if len(m["per_description"]) > top:
+        lines.append(f"\n({len(m['per_description']) - top} more rows in metrics.json)")
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{caption}]({path})" for caption, path in images.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""Weight sync: exact bucket round trips, and a real 2-process gloo broadcast with timeouts."""
+
+import multiprocessing as mp
+import pickle
+import socket
+import time
+
+import pytest
+import torch
+
+from coordexp_rl.weight_sync import (
+    Bucket, BroadcastTransport, ObjectStoreTransport, TensorSpec, WeightPayload, WeightSyncError,
+    init_weight_group, pack_buckets, unpack_all, unpack_bucket,
+)
+
+CTX = mp.get_context("spawn")
+
+
+def sample_weights() -> list[tuple[str, torch.Tensor]]:
+    """Mixed dtypes and awkward shapes; deterministic so both processes can rebuild them."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("embed.weight", torch.randn(7, 5, generator=g)),  # float32, 140 bytes
+        ("layer.0.w_t", torch.randn(6, 4, generator=g).t()),  # non-contiguous float32, 96 bytes
+        ("layer.0.b", torch.randn(4, generator=g).to(torch.bfloat16)),  # 8 bytes
+        ("scale", torch.tensor(0.5)),  # 0-dim float32, 4 bytes
+        ("empty", torch.zeros(0, 3)),  # no elements
+        ("steps", torch.tensor([3, -2**40], dtype=torch.int64)),  # 16 bytes
+        ("head.weight", torch.randn(3, 5, generator=g).to(torch.bfloat16)),  # 30 bytes
+    ]
+
+
+def assert_same(got, expected):
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    for (name, a), (_, b) in zip(got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+def test_pack_unpack_round_trip_exact():
+    weights = sample_weights()
+    buckets = pack_buckets(weights, bucket_bytes=1 << 20)
+    # one bucket per dtype, in order of first appearance: float32, bfloat16, int64
+    assert [b.dtype for b in buckets] == ["float32", "bfloat16", "int64"]
+    assert [b.buffer.numel() for b in buckets] == [35 + 24 + 1 + 0, 4 + 15, 2]
+    got = {n: t for n, t in unpack_all(buckets)}
+    assert_same([(n, got[n]) for n, _ in weights], weights)
+    spec = buckets[0].manifest[1]
+    assert spec == TensorSpec("layer.0.w_t", (4, 6), "float32", 35, 24)
+
+
+def test_bucket_size_limit():
+    # float32: 140 + 96 > 150 -> split; the 140-byte tensor alone fits; bigger tensors get their own bucket
+    weights = [("a", torch.ones(35)), ("b", torch.ones(24)), ("c", torch.ones(1)), ("d", torch.ones(100))]
+    buckets = pack_buckets(weights, bucket_bytes=150)
+    assert [[s.name for s in b.manifest] for b in buckets] == [["a"], ["b", "c"], ["d"]]
+    assert [b.nbytes for b in buckets] == [140, 100, 400]
+    assert_same(unpack_all(buckets), weights)
+
+
+def test_pack_rejects_duplicates_and_bad_buffers():
+    with pytest.raises(ValueError, match="'w' appears twice"):
+        pack_buckets([("w", torch.ones(1)), ("w", torch.ones(1))])
+    bucket = pack_buckets([("w", torch.ones(3))])[0]
+    with pytest.raises(WeightSyncError, match="needs \\(3,\\)"):
+        unpack_bucket(Bucket("float32", torch.ones(2), bucket.manifest))
+
+
+def test_object_store_transport_round_trip():
+    weights = sample_weights()
+    sender, receiver = ObjectStoreTransport(bucket_bytes=64), ObjectStoreTransport()
+    payload = sender.send(9, weights)
+    assert isinstance(payload, WeightPayload) and len(payload.buckets) >= 4
+    shipped = pickle.loads(pickle.dumps(payload))  # what crossing the object store does
+    version, got = receiver.receive(shipped)
+    assert version == 9
+    got = dict(got)
+    assert_same([(n, got[n]) for n, _ in weights], weights)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer(role: str, port: int, out_path: str, release) -> None:
+    """The other process. Roles: receiver | idle_sender (never sends) | partial_sender."""
+    rank = 1 if role == "receiver" else 0
+    group = init_weight_group("127.0.0.1", port, rank, 2, "gloo", timeout_s=60)
+    transport = BroadcastTransport(group, bucket_bytes=128)
+    if role == "receiver":
+        version, named = transport.receive()
+        torch.save({"version": version, "named": named}, out_path)
+    elif role == "partial_sender":
+        buckets = pack_buckets(sample_weights(), 128)
+        transport.send_header(5, buckets)
+        transport.send_bucket(0, buckets[0])
+    release.wait(60)  # idle until the parent is done with the group
+
+
+def start_peer(role: str, port: int, out_path: str = ""):
+    release = CTX.Event()
+    proc = CTX.Process(target=peer, args=(role, port, out_path, release), daemon=True)
+    proc.start()
+    return proc, release
+
+
+def test_broadcast_two_processes_exact(tmp_path):
+    port, out = free_port(), str(tmp_path / "received.pt")
+    proc, release = start_peer("receiver", port, out)
+    group = init_weight_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=60)
+    weights = sample_weights()
+    BroadcastTransport(group, bucket_bytes=128).send(4, weights)
+    release.set()
+    proc.join(60)
+    assert proc.exitcode == 0
+    received = torch.load(out)
+    assert received["version"] == 4
+    got = dict(received["named"])
+    assert_same([(n, got[n]) for n, _ in weights], weights)
+
+
+@pytest.mark.parametrize("role", ["idle_sender", "partial_sender"])
+def test_receiver_times_out_and_keeps_nothing(role):
+    port = free_port()
+    proc, release = start_peer(role, port)
+    try:
+        group = init_weight_group("127.0.0.1", port, 1, 2, "gloo", timeout_s=60)
+        group.timeout_s = 1.0  # the rendezvous waited for the spawn; the sync itself must be quick
+        transport = BroadcastTransport(group, bucket_bytes=128)
+        start = time.monotonic()
+        result = None
+        with pytest.raises(WeightSyncError, match="failed within 1 s") as err:
+            result = transport.receive()
+        assert time.monotonic() - start < 5.0
+        assert result is None  # nothing half-received reaches the caller
+        if role == "partial_sender":  # header and bucket 0 arrived, bucket 1 did not
+            assert "bucket 1 of version 5" in str(err.value)
+        with pytest.raises(WeightSyncError, match="group is broken"):
+            transport.receive()
+    finally:
+        release.set()
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_group_that_never_forms_raises():
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="did not form within 1 s"):
+        init_weight_group("127.0.0.1", free_port(), 1, 2, "gloo", timeout_s=1.0)
+    assert time.monotonic() - start < 10.0
