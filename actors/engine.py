@@ -48,6 +48,22 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build an engine (both kinds read the same fields; vLLM-only ones say so)."""
+
+    model_path: str  # a Qwen3-VL folder with the coord vocabulary (e.g. make_tiny_model's output)
+    kind: Literal["vllm", "hf"] = "vllm"
+    dtype: str = "float32"  # torch dtype name; "bfloat16" on GPUs
+    device: str = "cpu"  # hf only; vLLM picks its platform itself
+    seed: int = 0  # engine-level seed (vLLM's global seed)
+    max_model_len: int = 1024  # vLLM: prompt + generated tokens per sequence
+    max_num_seqs: int = 8  # vLLM: sequences decoded together
+    enforce_eager: bool = True  # vLLM: no graph capture / compile (avoids 10-15 s cold compile on CPU)
+    gpu_memory_utilization: float = 0.5  # vLLM on GPUs: fraction of device memory it may take
+    tensor_parallel_size: int = 1  # vLLM
+
+
 @dataclass
 class GenerationRequest:
     """One image plus the user prompt text (unexpanded; the engine inserts the image placeholders)."""
@@ -84,6 +100,34 @@ class WeightLoadError(RuntimeError):
     """A weight update was rejected before touching the model; the engine keeps its old version."""
 
 
+def validate_payload(names_shapes: Sequence[tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]],
+                     optional: frozenset[str] = frozenset()) -> None:
+    """Raise ValueError unless the payload names exactly the checkpoint's tensors with its shapes.
+
+    ``optional`` names may be present or absent (e.g. a tied ``lm_head.weight``: the learner's
+    state_dict carries it, the checkpoint does not).
+    """
+    seen: dict[str, tuple[int, ...]] = {}
+    for name, shape in names_shapes:
+        if name in seen:
+            raise ValueError(f"weight payload names {name!r} twice")
+        seen[name] = tuple(shape)
+    unknown = sorted(n for n in seen if n not in expected and n not in optional)
+    missing = sorted(n for n in expected if n not in seen and n not in optional)
+    wrong = sorted(f"{n}: got {seen[n]}, checkpoint has {expected[n]}"
+                   for n in seen if n in expected and seen[n] != expected[n])
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown names (first: {unknown[:3]})")
+    if missing:
+        problems.append(f"{len(missing)} missing names (first: {missing[:3]})")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes (first: {wrong[:3]})")
+    if problems:
+        raise ValueError("weight payload rejected, model unchanged: " + "; ".join(problems)
+                         + ". Send the full HF-layout state_dict of the same architecture.")
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the rollout actor needs from an engine."""
@@ -102,3 +146,16 @@ class RolloutEngine(Protocol):
     def weight_version(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+def make_engine(config: EngineConfig) -> RolloutEngine:
+    """The engine that ``config.kind`` names (imports only that engine's stack)."""
+    if config.kind == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
+    if config.kind == "hf":
+        from actors.hf_engine import HFEngine
+
+        return HFEngine(config)
+    raise ValueError(f"engine kind {config.kind!r}: choose 'vllm' or 'hf'")

@@ -62,7 +62,7 @@ class Learner:
         self.semantic = make_semantic_distance(m.semantic)
         self.step = 0  # optimizer steps taken (both stages)
         self.stage2_steps = 0  # Stage-2 steps taken (drives the matching curriculum)
-        self.version = 0  # weight version; bumps on every optimizer step
+        self.version = 0  # published weight version: bumps when weights go to the rollout engines
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -136,7 +136,7 @@ class Learner:
         metrics["match/parse_failure_rate"] = stats["parse_failed"] / n
         metrics["match/mean_iou"] = sum(ious) / len(ious) if ious else 0.0
         metrics["match/iou_thr"] = params.iou_thr
-        metrics["weight_version_lag"] = self.version - 1 - min((r.weight_version for r in rows), default=0)
+        metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
         metrics["tokens_per_s"] = sum(len(s.input_ids) for s in seqs) / (time.perf_counter() - t0)
         return metrics
 
@@ -223,7 +223,6 @@ class Learner:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self.version += 1
         metrics = {f"loss/{k}": v for k, v in terms.items()}
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
         return metrics
@@ -236,6 +235,11 @@ class Learner:
         """Weights in checkpoint (save_pretrained) naming, detached, for the rollout engines."""
         for name, tensor in self.model.state_dict().items():
             yield name, tensor.detach()
+
+    def publish(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """A new weight version and its tensors (the caller sends them to every engine)."""
+        self.version += 1
+        return self.version, list(self.named_weights())
 
     def save(self, path: str | Path, data_state: dict | None = None) -> Path:
         return save_checkpoint(self, Path(path), data_state or {})

@@ -1,5 +1,29 @@
 """Shared fixtures. prepare_runtime() runs before any test module imports transformers or vLLM."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
 from coordexp_rl.runtime import prepare_runtime
 
 prepare_runtime()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The default tiny Qwen3-VL folder (seed 0, local tokenizer, coord tokens), built once per session."""
+    from coordexp_rl.modeling.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic shapes set: 32 train, 8 val images of 128 px, 1-3 objects."""
+    from coordexp_rl.data.synth import make_synthetic_set
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic_set(out, n_train=32, n_val=8, seed=0, image_size=128, min_objects=1, max_objects=3)
+    return out

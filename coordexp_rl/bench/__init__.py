@@ -1,0 +1,22 @@
+"""Benchmarks that print JSON: ``coordexp-rl bench SUB ...`` (each compares two things in one run)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, one-line help); each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "loss": ("coordexp_rl.bench.loss", "Stage-2 loss path (chunked CE + coord-row CoordExp) vs full-vocab logits"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(SUBCOMMANDS[args.bench][0]).run(args) or 0)

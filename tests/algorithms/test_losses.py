@@ -1,0 +1,193 @@
+"""Losses: chunked weighted CE against the naive full-logits CE, position weights, box losses, combiners."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coordexp_rl.coords import CoordVocab
+from coordexp_rl.losses import (box_iou, coord_l1, generalized_box_iou, geo_loss, giou_loss, l1_box_loss,
+                                paired_iou, position_weights, stage1_loss, stage2_loss, weighted_token_ce)
+
+
+def naive_ce(hidden, W, targets, weights, bias=None):
+    logits = hidden @ W.T + (0 if bias is None else bias)  # (T, V): what the chunked path avoids
+    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_ce_matches_naive_value_and_gradients(chunk_size, with_bias):
+    torch.manual_seed(0)
+    T, H, V = 11, 6, 40
+    h = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True) if with_bias else None
+    y = torch.randint(0, V, (T,))
+    w = torch.tensor([0, 0, 1, 1, 2.5, 1, 0, 1, 1, 3, 1], dtype=torch.float64)
+    out = weighted_token_ce(h, W, y, w, bias=b, chunk_size=chunk_size)
+    (2.0 * out.loss_sum).backward()  # a non-unit upstream grad must be propagated
+    grads = [t.grad.clone() for t in (h, W, b) if t is not None]
+    for t in (h, W, b):
+        if t is not None:
+            t.grad = None
+    ref = naive_ce(h, W, y, w, b)
+    (2.0 * ref).backward()
+    torch.testing.assert_close(out.loss_sum.double(), ref.double(), rtol=1e-6, atol=1e-6)
+    for got, t in zip(grads, [t for t in (h, W, b) if t is not None]):
+        torch.testing.assert_close(got, t.grad, rtol=1e-6, atol=1e-8)
+    assert out.weight_sum.item() == pytest.approx(11.5)
+    # skipped positions: no NLL reported and exactly zero gradient
+    assert out.token_nll[[0, 1, 6]].abs().max() == 0
+    assert grads[0][[0, 1, 6]].abs().max() == 0
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fused_coord_logits_match_naive_gather_with_gradients(contiguous):
+    # CE + a CoordExp loss on the same forward: value and gradients equal the full-logits way.
+    from coordexp_rl.coordexp import coord_expectation
+
+    torch.manual_seed(3)
+    T, H, V, K = 9, 5, 60, 20
+    ids = list(range(30, 30 + K)) if contiguous else torch.randperm(V)[:K].tolist()
+    h = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+    w = torch.tensor([0, 1, 1, 1, 2, 2, 1, 0, 1], dtype=torch.float64)
+    pos = torch.tensor([3, 4, 7, 8])  # position 7 has CE weight 0 but is still a coord position
+
+    def loss_from(ce_sum, coord_logits):
+        return ce_sum / 10 + 3.0 * coord_expectation(coord_logits, tau=0.5).expectation.pow(2).sum()
+
+    out = weighted_token_ce(h, W, y, w, bias=b, chunk_size=4, coord_positions=pos, coord_ids=ids)
+    loss_from(out.loss_sum, out.coord_logits).backward()
+    got = [t.grad.clone() for t in (h, W, b)]
+    for t in (h, W, b):
+        t.grad = None
+    full = h @ W.T + b
+    ref = loss_from(naive_ce(h, W, y, w, b), full[pos][:, ids])
+    ref.backward()
+    for g, t in zip(got, (h, W, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-7, atol=1e-10)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out2 = weighted_token_ce(h, W, y, w, coord_positions=pos, coord_ids=ids)
+        out2.loss_sum.backward(retain_graph=True)
+        out2.loss_sum.backward()
+
+
+def test_token_nll_by_hand():
+    # 2 classes, logits (0, ln 3) -> p(class 1) = 3/4, NLL = ln(4/3); target 0 -> NLL = ln 4
+    W = torch.tensor([[0.0], [1.0]])
+    h = torch.tensor([[math.log(3)], [math.log(3)]])
+    out = weighted_token_ce(h, W, torch.tensor([1, 0]), torch.tensor([1.0, 2.0]))
+    assert out.token_nll.tolist() == pytest.approx([math.log(4 / 3), math.log(4)])
+    assert out.loss_sum.item() == pytest.approx(math.log(4 / 3) + 2 * math.log(4))
+
+
+def test_all_zero_weights_gives_zero_loss_that_backprops():
+    h = torch.randn(4, 3, requires_grad=True)
+    W = torch.randn(10, 3, requires_grad=True)
+    out = weighted_token_ce(h, W, torch.zeros(4, dtype=torch.long), torch.zeros(4))
+    out.loss_sum.backward()
+    assert out.loss_sum.item() == 0.0 and h.grad.abs().max() == 0 and W.grad.abs().max() == 0
+
+
+def test_frozen_lm_head_gets_no_gradient():
+    h = torch.randn(5, 3, requires_grad=True)
+    W = torch.randn(10, 3)  # frozen
+    out = weighted_token_ce(h, W, torch.arange(5), torch.ones(5), chunk_size=2)
+    out.loss_sum.backward()
+    assert W.grad is None and h.grad.abs().max() > 0
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="expected hidden"):
+        weighted_token_ce(torch.randn(4, 3), torch.randn(10, 3), torch.arange(3), torch.ones(4))
+
+
+VOCAB = CoordVocab(tuple(range(100, 1100)), obj_open=1, obj_close=2, desc_open=3, desc_close=4,
+                   box_open=5, box_close=6, eos_id=9)
+
+
+def test_position_weights_by_hand():
+    #      prompt | <obj> <desc> cat </desc> <box> c c c c </box> </obj> eos | "\n"
+    ids = [7, 7, 7, 1, 3, 50, 4, 5, 110, 310, 410, 705, 6, 2, 9, 8]
+    w = position_weights(ids, VOCAB, prompt_len=3, lambda_coord_ce=0.5, eos_weight=3.0)
+    assert w.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1.5, 1.5, 1.5, 1.5, 1, 1, 3.0, 0]
+    # an eos inside the prompt does not count; no eos in the assistant part: everything supervised
+    w = position_weights([9, 1, 3, 50], VOCAB, prompt_len=1, eos_weight=5.0)
+    assert w.tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="prompt_len 9"):
+        position_weights([1, 2], VOCAB, prompt_len=9)
+
+
+# ---- boxes ---------------------------------------------------------------------------------------------
+
+
+def test_giou_hand_values():
+    a = torch.tensor([[0.0, 0.0, 0.1, 0.1]])
+    assert generalized_box_iou(a, a).item() == pytest.approx(1.0)
+    # disjoint: union 0.02, hull 0.3 x 0.1 = 0.03 -> GIoU = 0 - 0.01 / 0.03 = -1/3
+    b = torch.tensor([[0.2, 0.0, 0.3, 0.1]])
+    assert box_iou(a, b).item() == 0.0
+    assert generalized_box_iou(a, b).item() == pytest.approx(-1 / 3, abs=1e-5)
+    # shifted by half a width: intersection 2, union 6 (in units of 0.01) -> IoU 1/3, GIoU 1/3 (hull = union)
+    c, d = torch.tensor([[0.0, 0.0, 0.2, 0.2]]), torch.tensor([[0.1, 0.0, 0.3, 0.2]])
+    assert box_iou(c, d).item() == pytest.approx(1 / 3, abs=1e-5)
+    assert giou_loss(c, d).item() == pytest.approx(2 / 3, abs=1e-5)
+
+
+def test_pairwise_shapes_and_values():
+    a = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.6, 0.6]])
+    b = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.0, 0.3, 0.2], [0.5, 0.5, 0.6, 0.6]])
+    iou = box_iou(a, b)
+    assert iou.shape == (2, 3)
+    torch.testing.assert_close(iou, torch.tensor([[1.0, 1 / 3, 0.0], [0.0, 0.0, 1.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(paired_iou(a, b[[1, 2]]), torch.tensor([1 / 3, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_inverted_box_is_sorted_and_gradient_is_finite():
+    gt = torch.tensor([[0.2, 0.2, 0.4, 0.4]])
+    inverted = torch.tensor([[0.4, 0.4, 0.2, 0.2]], requires_grad=True)
+    assert giou_loss(inverted, gt).item() == pytest.approx(0.0, abs=1e-5)
+    collapsed = torch.tensor([[0.3, 0.3, 0.3, 0.3]], requires_grad=True)  # zero area
+    loss = geo_loss(collapsed, gt)
+    loss.backward()
+    assert torch.isfinite(collapsed.grad).all() and collapsed.grad.abs().max() > 0
+    # L1 = 0.1 * 4 = 0.4; IoU = 0; hull = gt (0.04), union 0.04 -> GIoU 0 -> 1 - GIoU = 1
+    assert loss.item() == pytest.approx(1.4, abs=1e-5)
+
+
+def test_geo_loss_weights_and_reductions():
+    pred = torch.tensor([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7]])
+    gt = torch.tensor([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.8]])
+    l1 = l1_box_loss(pred, gt, "none")
+    torch.testing.assert_close(l1, torch.tensor([0.0, 0.1]))
+    gl = giou_loss(pred, gt, "none")  # second: IoU = 0.04 / 0.06, hull = union -> 1 - 2/3
+    torch.testing.assert_close(gl, torch.tensor([0.0, 1 / 3]), atol=1e-5, rtol=0)
+    total = geo_loss(pred, gt, alpha=2.0, beta=0.5)
+    assert total.item() == pytest.approx(2.0 * 0.1 + 0.5 / 3, abs=1e-5)
+    assert geo_loss(pred, gt, reduction="mean").item() == pytest.approx((0.1 + 1 / 3) / 2, abs=1e-5)
+    empty = torch.zeros(0, 4, requires_grad=True)
+    assert geo_loss(empty, torch.zeros(0, 4)).item() == 0.0
+
+
+def test_coord_l1():
+    c = torch.tensor([0.1, 0.5])
+    assert coord_l1(c, torch.tensor([120, 500])).item() == pytest.approx(0.02)
+
+
+def test_stage_combiners():
+    total, terms = stage1_loss(torch.tensor(2.0), ce_coord=torch.tensor(1.0), l1_coord=torch.tensor(0.5),
+                               lambda_coord_ce=0.5, lambda_l1=2.0)
+    assert total.item() == pytest.approx(2.0 + 0.5 + 1.0)
+    assert terms == {"ce_all": 2.0, "ce_coord": 1.0, "l1_coord": 0.5, "total": 3.5}
+    ce = torch.tensor(1.0, requires_grad=True)
+    geo = torch.tensor(0.4, requires_grad=True)
+    total, terms = stage2_loss(ce, geo, entropy=torch.tensor(3.0), lambda_geo=2.0, lambda_ent=0.1)
+    assert total.item() == pytest.approx(1.0 + 0.8 + 0.3)
+    assert terms["ce_coord"] == 0.0 and terms["total"] == pytest.approx(2.1)
+    total.backward()
+    assert geo.grad.item() == pytest.approx(2.0)
