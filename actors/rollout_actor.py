@@ -156,8 +156,22 @@ class RolloutWorker:
         self.engine.load_weights(named_tensors, version)
         return self.engine.weight_version
 
+    def update_weights(self, payload) -> int:
+        """The one control call of a sync: unpack the learner's buckets (a WeightPayload) and load them."""
+        from coordexp_rl.weight_sync import ObjectStoreTransport
+
+        version, named = ObjectStoreTransport().receive(payload)
+        return self.load_weights(named, version)
+
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def predict(self, samples: Sequence, max_new_tokens: int | None = None) -> list[dict]:
+        """Greedy prediction records (coordexp_rl.inference) for evaluation with the current weights."""
+        from coordexp_rl.inference import predict
+
+        return list(predict(self.engine, list(samples), self.prompt_text, batch_size=self.batch_size,
+                            max_new_tokens=max_new_tokens or self.sampling.max_new_tokens))
 
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "engine": self.engine.name, "weight_version": self.weight_version(),

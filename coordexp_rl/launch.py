@@ -253,8 +253,8 @@ class Driver:
         headline = summary(metrics)
         step = ray.get(self.learner.ready.remote())["step"]
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
-        log.info("eval %s: mAP %.4f AP50 %.4f F1 %.4f mean IoU %.4f", label, headline["constant/mAP"],
-                 headline["constant/AP50"], headline["f1@0.5/f1"], headline["mean_iou"])
+        log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
+                                                                     "mean_iou", "parse_failure_rate")})
         return headline
 
     def maybe_checkpoint(self, step: int) -> None:
@@ -286,7 +286,8 @@ def results_table(results: dict[str, dict]) -> str:
             ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou"), ("parse failures", "parse_failure_rate")]
     lines = ["| after | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for _, k in cols) + " |")
+        cells = (r.get(k) for _, k in cols)
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ PROMPT = "Detect all objects."
 TAUGHT = [BoxObject("red circle", (100, 200, 300, 400)), BoxObject("blue square", (500, 50, 900, 700))]
 
 
-def teach(model_dir: Path, out: Path, images, steps: int = 80, lr: float = 1e-2) -> Path:
+def teach(model_dir: Path, out: Path, images, steps: int = 30, lr: float = 2e-2) -> Path:
     """Copy ``model_dir`` to ``out`` and fit it to answer ``TAUGHT`` (CE on the assistant tokens)."""
     from safetensors.torch import load_file, save_file
 
@@ -50,4 +50,4 @@ def teach(model_dir: Path, out: Path, images, steps: int = 80, lr: float = 1e-2)
     state = model.state_dict()
     save_file({n: state[n].detach().contiguous() for n in names}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    return out, float(loss)
+    return out
