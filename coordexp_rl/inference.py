@@ -168,9 +168,10 @@ def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, 
     """Greedy predictions for ``samples``: yields one prediction record per sample, in order.
 
     ``engine``: a RolloutEngine (``actors.engine``) with a ``.processor``. ``decode="coordexp"`` needs
-    an HF model (``decoder_model``, or the HF engine's own model).
+    an HF model (``decoder_model``, or the HF engine's own model). Arguments are checked at the call,
+    before any generation; the work happens batch by batch as the records are consumed.
     """
-    from actors.engine import GenerationRequest, SamplingConfig
+    from actors.engine import SamplingConfig
 
     if decode not in DECODES:
         raise ValueError(f"decode={decode!r}: choose one of {DECODES}")
@@ -182,15 +183,22 @@ def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, 
     tokenizer = engine_tokenizer(engine, decoder_model)
     vocab = CoordVocab.from_tokenizer(tokenizer)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)  # temperature 0: greedy
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        images = [load_image(s) for s in chunk]
-        requests = [GenerationRequest(im, prompt, s.sample_id) for im, s in zip(images, chunk)]
-        results = engine.generate(requests, sampling)
-        parsed = [parse_ids(r.generated_ids, tokenizer, vocab) for r in results]
-        units = coordexp_unit_boxes(decoder, images, prompt, results, parsed) if decoder else [None] * len(chunk)
-        for sample, result, p, u in zip(chunk, results, parsed, units):
-            yield prediction_record(sample, result, p, vocab, unit_boxes=u, score_mode=score_mode)
+    batches = (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
+    return (rec for chunk in batches
+            for rec in _predict_batch(engine, chunk, prompt, sampling, tokenizer, vocab, decoder, score_mode))
+
+
+def _predict_batch(engine, chunk: list[Sample], prompt: str, sampling, tokenizer, vocab: CoordVocab,
+                   decoder: DecoderModel | None, score_mode: str) -> list[dict]:
+    from actors.engine import GenerationRequest
+
+    images = [load_image(s) for s in chunk]
+    requests = [GenerationRequest(im, prompt, s.sample_id) for im, s in zip(images, chunk)]
+    results = engine.generate(requests, sampling)
+    parsed = [parse_ids(r.generated_ids, tokenizer, vocab) for r in results]
+    units = coordexp_unit_boxes(decoder, images, prompt, results, parsed) if decoder else [None] * len(chunk)
+    return [prediction_record(s, r, p, vocab, unit_boxes=u, score_mode=score_mode)
+            for s, r, p, u in zip(chunk, results, parsed, units)]
 
 
 def write_predictions(records: Iterable[dict], path: str | Path, *, progress=None) -> Counter:
@@ -275,6 +283,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     todo = [s for s in samples if s.sample_id not in done]
+    foreign = done - {s.sample_id for s in samples}
+    if foreign:
+        print(f"warning: {args.out} holds {len(foreign)} lines of samples not in {args.data} (first "
+              f"{sorted(foreign)[0]!r}); `coordexp-rl eval` will reject them: use a fresh --out", file=sys.stderr)
     print(f"{len(samples)} records, {len(samples) - len(todo)} already in {args.out}, {len(todo)} to predict",
           file=sys.stderr)
     counts = _predict_to_file(args, todo) if todo else Counter()

@@ -58,14 +58,17 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             if bias is not None:
                 logits = logits + bias
             logits = logits.to(acc)  # a new buffer for bf16, the same one for fp32
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            chunk_nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+            # Softmax in place in the one (C, V) buffer (torch.logsumexp would allocate a second one).
+            picked = logits.gather(1, y[:, None]).squeeze(1)  # (C,) logit of the target
+            top = logits.amax(dim=-1)  # (C,)
+            denom = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # buffer now holds exp(z - max)
+            chunk_nll = top + denom.log() - picked
             nll[lo:lo + chunk_size] = chunk_nll
             total += (chunk_nll * w).sum()
             if not (need_h or need_w or need_b):
                 continue
-            # d(w * nll)/dlogits = w * (softmax - onehot); reuse the logits buffer in place.
-            g = logits.sub_(lse[:, None]).exp_()
+            # d(w * nll)/dlogits = w * (softmax - onehot), still in the same buffer.
+            g = logits.div_(denom[:, None])
             g[torch.arange(len(y), device=g.device), y] -= 1.0
             g = g.mul_(w[:, None]).to(hidden.dtype)
             if need_h:

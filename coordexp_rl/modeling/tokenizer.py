@@ -8,6 +8,7 @@ pad ``<|endoftext|>`` and the Qwen3-VL-style chat template below. Neither has co
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -144,8 +145,6 @@ def load_qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 def _merges_of(bpe: Tokenizer) -> list[tuple[str, str]]:
-    import json
-
     merges = json.loads(bpe.to_str())["model"]["merges"]
     # tokenizers writes pairs as lists (newer) or "a b" strings (older); Qwen2Tokenizer wants tuples.
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]

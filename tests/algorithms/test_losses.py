@@ -191,3 +191,13 @@ def test_stage_combiners():
     assert terms["ce_coord"] == 0.0 and terms["total"] == pytest.approx(2.1)
     total.backward()
     assert geo.grad.item() == pytest.approx(2.0)
+
+
+def test_bf16_inputs_give_fp32_loss_close_to_fp32_reference():
+    torch.manual_seed(4)
+    h, W = torch.randn(6, 8), torch.randn(30, 8)
+    y, w = torch.randint(0, 30, (6,)), torch.ones(6)
+    out = weighted_token_ce(h.bfloat16().requires_grad_(), W.bfloat16().requires_grad_(), y, w, chunk_size=4)
+    out.loss_sum.backward()
+    assert out.loss_sum.dtype == torch.float32
+    assert out.loss_sum.item() == pytest.approx(naive_ce(h, W, y, w).item(), rel=0.05)

@@ -1,0 +1,135 @@
+"""configs/*.yaml: every file loads, tiny_cpu.yaml is the defaults, the real-model arithmetic holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from coordexp_rl.config import Config, load_config
+from tests.deploy.packing import CONFIGS, GPU_CONFIGS, ROOT, all_config_files, bundles, config, pack
+
+COCO_TRAIN_IMAGES = 118_287  # instances_train2017.json
+NODE_8GPU = {"GPU": 8, "CPU": 96}  # p4de.24xlarge / the RayJob worker pod's Ray resources
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "tiny_size":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff_from_defaults(cfg: Config) -> dict:
+    base, mine = _flat(Config().model_dump()), _flat(cfg.model_dump())
+    return {k: v for k, v in mine.items() if base[k] != v}
+
+
+def test_tiny_cpu_is_exactly_the_embedded_default():
+    assert load_config(CONFIGS / "tiny_cpu.yaml") == load_config(None)
+    # ...and spells out every key, so a default changed in config.py alone is noticed here.
+    raw = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
+    assert set(_flat(raw)) == set(_flat(Config().model_dump()))
+
+
+@pytest.mark.parametrize("path", all_config_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert bundles(cfg), path  # at least the learner's bundle
+
+
+def test_all_expected_configs_exist():
+    names = {str(p.relative_to(CONFIGS)) for p in all_config_files()}
+    assert {"tiny_cpu.yaml", *GPU_CONFIGS, "ablations/stage1_ce_only.yaml", "ablations/stage1_ce_l1giou.yaml",
+            "ablations/no_coord_ce_stage2.yaml", "ablations/topk_expectation.yaml"} <= names
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("stage1_ce_only.yaml", {"loss.lambda_coord_ce": 0.0, "stage2.steps": 0}),
+    ("stage1_ce_l1giou.yaml", {"loss.lambda_l1": 1.0, "stage2.steps": 0}),
+    ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce": 0.0}),
+    ("topk_expectation.yaml", {"coordexp.top_k": 20}),
+])
+def test_ablation_differs_from_tiny_cpu_only_in_its_keys(name, expected):
+    diff = _diff_from_defaults(load_config(CONFIGS / "ablations" / name))
+    assert diff.pop("run.out_dir") == f"runs/ablations/{name.removesuffix('.yaml')}"
+    assert diff == expected
+
+
+@pytest.mark.parametrize("name, gpus, nodes", [
+    ("qwen3vl_2b_1node.yaml", 8, 1), ("qwen3vl_8b_1node.yaml", 8, 1), ("qwen3vl_8b_2nodes.yaml", 16, 2)])
+def test_gpu_configs_fill_their_nodes(name, gpus, nodes):
+    cfg = config(name)
+    b = bundles(cfg)
+    assert sum(x.get("GPU", 0) for x in b) == gpus
+    assert len(b) == cfg.rollout.num_actors + 1
+    assert pack(b, [NODE_8GPU] * nodes) is not None
+    assert pack(b, [NODE_8GPU] * (nodes - 1)) is None  # it really needs that many nodes
+
+
+def test_two_node_config_puts_the_learner_on_a_node_of_its_own():
+    b = bundles(config("qwen3vl_8b_2nodes.yaml"))
+    where = pack(b, [NODE_8GPU, NODE_8GPU])
+    learner_node = where[-1]
+    assert [w for w in where[:-1] if w == learner_node] == []
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_config_arithmetic(name):
+    cfg = config(name)
+    assert cfg.model.path.startswith("/path/to/Qwen3-VL-") and cfg.model.path.endswith("-coord")
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.gpus_per_actor == 1.0
+    assert cfg.rollout.tensor_parallel_size == 1
+    assert cfg.rollout.repetition_penalty == 1.05
+    assert cfg.data.train == "/data/coco/train2017.jsonl" and cfg.data.val == "/data/coco/val2017.jsonl"
+    assert cfg.run.out_dir.startswith("/shared/runs/")  # a filesystem all nodes see
+    # ~60 objects x ~14 tokens fit in the generation budget; prompt (<= 400 image + ~40) + budget in the context.
+    assert cfg.rollout.max_new_tokens >= 60 * 14
+    assert cfg.rollout.max_model_len >= 400 + 40 + cfg.rollout.max_new_tokens
+    assert cfg.rollout.max_num_seqs >= cfg.rollout.batch_size
+    # Buffer holds exactly what the learner may still use: rows per version x (max_staleness + 1).
+    assert cfg.buffer.capacity == cfg.optim.batch_size * cfg.stage2.sync_every * (cfg.buffer.max_staleness + 1)
+    # Stage-1 is about one epoch of COCO train2017 (the comments say ~1.0).
+    epochs = cfg.stage1.steps * cfg.optim.batch_size / COCO_TRAIN_IMAGES
+    assert 0.95 < epochs < 1.1
+    assert cfg.optim.warmup_steps < cfg.stage1.steps // 10
+    assert cfg.eval.max_samples >= 5000  # the whole of val2017
+
+
+def test_learning_rates_follow_model_size():
+    assert config("qwen3vl_2b_1node.yaml").optim.lr == 1e-5
+    assert config("qwen3vl_8b_1node.yaml").optim.lr == 5e-6
+    assert config("qwen3vl_8b_2nodes.yaml").optim.lr == 5e-6
+
+
+def test_model_path_override_reaches_the_config():
+    cfg = config("qwen3vl_2b_1node.yaml", ["model.path=/ckpt/Qwen3-VL-2B-coord", "rollout.num_actors=2"])
+    assert cfg.model.path == "/ckpt/Qwen3-VL-2B-coord"
+    assert sum(x["GPU"] for x in bundles(cfg)) == 2 + 4
+
+
+def _dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordexp_rl.launch", *args, "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["qwen3vl_8b_2nodes.yaml", "ablations/topk_expectation.yaml"])
+def test_dry_run_prints_the_resolved_config_and_bundles(name):
+    out = _dry_run("--config", f"configs/{name}")
+    assert out.returncode == 0, out.stderr
+    text, _, bundle_line = out.stdout.rstrip().rpartition("# placement bundles: ")
+    assert Config.model_validate(yaml.safe_load(text)) == load_config(CONFIGS / name)
+    assert json.loads(bundle_line) == bundles(load_config(CONFIGS / name))
+
+
+def test_dry_run_rejects_an_unknown_key_by_name():
+    out = _dry_run("--config", "configs/qwen3vl_2b_1node.yaml", "rollout.num_gpus=8")
+    assert out.returncode == 2
+    assert "rollout.num_gpus" in out.stderr

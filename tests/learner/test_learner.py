@@ -1,0 +1,132 @@
+"""The Learner on the tiny model, in one process (no Ray)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from coordexp_rl.config import load_config
+from coordexp_rl.coords import bin_to_unit
+from coordexp_rl.data.loader import load_image, load_samples
+from coordexp_rl.modeling.inputs import encode_prompt
+from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.rollout_schema import RolloutRow
+from learner.learner import Learner, PromptMismatchError
+
+
+@pytest.fixture(scope="module")
+def samples(synth_dir):
+    return load_samples(synth_dir / "train.jsonl")[:4]
+
+
+def make_learner(tiny_model_dir, *overrides):
+    cfg = load_config(None, ["optim.warmup_steps=0", "optim.batch_size=4", *overrides])
+    return Learner(cfg, tiny_model_dir)
+
+
+def rollout_of(learner, sample, objects):
+    """A rollout row whose generated ids write ``objects`` (as the rollout actor would store it)."""
+    prompt = encode_prompt(learner.processor, load_image(sample), learner.cfg.data.prompt)["input_ids"].tolist()
+    generated = build_assistant_ids(objects, learner.tokenizer, learner.vocab)
+    parsed = parse_ids(generated, learner.tokenizer, learner.vocab)
+    return RolloutRow(sample_id=sample.sample_id, prompt_ids=prompt, generated_ids=generated, objects=parsed.objects,
+                      parse_status=parsed.status)
+
+
+def test_stage1_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir, "optim.lr=3e-3", "loss.lambda_l1=1.0")
+    losses = [learner.stage1_step(samples)["loss/total"] for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert learner.step == 6
+
+
+def test_self_context_supervises_matched_coord_positions_toward_gt(tiny_model_dir, samples):
+    """SPEC 12: the rollout writes the GT objects slightly shifted and in reverse order."""
+    learner = make_learner(tiny_model_dir)
+    sample = next(s for s in samples if len(s.objects) >= 2)
+    shifted = [BoxObject(o.desc, tuple(min(999, b + 10) for b in o.bins)) for o in reversed(sample.objects)]
+    row = rollout_of(learner, sample, shifted)
+    n = len(sample.objects)
+    pairs = [(i, n - 1 - i) for i in range(n)]  # prediction i is GT n-1-i
+    seq = learner._self_context_sequence(row, sample, pairs, load_image(sample))
+    prompt_len = len(row.prompt_ids)
+    assert seq.prompt_len == prompt_len
+    assert seq.input_ids.tolist() == row.prompt_ids + row.generated_ids
+    # Context tokens are the rollout's coord tokens, targets the matched GT coordinates (no pseudo-labels).
+    for k, (i, j) in enumerate(pairs):
+        positions = seq.coord_positions[4 * k: 4 * k + 4]
+        assert [learner.vocab.bin_of(int(seq.input_ids[p])) for p in positions] == list(shifted[i].bins)
+        assert seq.coord_targets[4 * k: 4 * k + 4] == [bin_to_unit(b) for b in sample.objects[j].bins]
+
+
+def test_stage2_step_matches_and_sends_finite_gradients_to_coord_rows(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir)
+    rows = [rollout_of(learner, s, [BoxObject(o.desc, tuple(min(999, b + 5) for b in o.bins))
+                                    for o in reversed(s.objects)]) for s in samples]
+    by_id = {s.sample_id: s for s in samples}
+    metrics = learner.stage2_step(rows, by_id)
+    n_objects = sum(len(s.objects) for s in samples)
+    assert metrics["match/matched"] * len(rows) == n_objects
+    assert metrics["match/missed"] == 0 and metrics["match/extra"] == 0
+    assert metrics["match/mean_iou"] > 0.8 and metrics["loss/geo_self"] > 0
+    grad = learner.model.lm_head.weight.grad[list(learner.vocab.coord_ids)]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_geometric_loss_alone_moves_coordexp_toward_gt(tiny_model_dir, samples):
+    """With CE switched off, Stage-2 steps only follow L1 + GIoU: the decoded box approaches the GT box."""
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-3", "loss.eos_weight=0", "loss.lambda_coord_ce=0")
+    learner._ce = lambda sup: sup["ce_hidden"].sum() * 0.0  # geometry only
+    sample = samples[0]
+    row = rollout_of(learner, sample, sample.objects)
+    losses = [learner.stage2_step([row], {sample.sample_id: sample})["loss/geo_self"] for _ in range(10)]
+    assert max(losses[-3:]) < 0.75 * losses[0], losses
+
+
+def test_failed_parse_falls_back_to_stage1_loss(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir)
+    sample = samples[0]
+    row = dataclasses.replace(rollout_of(learner, sample, []), generated_ids=[1, 2, 3], objects=[],
+                              parse_status="failed")
+    metrics = learner.stage2_step([row], {sample.sample_id: sample})
+    assert metrics["match/parse_failure_rate"] == 1.0
+    assert metrics["loss/geo_self"] == 0.0 and metrics["loss/ce_gt"] > 0
+
+
+def test_prompt_mismatch_is_refused_with_a_clear_error(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir)
+    sample = samples[0]
+    row = rollout_of(learner, sample, sample.objects)
+    row.prompt_ids[5] += 1
+    with pytest.raises(PromptMismatchError, match=rf"{sample.sample_id}.*position 5"):
+        learner.stage2_step([row], {sample.sample_id: sample})
+
+
+def test_resume_continues_bit_for_bit(tiny_model_dir, synth_dir, tmp_path):
+    from learner.ray_learner import LearnerWorker
+
+    cfg = load_config(None, ["optim.batch_size=2", "optim.warmup_steps=2", "stage1.order=random",
+                             "stage1.steps=5", "loss.lambda_l1=0.5"]).model_dump()
+    train = str(synth_dir / "train.jsonl")
+    a = LearnerWorker(cfg, str(tiny_model_dir), train)
+    a.stage1_steps(3)
+    a.save_checkpoint(str(tmp_path / "ckpt"))
+    losses_a = [m["loss/total"] for m in a.stage1_steps(2)]
+    b = LearnerWorker(cfg, str(tiny_model_dir), train)
+    assert b.load_checkpoint(str(tmp_path / "ckpt"))["step"] == 3
+    losses_b = [m["loss/total"] for m in b.stage1_steps(2)]
+    assert losses_a == losses_b
+    for (name, wa), (_, wb) in zip(a.learner.model.state_dict().items(), b.learner.model.state_dict().items()):
+        assert torch.equal(wa, wb), name
+    assert a.learner.scheduler.get_last_lr() == b.learner.scheduler.get_last_lr()
+
+
+def test_export_loads_back_in_transformers(tiny_model_dir, tmp_path, samples):
+    from coordexp_rl.modeling.load import load_model_and_processor
+
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-2")
+    learner.stage1_step(samples)
+    model, _, vocab = load_model_and_processor(learner.export_pretrained(tmp_path / "export"))
+    assert vocab == learner.vocab
+    for name, w in learner.model.state_dict().items():
+        assert torch.equal(w, model.state_dict()[name]), name
