@@ -158,6 +158,7 @@ class Driver:
 
         done = ray.get(self.learner.ready.remote())["step"]
         steps, chunk = self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
+        m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
         with tqdm(total=steps, initial=min(done, steps), desc="stage-1", unit="step", file=sys.stderr) as bar:
             while done < steps:
                 n = min(chunk, steps - done)
@@ -167,7 +168,7 @@ class Driver:
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
                 self.maybe_checkpoint(done)
-        log.info("stage-1 done: %d steps, loss %.4f", steps, m["loss/total"] if steps else float("nan"))
+        log.info("stage-1 done: %d steps, loss %.4f", steps, m["loss/total"])
 
     def stage2(self) -> None:
         """Actors generate continuously (one queued step each); the learner consumes; weights sync back."""

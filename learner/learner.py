@@ -44,7 +44,11 @@ class Learner:
     def __init__(self, cfg: Config, model_path: str | Path):
         self.cfg = cfg
         torch.manual_seed(cfg.run.seed)
-        self.model, self.processor, self.vocab = load_model_and_processor(model_path, dtype=cfg.model.dtype)
+        # Parameters stay float32 (master weights: bf16 would round lr 1e-5 updates away); bfloat16 runs
+        # the forward under autocast on GPUs.
+        self.device = torch.device("cuda" if cfg.learner.gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.autocast = cfg.model.dtype == "bfloat16" and self.device.type == "cuda"
+        self.model, self.processor, self.vocab = load_model_and_processor(model_path, "float32", str(self.device))
         self.tokenizer = self.processor.tokenizer
         self.model.train()
         if cfg.model.freeze_vision:
@@ -196,9 +200,10 @@ class Learner:
     # ------------------------------------------------------------------------------------------------
 
     def _forward(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        batch = collate([s.enc for s in seqs], self.pad_id)
-        hidden = self.model.model(**batch).last_hidden_state  # (B, T, H)
-        return gather_supervision(seqs, hidden)
+        batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.model.model(**batch).last_hidden_state.float()  # (B, T, H); losses in fp32
+        return {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
