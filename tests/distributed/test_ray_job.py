@@ -1,0 +1,84 @@
+"""The design card's way in: `ray start --head` on 127.0.0.1, then `ray job submit -- python -m coordexp_rl.launch`.
+
+Ray 2.60 turns token authentication on by default; the cluster and the client share one token file
+(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), which is the choice documented in docs/DEPLOY.md.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "COORDEXP_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    # A short temp dir: Ray's unix socket paths under it must stay below the 107-byte limit.
+    temp_dir, port, dash = Path(tempfile.mkdtemp(prefix="cxray-", dir="/tmp")), free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                    f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=2",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        # `ray stop` would end every Ray process of the user; end only this cluster's (by its temp dir).
+        for p in psutil.process_iter(["cmdline"]):
+            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+                p.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        for p in psutil.process_iter(["cmdline"]):
+            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path):
+    env, dashboard = ray_head
+    out = tmp_path / "run"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
+           "--runtime-env", str(ROOT / "deploy" / "runtime_env.yaml"), "--",
+           "python", "-m", "coordexp_rl.launch", "--config", "configs/tiny_cpu.yaml",
+           "stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
+           "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4", f"run.out_dir={out}"]
+    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs
+    for line in ("stage-1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
+        assert line in logs, line
+    assert (out / "report.md").read_text().count("| stage2 |") == 1
+    stages = {line.split('"stage": "')[1].split('"')[0] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {"stage1", "stage2", "sync", "eval", "rollout"} <= stages
+
+
+def test_ray_job_submit_without_the_token_is_refused(ray_head):
+    env, dashboard = ray_head
+    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    job = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert job.returncode != 0
+    assert "authentication" in (job.stdout + job.stderr).lower()
