@@ -48,6 +48,8 @@ class Learner:
         # the forward under autocast on GPUs.
         self.device = torch.device("cuda" if cfg.learner.gpus > 0 and torch.cuda.is_available() else "cpu")
         self.autocast = cfg.model.dtype == "bfloat16" and self.device.type == "cuda"
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # AdamW moments decay into denormals, which crawl on CPUs
         self.model, self.processor, self.vocab = load_model_and_processor(model_path, "float32", str(self.device))
         self.tokenizer = self.processor.tokenizer
         self.model.train()

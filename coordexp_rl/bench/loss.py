@@ -50,17 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--freeze-lm-head", action="store_true", help="no gradient for the LM head weight")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "naive", "time"], help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
-        print(json.dumps(measure(args, args.worker)))
+        out = time_both(args) if args.worker == "time" else measure_memory(args, args.worker)
+        print(json.dumps(out))
         return 0
     settings = []
     for n in args.objects:
-        res = {m: _subprocess(args, n, m) for m in ("naive", "ours")}
+        res = {m: _subprocess(args, n, m) for m in ("naive", "ours", "time")}
         ours, naive = res["ours"], res["naive"]
+        for m in ("ours", "naive"):
+            res[m].update(res["time"][m])  # time_s, times_s
         settings.append({
             "objects": n, "seq_len": n * args.tokens_per_object,
             "memory_ratio": round(ours["peak_transient_bytes"] / naive["peak_transient_bytes"], 4),
@@ -73,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         "vocab": args.vocab, "chunk_size": args.chunk_size, "tokens_per_object": args.tokens_per_object,
         "lm_head_trained": not args.freeze_lm_head, "torch_threads": torch.get_num_threads(),
         "memory_method": MEMORY_METHOD["cuda" if args.device.startswith("cuda") else "cpu"],
-        "memory_note": TRANSIENT_NOTE, "time_method": f"median of {args.repeats} forward+backward after 1 warm-up",
+        "memory_note": TRANSIENT_NOTE,
+        "time_method": f"median of {args.repeats} forward+backward per method after 1 warm-up each, both methods "
+                       "in one process, alternating naive/ours so that load from other processes hits both alike",
         "settings": settings,
     }
     print(json.dumps(report, indent=2))
@@ -133,8 +138,8 @@ def _step(x: dict, method: str, chunk_size: int) -> None:
     _loss(x, method, chunk_size).backward()
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
-    """Peak memory of one forward+backward and the median time of ``repeats`` (run in a fresh process)."""
+def measure_memory(args: argparse.Namespace, method: str) -> dict:
+    """Peak memory of one forward+backward (run in a fresh process per method)."""
     torch.manual_seed(args.seed)
     x = _inputs(args)
     cuda = args.device.startswith("cuda")
@@ -152,18 +157,28 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     sync()
     peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - base
     grads = sum(t.grad.nbytes for t in (x["hidden"], x["weight"]) if t.grad is not None)
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        _step(x, method, args.chunk_size)
-        sync()
-        times.append(time.perf_counter() - t0)
     loss = float(_loss(x, method, args.chunk_size).detach())
     return {"peak_bytes": peak, "peak_transient_bytes": peak - grads, "gradient_bytes": grads,
             "peak_mib": round(peak / 2 ** 20, 1), "peak_transient_mib": round((peak - grads) / 2 ** 20, 1),
-            "time_s": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
             "loss": round(loss, 6)}
+
+
+def time_both(args: argparse.Namespace) -> dict:
+    """Median forward+backward time of each method, alternating naive/ours in one process."""
+    x = _inputs(args)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    methods = ("naive", "ours")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(args.repeats + 1):
+        for m in methods:
+            sync()
+            t0 = time.perf_counter()
+            _step(x, m, args.chunk_size)
+            sync()
+            if rep:  # the first round is the warm-up
+                times[m].append(time.perf_counter() - t0)
+    return {m: {"time_s": round(statistics.median(t), 4), "times_s": [round(v, 4) for v in t]}
+            for m, t in times.items()}
 
 
 def _status_kib(field: str) -> int:

@@ -42,8 +42,10 @@ def ray_head(tmp_path):
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                     f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=2",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        wait_for_job_agent(env, address)
+        yield env, address
     finally:
         # `ray stop` would end every Ray process of the user; end only this cluster's (by its temp dir).
         for p in psutil.process_iter(["cmdline"]):
@@ -54,6 +56,17 @@ def ray_head(tmp_path):
             if str(temp_dir) in " ".join(p.info["cmdline"] or []):
                 p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_job_agent(env: dict, address: str, timeout_s: float = 120.0) -> None:
+    """Right after `ray start` the dashboard answers before its job agent does ("No available agent")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0 or time.monotonic() > deadline:
+            return
+        time.sleep(2)
 
 
 def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path):
