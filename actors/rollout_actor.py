@@ -163,6 +163,20 @@ class RolloutWorker:
         version, named = ObjectStoreTransport().receive(payload)
         return self.load_weights(named, version)
 
+    def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> int:
+        """Join the learner's broadcast group (the `broadcast` weight transport); returns this rank."""
+        from coordexp_rl.weight_sync import BroadcastTransport, init_weight_group
+
+        self._broadcast = BroadcastTransport(init_weight_group(master_addr, port, rank, world_size, backend,
+                                                               timeout_s))
+        return rank
+
+    def receive_broadcast_weights(self) -> int:
+        """The one control call of a broadcast sync: receive every bucket, then load (never half-loaded)."""
+        version, named = self._broadcast.receive()
+        return self.load_weights(named, version)
+
     def weight_version(self) -> int:
         return self.engine.weight_version
 

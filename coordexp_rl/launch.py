@@ -143,6 +143,8 @@ class Driver:
             for i in range(r.num_actors)]
         ready = ray.get([self.learner.ready.remote()] + [a.weight_version.remote() for a in self.actors])
         log.info("learner ready %s; %d rollout actors ready", ready[0], len(self.actors))
+        if cfg.weight_sync.transport == "broadcast":
+            self.join_weight_group()
         if cfg.run.resume:
             log.info("resumed from %s: %s", cfg.run.resume,
                      ray.get(self.learner.load_checkpoint.remote(cfg.run.resume)))
@@ -207,13 +209,31 @@ class Driver:
     # Weights, evaluation, checkpoints
     # ------------------------------------------------------------------------------------------------
 
+    def join_weight_group(self) -> None:
+        """The `broadcast` transport: learner (rank 0) and actors form one torch.distributed group."""
+        import ray
+
+        ws = self.cfg.weight_sync
+        backend = "nccl" if self.cfg.learner.gpus and self.cfg.rollout.gpus_per_actor else "gloo"
+        addr, port = ray.get(self.learner.weight_group_address.remote())  # a free port on the learner's node
+        world = len(self.actors) + 1
+        ray.get([self.learner.join_weight_group.remote(addr, port, 0, world, backend, ws.timeout_s)] +
+                [a.join_weight_group.remote(addr, port, i + 1, world, backend, ws.timeout_s)
+                 for i, a in enumerate(self.actors)], timeout=ws.timeout_s + 30)
+        log.info("weight group: %d ranks over %s at %s:%d", world, backend, addr, port)
+
     def sync_weights(self) -> None:
         """One control call per actor; the buffer's version moves only when every actor has loaded."""
         import ray
 
         t0 = time.perf_counter()
-        version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(self.cfg.weight_sync.bucket_mb))
-        calls = {a.update_weights.remote(payload_ref): i for i, a in enumerate(self.actors)}
+        bucket_mb = self.cfg.weight_sync.bucket_mb
+        if self.cfg.weight_sync.transport == "broadcast":
+            calls = {a.receive_broadcast_weights.remote(): i for i, a in enumerate(self.actors)}
+            version = ray.get(self.learner.broadcast_weights.remote(bucket_mb))
+        else:
+            version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb))
+            calls = {a.update_weights.remote(payload_ref): i for i, a in enumerate(self.actors)}
         ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.cfg.weight_sync.timeout_s)
         failed = [f"rollout-{calls[r]}: timed out after {self.cfg.weight_sync.timeout_s} s" for r in late]
         for r in ready:

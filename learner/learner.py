@@ -4,6 +4,11 @@ Stage-1 (SPEC 5): teacher forcing on canonical GT sequences; CE (+ coord CE) (+ 
 Stage-2 (SPEC 6-8), per rollout row: Hungarian match of the parsed predictions to GT; a self-context
 forward on the rollout tokens with CoordExp L1 + GIoU at matched coord positions toward the GT boxes;
 a reordered-GT forward with CE. Both forwards of a whole batch run as one padded batch.
+
+On W ranks (learner.distributed), every step takes the GLOBAL batch, each rank works on its contiguous
+share, in ``plan.accum_steps`` micro-batches. Every loss is (local sum / global normaliser), with the
+normalisers (CE weight sum, coord count) summed over ranks before any forward, so W ranks x accum micro-
+batches give the same loss and gradients as one rank on the whole batch (up to float rounding).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -32,6 +37,10 @@ from coordexp_rl.rollout_schema import RolloutRow
 from coordexp_rl.semantic import make_semantic_distance
 from learner.batching import Sequence, gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
+
+# (supervision of one micro-batch, global normalisers) -> (loss total, logged terms)
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, float]], tuple[torch.Tensor, dict[str, float]]]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +50,11 @@ class PromptMismatchError(ValueError):
 
 
 class Learner:
-    def __init__(self, cfg: Config, model_path: str | Path):
+    def __init__(self, cfg: Config, model_path: str | Path, plan: ParallelPlan | None = None):
+        """``plan``: sharding / accumulation / checkpointing; W > 1 when torch.distributed is initialised."""
         self.cfg = cfg
+        self.plan = plan or ParallelPlan()
+        self.dist = DistContext()
         torch.manual_seed(cfg.run.seed)
         # Parameters stay float32 (master weights: bf16 would round lr 1e-5 updates away); bfloat16 runs
         # the forward under autocast on GPUs.
@@ -52,12 +64,17 @@ class Learner:
             torch.set_flush_denormal(True)  # AdamW moments decay into denormals, which crawl on CPUs
         self.model, self.processor, self.vocab = load_model_and_processor(model_path, "float32", str(self.device))
         self.tokenizer = self.processor.tokenizer
+        if self.plan.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         if cfg.model.freeze_vision:
             for p in self.model.model.visual.parameters():
                 p.requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # FSDP2: self.model keeps its class; its parameters become DTensor shards, and the forward goes
+        # through self.sharded (the root FSDP module). None = every rank holds the whole model.
+        self.sharded = fully_shard_model(self.model) if self.plan.sharding == "fsdp" else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         total = max(1, cfg.stage1.steps + cfg.stage2.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, total))
         m = cfg.matching
@@ -79,25 +96,64 @@ class Learner:
     def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
         """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
         t0 = time.perf_counter()
-        seqs = [self._gt_sequence(s, self._stage1_order(s), eos_weight=self.cfg.loss.eos_weight,
-                                  with_coords=self.cfg.loss.lambda_l1 > 0) for s in samples]
-        sup = self._forward(seqs)
-        ce = self._ce(sup)
-        l1 = None
-        if sup["coord_hidden"].shape[0]:
-            out = self._coordexp(sup["coord_hidden"])
-            l1 = coord_l1(out.expectation, sup["coord_targets"] * NUM_BINS, reduction="mean")
-        total, terms = stage1_loss(ce, l1_coord=l1, lambda_l1=self.cfg.loss.lambda_l1)
-        metrics = self._optimize(total, terms, "stage1")
-        metrics["tokens_per_s"] = sum(len(s.input_ids) for s in seqs) / (time.perf_counter() - t0)
+        local = self._share(samples)
+        seqs = self._agree(lambda: [
+            self._gt_sequence(s, self._stage1_order(s), eos_weight=self.cfg.loss.eos_weight,
+                              with_coords=self.cfg.loss.lambda_l1 > 0) for s in local])
+
+        def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
+            l1 = None
+            if norm["coords"]:  # mean over the global batch's coord positions
+                l1 = sup["coord_hidden"].new_zeros(())
+                if sup["coord_hidden"].shape[0]:
+                    out = self._coordexp(sup["coord_hidden"])
+                    l1 = coord_l1(out.expectation, sup["coord_targets"] * NUM_BINS, reduction="sum") / norm["coords"]
+            return stage1_loss(self._ce(sup), l1_coord=l1, lambda_l1=self.cfg.loss.lambda_l1)
+
+        metrics = self._train_step(seqs, losses, "stage1")
+        tokens = self.dist.sum({"tokens": float(sum(len(s.input_ids) for s in seqs))})["tokens"]
+        metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
         return metrics
 
     def stage2_step(self, rows: list[RolloutRow], samples: dict[str, Sample]) -> dict[str, float]:
         """SPEC 6-8 on a batch of rollout rows (their GT looked up by sample id)."""
         t0 = time.perf_counter()
+        local = self._share(rows)
+        seqs, stats, ious = self._agree(lambda: self._stage2_sequences(local, samples))
+
+        def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
+            geo = entropy = None
+            if norm["coords"]:  # geo: mean over the global batch's matched boxes; entropy: over coord positions
+                geo = entropy = sup["coord_hidden"].new_zeros(())
+                if sup["coord_hidden"].shape[0]:
+                    out = self._coordexp(sup["coord_hidden"])
+                    boxes, targets = out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4)
+                    geo = geo_loss(boxes, targets, alpha=self.cfg.loss.alpha_l1, beta=self.cfg.loss.beta_giou,
+                                   reduction="sum") / (norm["coords"] / 4)
+                    entropy = out.entropy.sum() / norm["coords"]
+            return stage2_loss(self._ce(sup), geo, entropy=entropy, lambda_geo=self.cfg.loss.lambda_geo,
+                               lambda_ent=self.cfg.loss.lambda_entropy)
+
+        iou_thr = self.curriculum.at(self.stage2_steps).iou_thr
+        self.stage2_steps += 1
+        metrics = self._train_step(seqs, losses, "stage2")
+        totals = self.dist.sum({**stats, "iou_sum": sum(ious), "iou_count": float(len(ious)),
+                                "tokens": float(sum(len(s.input_ids) for s in seqs))})
+        n = max(1, len(rows))
+        metrics.update({f"match/{k}": totals[k] / n for k in stats if k != "parse_failed"})
+        metrics["match/parse_failure_rate"] = totals["parse_failed"] / n
+        metrics["match/mean_iou"] = totals["iou_sum"] / totals["iou_count"] if totals["iou_count"] else 0.0
+        metrics["match/iou_thr"] = iou_thr
+        metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
+        metrics["tokens_per_s"] = totals["tokens"] / (time.perf_counter() - t0)
+        return metrics
+
+    def _stage2_sequences(self, rows: list[RolloutRow], samples: dict[str, Sample]
+                          ) -> tuple[list[Sequence], dict[str, float], list[float]]:
+        """Per row: a self-context sequence and a reordered-GT sequence (or the GT fallback); match stats."""
         params = self.curriculum.at(self.stage2_steps)
         seqs: list[Sequence] = []
-        stats = {"matched": 0, "missed": 0, "extra": 0, "rejected": 0, "parse_failed": 0}
+        stats = {"matched": 0.0, "missed": 0.0, "extra": 0.0, "rejected": 0.0, "parse_failed": 0.0}
         ious: list[float] = []
         for row in rows:
             sample = samples[row.sample_id]
@@ -124,27 +180,34 @@ class Learner:
             reordered = reorder_gt(sample.objects, match, self.cfg.matching.missing_policy)
             eos_weight = self.cfg.loss.extra_eos_weight if reordered.over_generated else self.cfg.loss.eos_weight
             seqs.append(self._gt_sequence(sample, reordered.objects, image=image, eos_weight=eos_weight))
-        sup = self._forward(seqs)
-        ce = self._ce(sup)
-        geo = entropy = None
-        if sup["coord_hidden"].shape[0]:
-            out = self._coordexp(sup["coord_hidden"])
-            boxes, targets = out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4)
-            geo = geo_loss(boxes, targets, alpha=self.cfg.loss.alpha_l1, beta=self.cfg.loss.beta_giou,
-                           reduction="mean")
-            entropy = out.entropy.mean()
-        total, terms = stage2_loss(ce, geo, entropy=entropy, lambda_geo=self.cfg.loss.lambda_geo,
-                                   lambda_ent=self.cfg.loss.lambda_entropy)
-        self.stage2_steps += 1
-        metrics = self._optimize(total, terms, "stage2")
-        n = max(1, len(rows))
-        metrics.update({f"match/{k}": v / n for k, v in stats.items() if k != "parse_failed"})
-        metrics["match/parse_failure_rate"] = stats["parse_failed"] / n
-        metrics["match/mean_iou"] = sum(ious) / len(ious) if ious else 0.0
-        metrics["match/iou_thr"] = params.iou_thr
-        metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
-        metrics["tokens_per_s"] = sum(len(s.input_ids) for s in seqs) / (time.perf_counter() - t0)
-        return metrics
+        return seqs, stats, ious
+
+    # ------------------------------------------------------------------------------------------------
+    # Ranks
+    # ------------------------------------------------------------------------------------------------
+
+    def _share(self, items: list):
+        """This rank's share of a global batch; every rank's every micro-batch must get at least one item
+        (an FSDP rank without data would leave the others waiting in the all-gather)."""
+        parts = self.dist.world_size * self.plan.accum_steps
+        if self.dist.world_size > 1 and len(items) < parts:
+            raise ValueError(f"a global batch of {len(items)} items cannot feed {self.dist.world_size} ranks x "
+                             f"{self.plan.accum_steps} micro-batches; raise optim.batch_size to at least {parts}")
+        return self.dist.shard(items)
+
+    def _agree(self, fn: Callable):
+        """``fn()`` on every rank; if it raises on any rank, every rank raises (none waits in a collective)."""
+        try:
+            result, error = fn(), None
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            result, error = None, e
+        failed = self.dist.sum({"failed": float(error is not None)})["failed"]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"learner rank {self.dist.rank}: another rank failed to build its sequences "
+                               "(see that rank's error)")
+        return result
 
     # ------------------------------------------------------------------------------------------------
     # Sequences
@@ -201,11 +264,21 @@ class Learner:
     # Forward, losses, optimizer
     # ------------------------------------------------------------------------------------------------
 
-    def _forward(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+    def _forward_loss(self, seqs: list[Sequence], losses: LossFn, norm: dict[str, float]):
+        """One micro-batch: padded forward, supervision picked out, ``losses`` applied (inside the FSDP root's
+        forward when sharded, so the LM head is whole while the losses read it)."""
         batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
+
+        def apply(hidden: torch.Tensor):  # (B, T, H) float32
+            sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
+            sup["ce_norm"] = torch.tensor(max(1.0, norm["ce_weight"]), device=self.device)
+            return losses(sup, norm)
+
+        if self.sharded is not None:
+            return self.sharded(batch, apply, autocast=self.autocast)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.model.model(**batch).last_hidden_state.float()  # (B, T, H); losses in fp32
-        return {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
+        return apply(hidden)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -214,19 +287,38 @@ class Learner:
     def _ce(self, sup: dict[str, torch.Tensor]) -> torch.Tensor:
         out = weighted_token_ce(sup["ce_hidden"], self.lm_head_weight, sup["ce_targets"], sup["ce_weights"],
                                 chunk_size=self.cfg.loss.ce_chunk_size)
-        return out.loss_sum / out.weight_sum.clamp_min(1.0)
+        # The global batch's CE weight sum (all ranks, all micro-batches), else this batch's own.
+        return out.loss_sum / sup.get("ce_norm", out.weight_sum.clamp_min(1.0))
 
     def _coordexp(self, hidden: torch.Tensor):
         c = self.cfg.coordexp
         tau = tau_at(self.step, c.tau_start, c.tau_end, c.anneal_steps)
         return coordexp(hidden, self.lm_head_weight, self.vocab.coord_ids, tau=tau, top_k=c.top_k or None)
 
-    def _optimize(self, total: torch.Tensor, terms: dict[str, float], stage: str) -> dict[str, float]:
-        if not math.isfinite(float(total.detach())):
-            raise FloatingPointError(f"{stage} step {self.step}: loss is {float(total.detach())}; terms {terms}")
+    def _train_step(self, seqs: list[Sequence], losses: LossFn, stage: str) -> dict[str, float]:
+        """This rank's sequences in ``accum_steps`` micro-batches (backward each), then one optimizer step.
+
+        Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.
+        """
+        norm = self.dist.sum({
+            "ce_weight": sum(float(s.ce_weights[1:].sum()) for s in seqs if s.ce_weights is not None),
+            "coords": float(sum(len(s.coord_positions) for s in seqs))})
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        terms: dict[str, float] = {}
+        for micro in split(seqs, self.plan.accum_steps):
+            if not micro:  # one rank only (see _share): fewer sequences than micro-batches
+                continue
+            total, micro_terms = self._forward_loss(micro, losses, norm)
+            total.backward()  # even when non-finite (checked below, on every rank): FSDP peers wait on it
+            for k, v in micro_terms.items():
+                terms[k] = terms.get(k, 0.0) + v
+        terms = self.dist.sum(terms)
+        if not math.isfinite(terms["total"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"{stage} step {self.step}: loss is {terms['total']}; terms {terms}")
+        if self.sharded is None:
+            self.dist.all_reduce_grads(self.params)  # FSDP reduce-scatters its gradients in backward
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -239,14 +331,23 @@ class Learner:
     # ------------------------------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights in checkpoint (save_pretrained) naming, detached, for the rollout engines."""
+        """Weights in checkpoint (save_pretrained) naming, detached, for the rollout engines.
+
+        Sharded: each tensor is gathered whole in turn (a collective: every rank must run this generator to
+        the end), and only rank 0 yields; a consumer that packs as it goes holds one tensor + one bucket.
+        """
         for name, tensor in self.model.state_dict().items():
-            yield name, tensor.detach()
+            whole = full_tensor(tensor.detach())
+            if self.dist.is_main:
+                yield name, whole
+
+    def new_version(self) -> int:
+        self.version += 1
+        return self.version
 
     def publish(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """A new weight version and its tensors (the caller sends them to every engine)."""
-        self.version += 1
-        return self.version, list(self.named_weights())
+        """A new weight version and its tensors (the caller sends them to every engine); [] off rank 0."""
+        return self.new_version(), list(self.named_weights())
 
     def save(self, path: str | Path, data_state: dict | None = None) -> Path:
         return save_checkpoint(self, Path(path), data_state or {})
@@ -258,8 +359,11 @@ class Learner:
     def export_pretrained(self, path: str | Path) -> Path:
         """A folder transformers and vLLM load (weights, config, tokenizer, processor)."""
         path = Path(path)
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
+        state = dict(self.named_weights()) if self.sharded is not None else None  # collective when sharded
+        if self.dist.is_main:
+            self.model.save_pretrained(path, state_dict=state)
+            self.processor.save_pretrained(path)
+        self.dist.barrier()
         return path
 
 

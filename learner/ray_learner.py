@@ -2,6 +2,12 @@
 
 All training logic lives in `learner.learner.Learner`; this wrapper only adds where data comes from and
 where weights go. Methods that hand back object refs say so in their name.
+
+One worker is one learner rank. With ``world_size > 1`` (see learner.group.LearnerGroup) every rank gets
+the same calls: each keeps the same seeded data stream and trains on its share of each global batch;
+rank 0 alone pulls Stage-2 rows from the buffer (one pull, then a broadcast to the other ranks, so a
+timeout or an empty buffer is seen by all ranks at once and no rows are split between steps), and rank 0
+alone returns the published weights.
 """
 
 from __future__ import annotations
@@ -19,20 +25,31 @@ log = logging.getLogger(__name__)
 
 
 class LearnerWorker:
-    def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None):
+    def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
+                 rank: int = 0, world_size: int = 1, master_addr: str = "", master_port: int = 0,
+                 plan: dict | None = None, dist_timeout_s: float = 1800.0):
+        """``plan``: learner.distributed.ParallelPlan fields; ranks > 1 rendezvous at master_addr:port."""
         prepare_runtime()
         from coordexp_rl.data.loader import load_samples
         from coordexp_rl.data.stream import BatchStream
+        from learner.distributed import ParallelPlan, init_process_group
         from learner.learner import Learner
 
         self.cfg = Config.model_validate(cfg_dict)
-        self.learner = Learner(self.cfg, model_path)
+        if world_size > 1:
+            import torch
+
+            init_process_group(rank, world_size, master_addr, master_port,
+                               use_cuda=self.cfg.learner.gpus > 0 and torch.cuda.is_available(),
+                               timeout_s=dist_timeout_s)
+        self.learner = Learner(self.cfg, model_path, ParallelPlan(**(plan or {})))
         samples = load_samples(train_path, image_root or None, skip_bbox_norm=self.cfg.data.skip_bbox_norm)
         self.samples = {s.sample_id: s for s in samples}
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
 
     def ready(self) -> dict:
-        return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples)}
+        return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
+                "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size}
 
     def stage1_steps(self, n: int) -> list[dict]:
         """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
@@ -44,19 +61,33 @@ class LearnerWorker:
 
         t0 = time.perf_counter()
         n = self.cfg.optim.batch_size
-        batch = ray.get(buffer.get.remote(n, timeout_s, n))
-        if batch is None:
+        dist = self.learner.dist
+        rows = None
+        if dist.is_main:
+            batch = ray.get(buffer.get.remote(n, timeout_s, n))
+            rows = None if batch is None else batch_to_rows(batch)
+        rows = dist.broadcast(rows)  # the whole global batch; each rank trains on its share
+        if rows is None:
             return None
         wait_s = time.perf_counter() - t0
-        metrics = self.learner.stage2_step(batch_to_rows(batch), self.samples)
+        metrics = self.learner.stage2_step(rows, self.samples)
         metrics["buffer_wait_s"] = wait_s
         return metrics
 
-    def publish_weights_ref(self, bucket_mb: int) -> tuple[int, ray.ObjectRef]:
-        """A new weight version, packed into buckets and put into the object store once for all actors."""
+    def publish_weights_ref(self, bucket_mb: int) -> tuple[int, ray.ObjectRef | None]:
+        """A new weight version, packed into buckets and put into the object store once for all actors.
+
+        Sharded: tensors are gathered one by one while rank 0 packs them (other ranks only take part in the
+        gathers and return (version, None)).
+        """
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        version, named = self.learner.publish()
+        version = self.learner.new_version()
+        named = self.learner.named_weights()
+        if not self.learner.dist.is_main:
+            for _ in named:  # the gathers
+                pass
+            return version, None
         payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(version, named)
         return version, ray.put(payload)
 

@@ -29,8 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
@@ -64,8 +65,10 @@ def wait_for_job_agent(env: dict, address: str, timeout_s: float = 120.0) -> Non
     while True:
         probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
                                capture_output=True, text=True, timeout=120)
-        if probe.returncode == 0 or time.monotonic() > deadline:
+        if probe.returncode == 0:
             return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the job agent at {address} did not answer within {timeout_s} s:\n{probe.stderr[-2000:]}")
         time.sleep(2)
 
 

@@ -1,0 +1,91 @@
+"""W learner ranks as Ray actors behind one handle that looks like a single ``LearnerActor``.
+
+``group.X.remote(*args)`` calls ``X`` on every rank (they must all take part: the collectives inside
+need them) and returns ONE object ref, which resolves to rank 0's result once every rank has finished,
+or raises the first rank's error. So the launcher's ``ray.get(self.learner.X.remote(...))`` and
+``ray.wait([step_ref, ...])`` work unchanged.
+
+>>> group = LearnerGroup(cfg.model_dump(), model, train, world_size=2, placement_group=pg,
+...                      bundle_indices=[3, 4], num_cpus=1, num_gpus=1)  # doctest: +SKIP
+>>> ray.get(group.stage1_steps.remote(10))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.ray_learner import LearnerActor
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """Rank 0's node address and a free port there (runs in rank 0's bundle)."""
+    from learner.distributed import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+@ray.remote(num_cpus=0)
+def _rank0_result(*results: Any) -> Any:
+    # Ray resolves every rank's ref before this runs, and fails with the first rank's error.
+    return results[0]
+
+
+class _FanOut:
+    def __init__(self, workers: list, name: str):
+        self.workers, self.name = workers, name
+
+    def remote(self, *args, **kwargs) -> ray.ObjectRef:
+        refs = [getattr(w, self.name).remote(*args, **kwargs) for w in self.workers]
+        return refs[0] if len(refs) == 1 else _rank0_result.remote(*refs)
+
+
+class LearnerGroup:
+    """``world_size`` ``LearnerWorker`` ranks (rank i in ``bundle_indices[i]`` of ``placement_group``).
+
+    Methods are those of ``LearnerWorker`` (ready, stage1_steps, stage2_step, publish_weights_ref,
+    save_checkpoint, load_checkpoint, export), called as ``group.ready.remote()``.
+    ``plan``: learner.distributed.ParallelPlan fields (sharding, accum_steps, activation_checkpointing).
+    """
+
+    def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
+                 world_size: int = 1, placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, plan: dict | None = None,
+                 dist_timeout_s: float = 1800.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if placement_group is not None and (bundle_indices is None or len(bundle_indices) != world_size):
+            raise ValueError(f"give one placement-group bundle index per learner rank: world_size {world_size}, "
+                             f"bundle_indices {bundle_indices}")
+
+        def where(rank: int) -> dict:
+            if placement_group is None:
+                return {}
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=bundle_indices[rank])}
+
+        addr, port = "", 0
+        if world_size > 1:
+            addr, port = ray.get(_rendezvous_address.options(**where(0)).remote())
+        self.world_size = world_size
+        self.workers = [
+            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank)).remote(
+                cfg_dict, model_path, train_path, image_root, rank=rank, world_size=world_size,
+                master_addr=addr, master_port=port, plan=plan, dist_timeout_s=dist_timeout_s)
+            for rank in range(world_size)]
+        log.info("learner group: %d ranks, rendezvous %s:%d", world_size, addr, port)
+
+    def __getattr__(self, name: str) -> _FanOut:  # only for names that are not attributes of the group
+        if name.startswith("_") or name in ("workers", "world_size"):
+            raise AttributeError(name)
+        return _FanOut(self.workers, name)
+
+    def kill(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
