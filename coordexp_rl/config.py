@@ -123,8 +123,12 @@ class WeightSyncConfig(_Section):
 
 
 class LearnerConfig(_Section):
+    world_size: int = 1  # learner ranks, one process each; gpus/cpus below are per rank
     gpus: float = 0.0
     cpus: float = 1.0
+    sharding: Literal["replicate", "fsdp"] = "replicate"  # whole model per rank, or FSDP2 shards
+    accum_steps: int = 1  # micro-batches per optimizer step per rank
+    activation_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
 
 
 class EvalConfig(_Section):
@@ -183,10 +187,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value else "")
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source} (+ overrides {overrides or []}): {problems}") from None
+    ranks = cfg.learner.world_size * cfg.learner.accum_steps
+    if cfg.optim.batch_size < ranks:
+        raise ConfigError(f"{source}: optim.batch_size={cfg.optim.batch_size} is the global batch; it must be >= "
+                          f"learner.world_size x learner.accum_steps = {ranks}")
+    return cfg
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -66,11 +66,11 @@ class Driver:
         return self.assets
 
     def bundles(self) -> list[dict[str, float]]:
-        """One bundle per rollout actor, then the learner's (dedicated devices for each)."""
+        """One bundle per rollout actor, then one per learner rank (dedicated devices for each)."""
         r, lr = self.cfg.rollout, self.cfg.learner
         actor = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
         learner = {"CPU": lr.cpus, **({"GPU": lr.gpus} if lr.gpus else {})}
-        return [dict(actor) for _ in range(r.num_actors)] + [learner]
+        return [dict(actor) for _ in range(r.num_actors)] + [dict(learner) for _ in range(lr.world_size)]
 
     def describe(self) -> str:
         return dump_config(self.cfg) + f"# placement bundles: {json.dumps(self.bundles())}\n"
@@ -113,7 +113,7 @@ class Driver:
         from actors.engine import EngineConfig, SamplingConfig
         from actors.rollout_actor import RolloutActor
         from coordexp_rl.data.loader import load_samples
-        from learner.ray_learner import LearnerActor
+        from learner.group import LearnerGroup
 
         cfg, r = self.cfg, self.cfg.rollout
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
@@ -121,11 +121,13 @@ class Driver:
         self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
                                            rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
                                            spill_dir=spill)
-        lb = len(self.bundles()) - 1
-        self.learner = LearnerActor.options(
-            scheduling_strategy=in_bundle(lb), num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus,
-        ).remote(cfg.model_dump(), str(assets.model_path), str(assets.train_path),
-                 str(assets.image_root) if assets.image_root else None)
+        lr = cfg.learner
+        self.learner = LearnerGroup(
+            cfg.model_dump(), str(assets.model_path), str(assets.train_path),
+            str(assets.image_root) if assets.image_root else None, world_size=lr.world_size, placement_group=pg,
+            bundle_indices=list(range(r.num_actors, r.num_actors + lr.world_size)), num_cpus=lr.cpus,
+            num_gpus=lr.gpus, plan={"sharding": lr.sharding, "accum_steps": lr.accum_steps,
+                                    "activation_checkpointing": lr.activation_checkpointing})
         train = load_samples(assets.train_path, assets.image_root, skip_bbox_norm=cfg.data.skip_bbox_norm)
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
         engine = EngineConfig(model_path=str(assets.model_path), kind=r.engine, dtype=cfg.model.dtype,

@@ -91,6 +91,35 @@ class LearnerWorker:
         payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(version, named)
         return version, ray.put(payload)
 
+    # --- the `broadcast` weight transport: rank 0 of the learner is rank 0 of the weight group ----------
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it, for the weight group's rendezvous."""
+        from learner.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> int:
+        from coordexp_rl.weight_sync import BroadcastTransport, init_weight_group
+
+        if self.learner.dist.is_main:
+            self._broadcast = BroadcastTransport(init_weight_group(master_addr, port, rank, world_size, backend,
+                                                                   timeout_s))
+        return rank
+
+    def broadcast_weights(self, bucket_mb: int) -> int:
+        """A new weight version, broadcast bucket by bucket to every rollout actor (gathered when sharded)."""
+        version = self.learner.new_version()
+        named = self.learner.named_weights()
+        if not self.learner.dist.is_main:
+            for _ in named:  # the gathers
+                pass
+            return version
+        self._broadcast.bucket_bytes = bucket_mb << 20
+        self._broadcast.send(version, named)
+        return version
+
     def save_checkpoint(self, path: str) -> str:
         return str(self.learner.save(Path(path), {"stream": self.stream.state()}))
 
