@@ -72,18 +72,30 @@ def wait_for_job_agent(env: dict, address: str, timeout_s: float = 120.0) -> Non
         time.sleep(2)
 
 
-def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path):
-    env, dashboard = ray_head
-    out = tmp_path / "run"
+SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
+             "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4"]
+
+
+def submit(env: dict, dashboard: str, *overrides: str) -> str:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
            "--runtime-env", str(ROOT / "deploy" / "runtime_env.yaml"), "--",
-           "python", "-m", "coordexp_rl.launch", "--config", "configs/tiny_cpu.yaml",
-           "stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
-           "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4", f"run.out_dir={out}"]
+           "python", "-m", "coordexp_rl.launch", "--config", "configs/tiny_cpu.yaml", *SHORT_RUN, *overrides]
     job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-4000:]
     assert "succeeded" in logs
+    return logs
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the default: object-store weight sync, one learner rank
+    # the scale-out path: broadcast weight sync over gloo, two FSDP2 learner ranks (half a CPU each)
+    ["weight_sync.transport=broadcast", "learner.world_size=2", "learner.cpus=0.5", "learner.sharding=fsdp"],
+], ids=["object_store", "broadcast_fsdp2"])
+def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path, overrides):
+    env, dashboard = ray_head
+    out = tmp_path / "run"
+    logs = submit(env, dashboard, f"run.out_dir={out}", *overrides)
     for line in ("stage-1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
         assert line in logs, line
     assert (out / "report.md").read_text().count("| stage2 |") == 1
