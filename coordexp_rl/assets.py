@@ -70,11 +70,12 @@ def synthetic_set(cfg: Config) -> Path:
     from coordexp_rl.data.synth import make_synthetic_set
 
     d = cfg.data
-    params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, "size": d.synth_image_size,
-              "max_objects": d.synth_max_objects}
+    options = {"image_size": d.synth_image_size, "min_objects": d.synth_min_objects,
+               "max_objects": d.synth_max_objects, "min_size": d.synth_min_size, "max_size": d.synth_max_size,
+               "background": d.synth_background, "colours": tuple(d.synth_colours), "shapes": tuple(d.synth_shapes)}
+    params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, **options}
     target = _keyed_dir("synth", params)
     if not target.exists():
         log.info("building the synthetic set into %s", target)
     return _build_once(target, lambda out: make_synthetic_set(
-        out, n_train=d.synth_train, n_val=d.synth_val, seed=d.synth_seed, image_size=d.synth_image_size,
-        min_objects=1, max_objects=d.synth_max_objects))
+        out, n_train=d.synth_train, n_val=d.synth_val, seed=d.synth_seed, **options))

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("coordexp_rl.inference", "generate, parse and write predictions for a JSONL file"),
     "eval": ("coordexp_rl.evaluation.cli", "score predictions against ground truth (COCO mAP, F1, IoU)"),
     "bench": ("coordexp_rl.bench", "benchmarks that print JSON"),
+    "ablate": ("coordexp_rl.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),
 }
 
 

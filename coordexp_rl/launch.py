@@ -299,6 +299,7 @@ class Driver:
         self.log.close()
         plot_training_curves(self.out / "metrics.jsonl", self.out / "plots")
         table = results_table(self.results)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=float) + "\n")
         (self.out / "report.md").write_text(f"# Run {self.out}\n\n{table}\n\nCurves: `plots/`; per-stage "
                                             "predictions and metrics: `eval/`.\n")
         return table

@@ -290,19 +290,21 @@ def _term(value: torch.Tensor | float | None) -> float:
 
 
 def stage1_loss(ce_all: torch.Tensor, *, ce_coord: torch.Tensor | None = None, l1_coord: torch.Tensor | None = None,
-                lambda_coord_ce: float = 0.0, lambda_l1: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """SPEC 5.3: ``L_CE_all + lambda_coordCE * L_CE_coord + lambda_L1 * L_L1_coord``.
+                giou_coord: torch.Tensor | None = None, lambda_coord_ce: float = 0.0, lambda_l1: float = 0.0,
+                lambda_giou: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """SPEC 5.3: ``L_CE_all + lambda_coordCE * L_CE_coord + lambda_L1 * L_L1_coord``, plus the optional
+    ``lambda_giou * (1 - GIoU)`` of the CoordExp boxes at the GT coord positions (the issue's "CE +
+    CoordExp L1/GIoU" Stage-1 variant).
 
     Pass ``ce_coord=None`` when the coord weight is already folded into :func:`position_weights`.
     Returns (total, terms) where terms holds every raw term and the total as floats, for logging.
     """
     total = ce_all
-    if ce_coord is not None and lambda_coord_ce:
-        total = total + lambda_coord_ce * ce_coord
-    if l1_coord is not None and lambda_l1:
-        total = total + lambda_l1 * l1_coord
+    for value, lam in ((ce_coord, lambda_coord_ce), (l1_coord, lambda_l1), (giou_coord, lambda_giou)):
+        if value is not None and lam:
+            total = total + lam * value
     terms = {"ce_all": _term(ce_all), "ce_coord": _term(ce_coord), "l1_coord": _term(l1_coord),
-             "total": _term(total)}
+             "giou_coord": _term(giou_coord), "total": _term(total)}
     return total, terms
 
 

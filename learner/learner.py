@@ -27,7 +27,7 @@ from coordexp_rl.config import Config
 from coordexp_rl.coordexp import coordexp, tau_at
 from coordexp_rl.coords import NUM_BINS, bin_to_unit
 from coordexp_rl.data.loader import Sample, load_image
-from coordexp_rl.losses import coord_l1, geo_loss, position_weights, stage1_loss, stage2_loss, weighted_token_ce
+from coordexp_rl.losses import coord_l1, geo_loss, giou_loss, position_weights, stage1_loss, stage2_loss, weighted_token_ce
 from coordexp_rl.matching import MatchCurriculum, match_objects
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
@@ -93,22 +93,32 @@ class Learner:
     # Steps
     # ------------------------------------------------------------------------------------------------
 
-    def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
-        """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
+    def stage1_sequences(self, samples: list[Sample], step: int) -> list[Sequence]:
+        """This rank's GT sequences of a Stage-1 batch for optimizer step ``step``: CPU work only (images,
+        tokens, weights), so the Ray worker builds the next batch in a thread while this one trains."""
+        loss = self.cfg.loss
+        return [self._gt_sequence(s, self._stage1_order(s, step), eos_weight=loss.eos_weight,
+                                  with_coords=bool(loss.lambda_l1 or loss.lambda_giou)) for s in self._share(samples)]
+
+    def stage1_step(self, samples: list[Sample], prepared: Callable[[], list[Sequence]] | None = None
+                    ) -> dict[str, float]:
+        """SPEC 5.3 on a batch of GT samples; returns the logged terms. ``prepared``: returns the batch's
+        ``stage1_sequences`` built ahead (e.g. a future's ``result``)."""
         t0 = time.perf_counter()
-        local = self._share(samples)
-        seqs = self._agree(lambda: [
-            self._gt_sequence(s, self._stage1_order(s), eos_weight=self.cfg.loss.eos_weight,
-                              with_coords=self.cfg.loss.lambda_l1 > 0) for s in local])
+        loss_cfg = self.cfg.loss
+        seqs = self._agree(prepared or (lambda: self.stage1_sequences(samples, self.step)))
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
-            l1 = None
-            if norm["coords"]:  # mean over the global batch's coord positions
-                l1 = sup["coord_hidden"].new_zeros(())
+            l1 = giou = None
+            if norm["coords"]:  # L1: mean over the global batch's coord positions; GIoU: over its boxes
+                l1 = giou = sup["coord_hidden"].new_zeros(())
                 if sup["coord_hidden"].shape[0]:
                     out = self._coordexp(sup["coord_hidden"])
                     l1 = coord_l1(out.expectation, sup["coord_targets"] * NUM_BINS, reduction="sum") / norm["coords"]
-            return stage1_loss(self._ce(sup), l1_coord=l1, lambda_l1=self.cfg.loss.lambda_l1)
+                    giou = giou_loss(out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4),
+                                     reduction="sum") / (norm["coords"] / 4)
+            return stage1_loss(self._ce(sup), l1_coord=l1, giou_coord=giou, lambda_l1=loss_cfg.lambda_l1,
+                               lambda_giou=loss_cfg.lambda_giou)
 
         metrics = self._train_step(seqs, losses, "stage1")
         tokens = self.dist.sum({"tokens": float(sum(len(s.input_ids) for s in seqs))})["tokens"]
@@ -162,7 +172,7 @@ class Learner:
             if not row.objects:  # SPEC 6.1 note: nothing usable -> Stage-1 loss for this sample
                 stats["parse_failed"] += 1
                 seqs.append(self._gt_sequence(sample, canonical_order(sample.objects), image=image,
-                                              eos_weight=self.cfg.loss.eos_weight))
+                                              eos_weight=self.cfg.loss.eos_weight, stage2=True))
                 continue
             match = match_objects(
                 [[bin_to_unit(b) for b in o.bins] for o in row.objects],
@@ -179,7 +189,7 @@ class Learner:
             seqs.append(self._self_context_sequence(row, sample, match.pairs, image))
             reordered = reorder_gt(sample.objects, match, self.cfg.matching.missing_policy)
             eos_weight = self.cfg.loss.extra_eos_weight if reordered.over_generated else self.cfg.loss.eos_weight
-            seqs.append(self._gt_sequence(sample, reordered.objects, image=image, eos_weight=eos_weight))
+            seqs.append(self._gt_sequence(sample, reordered.objects, image=image, eos_weight=eos_weight, stage2=True))
         return seqs, stats, ious
 
     # ------------------------------------------------------------------------------------------------
@@ -213,21 +223,24 @@ class Learner:
     # Sequences
     # ------------------------------------------------------------------------------------------------
 
-    def _stage1_order(self, sample: Sample) -> list[BoxObject]:
+    def _stage1_order(self, sample: Sample, step: int) -> list[BoxObject]:
         if self.cfg.stage1.order == "random":
             # A stable seed (not hash(), which changes per process) so resumed runs see the same orders.
-            seed = zlib.crc32(f"{self.cfg.run.seed}:{self.step}:{sample.sample_id}".encode())
+            seed = zlib.crc32(f"{self.cfg.run.seed}:{step}:{sample.sample_id}".encode())
             return random_order(sample.objects, seed=seed)
         return canonical_order(sample.objects)
 
     def _gt_sequence(self, sample: Sample, objects: list[BoxObject], *, eos_weight: float,
-                     image: Image.Image | None = None, with_coords: bool = False) -> Sequence:
-        """A GT sequence with CE weights (SPEC 5.2 / 7.2); optionally its coord positions for L1."""
+                     image: Image.Image | None = None, with_coords: bool = False, stage2: bool = False) -> Sequence:
+        """A GT sequence with CE weights (SPEC 5.2 / 7.2); optionally its coord positions for L1/GIoU.
+        ``stage2``: weigh the coord tokens with Stage-2's coord-CE weight instead of Stage-1's."""
         assistant = build_assistant_ids(objects, self.tokenizer, self.vocab)
         enc = encode_example(self.processor, image or load_image(sample), self.cfg.data.prompt, assistant)
         prompt_len = enc.pop("prompt_len")
-        weights = position_weights(enc["input_ids"], self.vocab, prompt_len,
-                                   lambda_coord_ce=self.cfg.loss.lambda_coord_ce, eos_weight=eos_weight)
+        loss = self.cfg.loss
+        coord_ce = loss.lambda_coord_ce_stage2 if stage2 and loss.lambda_coord_ce_stage2 is not None else loss.lambda_coord_ce
+        weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
+                                   eos_weight=eos_weight)
         seq = Sequence(enc, prompt_len, ce_weights=weights)
         if with_coords:
             bins = [self.vocab.bin_of(t) for t in enc["input_ids"].tolist()]

@@ -183,7 +183,10 @@ def test_stage_combiners():
     total, terms = stage1_loss(torch.tensor(2.0), ce_coord=torch.tensor(1.0), l1_coord=torch.tensor(0.5),
                                lambda_coord_ce=0.5, lambda_l1=2.0)
     assert total.item() == pytest.approx(2.0 + 0.5 + 1.0)
-    assert terms == {"ce_all": 2.0, "ce_coord": 1.0, "l1_coord": 0.5, "total": 3.5}
+    assert terms == {"ce_all": 2.0, "ce_coord": 1.0, "l1_coord": 0.5, "giou_coord": 0.0, "total": 3.5}
+    total, terms = stage1_loss(torch.tensor(2.0), l1_coord=torch.tensor(0.5), giou_coord=torch.tensor(0.25),
+                               lambda_l1=2.0, lambda_giou=4.0)
+    assert total.item() == pytest.approx(2.0 + 1.0 + 1.0) and terms["giou_coord"] == 0.25
     ce = torch.tensor(1.0, requires_grad=True)
     geo = torch.tensor(0.4, requires_grad=True)
     total, terms = stage2_loss(ce, geo, entropy=torch.tensor(3.0), lambda_geo=2.0, lambda_ent=0.1)

@@ -40,6 +40,25 @@ def test_stage1_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, samples):
     assert learner.step == 6
 
 
+def test_stage1_giou_term_is_the_mean_over_gt_boxes(tiny_model_dir, samples):
+    """loss.lambda_giou adds (1 - GIoU) of the CoordExp boxes, averaged over the batch's GT boxes."""
+    learner = make_learner(tiny_model_dir, "loss.lambda_l1=0", "loss.lambda_giou=1.0", "optim.lr=0")
+    m = learner.stage1_step(samples)
+    assert 0 < m["loss/giou_coord"] <= 2 and m["loss/l1_coord"] > 0
+    assert m["loss/total"] == pytest.approx(m["loss/ce_all"] + m["loss/giou_coord"], rel=1e-5)
+
+
+def test_stage2_coord_ce_weight_is_its_own_knob(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir, "loss.lambda_coord_ce=1.0", "loss.lambda_coord_ce_stage2=0.0")
+    sample = samples[0]
+    coord = [learner.vocab.bin_of(int(t)) is not None for t in
+             learner._gt_sequence(sample, sample.objects, eos_weight=1.0).input_ids]
+    w1 = learner._gt_sequence(sample, sample.objects, eos_weight=1.0).ce_weights
+    w2 = learner._gt_sequence(sample, sample.objects, eos_weight=1.0, stage2=True).ce_weights
+    assert {float(w) for w, c in zip(w1, coord) if c} == {2.0}
+    assert {float(w) for w, c in zip(w2, coord) if c} == {1.0}
+
+
 def test_self_context_supervises_matched_coord_positions_toward_gt(tiny_model_dir, samples):
     """SPEC 12: the rollout writes the GT objects slightly shifted and in reverse order."""
     learner = make_learner(tiny_model_dir)

@@ -1,0 +1,192 @@
+"""Ablations: `coordexp-rl ablate [--seeds 0 1 2] [--scale 1.0] [--out docs/RESULTS.md]`.
+
+Runs every arm (the default run and each ``configs/ablations/*.yaml``) for each seed through the real
+launcher (`python -m coordexp_rl.launch`, one subprocess each, so one failed arm cannot take the others
+down), then writes a table of the final evaluation per arm (mean +- std over seeds) and one line per
+question comparing its two arms. Arm configs give every arm the same number of optimizer steps;
+``--scale`` multiplies both stages' steps of every arm alike, so budgets stay equal at any scale.
+
+A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes.
+This module starts processes but never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordexp_rl.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+ABLATIONS = REPO / "configs" / "ablations"
+
+# Headline metrics of the final evaluation, as named in the launcher's results.json.
+METRICS = (("AP50", "constant/AP50"), ("mAP", "constant/mAP"), ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou"))
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    baseline: str  # arm names: "default" or a configs/ablations/<name>.yaml stem
+    variant: str
+
+
+QUESTIONS = (
+    Question("Stage-1 loss: CE only vs CE + CoordExp L1/GIoU (both Stage-1 only)", "stage1_ce_only", "stage1_ce_l1giou"),
+    Question("Stage-2 EM vs the same number of extra Stage-1 steps", "stage1_ce_l1giou", "default"),
+    Question("Stage-2 without vs with the coord-CE term", "no_coord_ce_stage2", "default"),
+    Question("CoordExp expectation over all bins vs top-k", "default", "topk_expectation"),
+)
+
+
+def arm_config(name: str) -> Path | None:
+    """The YAML of an arm; None for the default (the embedded defaults)."""
+    return None if name == "default" else ABLATIONS / f"{name}.yaml"
+
+
+def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list[str]) -> list[str]:
+    """Launcher overrides for one (arm, seed): the seed, the scaled step counts, the run folder."""
+    cfg = load_config(arm_config(name), extra)
+    steps = [f"stage1.steps={round(cfg.stage1.steps * scale)}", f"stage2.steps={round(cfg.stage2.steps * scale)}",
+             f"matching.curriculum_steps={max(1, round(cfg.matching.curriculum_steps * scale))}"]
+    return [*extra, *steps, f"run.seed={seed}", f"model.tiny_seed={seed}", f"rollout.seed={seed}",
+            f"run.out_dir={out_dir}", "run.checkpoint_every=0"]
+
+
+def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]) -> dict | None:
+    """Run (or read back) one arm; returns the launcher's results (per evaluation label), None on failure."""
+    out = runs_dir / name / f"seed{seed}"
+    done = out / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "coordexp_rl.launch"]
+    if arm_config(name):
+        cmd += ["--config", str(arm_config(name))]
+    cmd += arm_overrides(name, seed, scale, out, extra)
+    log_path = out / "launch.log"
+    print(f"[ablate] {name} seed {seed}: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    minutes = (time.perf_counter() - start) / 60
+    if rc != 0 or not done.exists():
+        print(f"[ablate] {name} seed {seed}: FAILED (exit {rc}) after {minutes:.1f} min; see {log_path}", flush=True)
+        return None
+    print(f"[ablate] {name} seed {seed}: done in {minutes:.1f} min", flush=True)
+    return json.loads(done.read_text())
+
+
+def final_metrics(results: dict) -> dict[str, float | None]:
+    """The last evaluation of a run (after Stage-2; for Stage-1-only arms it repeats the Stage-1 model)."""
+    last = results[list(results)[-1]]
+    return {name: last.get(key) for name, key in METRICS}
+
+
+def summarise(values: list[float | None]) -> tuple[float, float, int] | None:
+    """(mean, sample std, n) over the seeds that produced a value; None when none did."""
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan"), len(xs)
+
+
+def verdict(base: tuple[float, float, int] | None, var: tuple[float, float, int] | None) -> str:
+    """Compare two (mean, std, n): a difference within both arms' seed spread is called noise."""
+    if base is None or var is None:
+        return "missing runs"
+    diff = var[0] - base[0]
+    if min(base[2], var[2]) < 2:
+        return f"{diff:+.4f} (one seed: noise unknown)"
+    noise = max(base[1], var[1])
+    return f"{diff:+.4f} ({'within noise' if abs(diff) <= noise else 'beyond noise'}: seed std {noise:.4f})"
+
+
+def _cell(s: tuple[float, float, int] | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s[0]:.4f}" if math.isnan(s[1]) else f"{s[0]:.4f} ± {s[1]:.4f}"
+
+
+def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float, command: str) -> str:
+    stats = {arm: {m: summarise([r[m] if r else None for r in runs]) for m, _ in METRICS}
+             for arm, runs in per_arm.items()}
+    lines = [f"Command: `{command}`", "",
+             f"Seeds {seeds}; step scale {scale:g} (every arm's Stage-1 and Stage-2 steps x {scale:g}). "
+             "Values: the final evaluation on the synthetic validation set, mean ± sample std over seeds "
+             "(constant scores).", "",
+             "| arm | runs ok | " + " | ".join(m for m, _ in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for arm, runs in per_arm.items():
+        ok = sum(r is not None for r in runs)
+        lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(_cell(stats[arm][m]) for m, _ in METRICS) + " |")
+    lines += ["", "| question | baseline -> variant | AP50 difference | mean IoU difference |", "|---|---|---|---|"]
+    for q in QUESTIONS:
+        if q.baseline in stats and q.variant in stats:
+            b, v = stats[q.baseline], stats[q.variant]
+            lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | {verdict(b['AP50'], v['AP50'])} | "
+                         f"{verdict(b['mean IoU'], v['mean IoU'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, table: str) -> None:
+    """Replace the block between the ablation markers in ``path`` (or create the file with it)."""
+    begin, end = "<!-- ablation table: begin -->", "<!-- ablation table: end -->"
+    block = f"{begin}\n{table}{end}"
+    text = path.read_text() if path.exists() else f"# Results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    path.write_text(head + block + rest.split(end, 1)[1])
+
+
+def all_arms() -> list[str]:
+    return ["default", *sorted(p.stem for p in ABLATIONS.glob("*.yaml"))]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arms", nargs="+", default=None, help="arm names (default: 'default' and every "
+                        "configs/ablations/*.yaml)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every arm's steps (equal budgets)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablations"))
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md", help="markdown file to update")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every arm")
+
+
+def run(args: argparse.Namespace) -> int:
+    arms = args.arms or all_arms()
+    unknown = [a for a in arms if a != "default" and not arm_config(a).exists()]
+    if unknown:
+        print(f"unknown arms {unknown}; known: {all_arms()}", file=sys.stderr)
+        return 2
+    fixed = [o for o in args.overrides if o.split("=", 1)[0] in ("stage1.steps", "stage2.steps")]
+    if fixed:
+        print(f"{fixed}: the arms set their own step budgets; use --scale to shrink or grow all of them alike",
+              file=sys.stderr)
+        return 2
+    if args.scale <= 0:
+        print(f"--scale {args.scale}: must be > 0", file=sys.stderr)
+        return 2
+    runs_dir = args.runs_dir.resolve()
+    per_arm: dict[str, list[dict | None]] = {}
+    for arm in arms:  # seeds inside: a partial ablation still has whole arms to compare
+        per_arm[arm] = []
+        for seed in args.seeds:
+            results = run_arm(arm, seed, args.scale, runs_dir, args.overrides)
+            per_arm[arm].append(final_metrics(results) if results else None)
+    command = "coordexp-rl ablate " + " ".join(
+        [*(["--arms", *args.arms] if args.arms else []), "--seeds", *map(str, args.seeds),
+         "--scale", f"{args.scale:g}", *args.overrides])
+    table = render(per_arm, args.seeds, args.scale, command)
+    write_results(args.out, table)
+    print(table)
+    print(f"[ablate] table written into {args.out}")
+    return 0 if all(r is not None for runs in per_arm.values() for r in runs) else 1

@@ -1,0 +1,84 @@
+"""`coordexp-rl ablate`: equal budgets per arm, the table and its verdicts, and one real two-arm run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coordexp_rl import ablate
+from coordexp_rl.config import load_config
+
+
+def _budget(name: str) -> int:
+    cfg = load_config(ablate.arm_config(name))
+    return cfg.stage1.steps + cfg.stage2.steps
+
+
+def test_every_arm_has_the_default_step_budget():
+    arms = ablate.all_arms()
+    assert {"default", "stage1_ce_only", "stage1_ce_l1giou", "no_coord_ce_stage2", "topk_expectation"} <= set(arms)
+    assert {a: _budget(a) for a in arms} == {a: _budget("default") for a in arms}
+    for q in ablate.QUESTIONS:
+        assert q.baseline in arms and q.variant in arms, q
+
+
+def test_scale_shrinks_every_arm_alike(tmp_path):
+    def steps(arm):
+        o = dict(x.split("=", 1) for x in ablate.arm_overrides(arm, 3, 0.1, tmp_path, []))
+        return int(o["stage1.steps"]) + int(o["stage2.steps"]), o
+
+    total, o = steps("default")
+    assert o["run.seed"] == o["model.tiny_seed"] == "3" and o["run.out_dir"] == str(tmp_path)
+    assert total == pytest.approx(0.1 * _budget("default"), abs=1)
+    assert steps("stage1_ce_l1giou")[0] == pytest.approx(total, abs=1)
+
+
+def test_verdict_separates_noise_from_a_real_difference():
+    assert "within noise" in ablate.verdict((0.50, 0.04, 3), (0.52, 0.03, 3))
+    assert "beyond noise" in ablate.verdict((0.50, 0.01, 3), (0.60, 0.02, 3))
+    assert "one seed" in ablate.verdict((0.5, math.nan, 1), (0.6, math.nan, 1))
+    assert ablate.verdict(None, (0.6, 0.1, 2)) == "missing runs"
+    assert ablate.summarise([0.2, None, 0.4]) == pytest.approx((0.3, math.sqrt(0.02), 2))
+
+
+def test_write_results_replaces_only_the_marked_block(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nintro\n\n<!-- ablation table: begin -->\nold\n<!-- ablation table: end -->\n\noutro\n")
+    ablate.write_results(path, "new table\n")
+    text = path.read_text()
+    assert "old" not in text and "new table" in text and text.startswith("# Results\n\nintro") and "outro" in text
+
+
+def test_step_overrides_are_refused(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    assert ablate.run(parser.parse_args(["stage1.steps=5"])) == 2
+    assert "--scale" in capsys.readouterr().err
+
+
+def test_two_arms_really_run_and_fill_the_table(tmp_path):
+    """Two arms, one seed, a few steps each, through the real launcher (Ray + vLLM); a rerun reads back."""
+    import argparse
+
+    small = ["data.synth_train=32", "data.synth_val=8", "eval.max_samples=8", "rollout.max_new_tokens=48",
+             "optim.batch_size=4", "stage2.sync_every=2"]
+    default = load_config(None)
+    scale = 4 / default.stage1.steps
+    out = tmp_path / "RESULTS.md"
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    args = parser.parse_args(["--arms", "default", "stage1_ce_only", "--seeds", "0", "--scale", str(scale),
+                              "--runs-dir", str(tmp_path / "runs"), "--out", str(out), *small])
+    assert ablate.run(args) == 0, (tmp_path / "runs" / "default" / "seed0" / "launch.log").read_text()[-3000:]
+    table = out.read_text()
+    assert "| default | 1/1 |" in table and "| stage1_ce_only | 1/1 |" in table
+    results = json.loads((tmp_path / "runs" / "default" / "seed0" / "results.json").read_text())
+    assert list(results) == ["initial", "stage1", "stage2"]
+    # A second call finds results.json and does not rerun (it would take minutes).
+    stamp = (tmp_path / "runs" / "default" / "seed0" / "launch.log").stat().st_mtime
+    assert ablate.run(args) == 0
+    assert (tmp_path / "runs" / "default" / "seed0" / "launch.log").stat().st_mtime == stamp
