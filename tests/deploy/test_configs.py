@@ -51,8 +51,8 @@ def test_all_expected_configs_exist():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("stage1_ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "stage1.steps": 4800, "stage2.steps": 0}),
-    ("stage1_ce_l1giou.yaml", {"stage1.steps": 4800, "stage2.steps": 0}),
+    ("stage1_ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "stage1.steps": 6000, "stage2.steps": 0}),
+    ("stage1_ce_l1giou.yaml", {"stage1.steps": 6000, "stage2.steps": 0}),
     ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce_stage2": 0.0}),
     ("topk_expectation.yaml", {"coordexp.top_k": 20}),
 ])
