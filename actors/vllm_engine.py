@@ -28,6 +28,12 @@ from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)
 
+
+class _DropSetNumThreadsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
 WORKER_EXTENSION = "actors.vllm_worker_ext.WeightLoaderExtension"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -79,6 +85,9 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="raw_logprobs",
         )
+        # vLLM's CPU worker swaps torch.set_num_threads for a warning, and image processing calls it on
+        # every request: thousands of identical lines per run would bury the useful ones.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropSetNumThreadsWarning())
         # The project's processor renders the chat template exactly as the learner does.
         self.processor = AutoProcessor.from_pretrained(str(config.model_path))
         self._version = 0

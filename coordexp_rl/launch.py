@@ -256,8 +256,9 @@ class Driver:
         import ray
 
         from coordexp_rl.data.loader import load_samples
-        from coordexp_rl.evaluation import evaluate
-        from coordexp_rl.evaluation.records import load_jsonl
+        from coordexp_rl.evaluation.cli import write_outputs
+        from coordexp_rl.evaluation.metrics import evaluate_paired
+        from coordexp_rl.evaluation.records import load_jsonl, pair_records
         from coordexp_rl.evaluation.report import summary
 
         n = self.cfg.eval.max_samples
@@ -271,8 +272,10 @@ class Driver:
         folder = self.out / "eval" / label
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-        metrics = evaluate(gts, preds, score_modes=("constant", "coord_prob"))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        gt_records, pred_records = pair_records(gts, preds)
+        metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob"))
+        # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
+        write_outputs(metrics, gt_records, pred_records, folder, self.assets.image_root or self.assets.val_path.parent)
         headline = summary(metrics)
         step = ray.get(self.learner.ready.remote())["step"]
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
@@ -300,8 +303,9 @@ class Driver:
         plot_training_curves(self.out / "metrics.jsonl", self.out / "plots")
         table = results_table(self.results)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=float) + "\n")
-        (self.out / "report.md").write_text(f"# Run {self.out}\n\n{table}\n\nCurves: `plots/`; per-stage "
-                                            "predictions and metrics: `eval/`.\n")
+        (self.out / "report.md").write_text(
+            f"# Run {self.out}\n\n{table}\n\nTraining curves: `plots/`. Per evaluation (`eval/<label>/`): "
+            "predictions, metrics.json, IoU and per-description plots, box overlays, report.md.\n")
         return table
 
 

@@ -27,7 +27,8 @@ from coordexp_rl.config import Config
 from coordexp_rl.coordexp import coordexp, tau_at
 from coordexp_rl.coords import NUM_BINS, bin_to_unit
 from coordexp_rl.data.loader import Sample, load_image
-from coordexp_rl.losses import coord_l1, geo_loss, giou_loss, position_weights, stage1_loss, stage2_loss, weighted_token_ce
+from coordexp_rl.losses import (coord_l1, geo_loss, giou_loss, position_weights, stage1_loss, stage2_loss,
+                                 weighted_token_ce)
 from coordexp_rl.matching import MatchCurriculum, match_objects
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
@@ -93,20 +94,13 @@ class Learner:
     # Steps
     # ------------------------------------------------------------------------------------------------
 
-    def stage1_sequences(self, samples: list[Sample], step: int) -> list[Sequence]:
-        """This rank's GT sequences of a Stage-1 batch for optimizer step ``step``: CPU work only (images,
-        tokens, weights), so the Ray worker builds the next batch in a thread while this one trains."""
-        loss = self.cfg.loss
-        return [self._gt_sequence(s, self._stage1_order(s, step), eos_weight=loss.eos_weight,
-                                  with_coords=bool(loss.lambda_l1 or loss.lambda_giou)) for s in self._share(samples)]
-
-    def stage1_step(self, samples: list[Sample], prepared: Callable[[], list[Sequence]] | None = None
-                    ) -> dict[str, float]:
-        """SPEC 5.3 on a batch of GT samples; returns the logged terms. ``prepared``: returns the batch's
-        ``stage1_sequences`` built ahead (e.g. a future's ``result``)."""
+    def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
+        """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
         t0 = time.perf_counter()
-        loss_cfg = self.cfg.loss
-        seqs = self._agree(prepared or (lambda: self.stage1_sequences(samples, self.step)))
+        local, loss_cfg = self._share(samples), self.cfg.loss
+        seqs = self._agree(lambda: [
+            self._gt_sequence(s, self._stage1_order(s), eos_weight=loss_cfg.eos_weight,
+                              with_coords=bool(loss_cfg.lambda_l1 or loss_cfg.lambda_giou)) for s in local])
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
             l1 = giou = None
@@ -223,10 +217,10 @@ class Learner:
     # Sequences
     # ------------------------------------------------------------------------------------------------
 
-    def _stage1_order(self, sample: Sample, step: int) -> list[BoxObject]:
+    def _stage1_order(self, sample: Sample) -> list[BoxObject]:
         if self.cfg.stage1.order == "random":
             # A stable seed (not hash(), which changes per process) so resumed runs see the same orders.
-            seed = zlib.crc32(f"{self.cfg.run.seed}:{step}:{sample.sample_id}".encode())
+            seed = zlib.crc32(f"{self.cfg.run.seed}:{self.step}:{sample.sample_id}".encode())
             return random_order(sample.objects, seed=seed)
         return canonical_order(sample.objects)
 
@@ -238,7 +232,7 @@ class Learner:
         enc = encode_example(self.processor, image or load_image(sample), self.cfg.data.prompt, assistant)
         prompt_len = enc.pop("prompt_len")
         loss = self.cfg.loss
-        coord_ce = loss.lambda_coord_ce_stage2 if stage2 and loss.lambda_coord_ce_stage2 is not None else loss.lambda_coord_ce
+        coord_ce = loss.lambda_coord_ce if not stage2 or loss.lambda_coord_ce_stage2 is None else loss.lambda_coord_ce_stage2
         weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
                                    eos_weight=eos_weight)
         seq = Sequence(enc, prompt_len, ce_weights=weights)

@@ -52,23 +52,8 @@ class LearnerWorker:
                 "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size}
 
     def stage1_steps(self, n: int) -> list[dict]:
-        """``n`` Stage-1 steps on the next batches of the stream; their metrics. A thread builds each next
-        batch's sequences (image processing, tokenising) while the current one trains."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        learner, metrics = self.learner, []
-        with ThreadPoolExecutor(1, thread_name_prefix="stage1-prefetch") as pool:
-            def ahead(step: int):
-                batch = self.stream.next_batch()
-                return batch, pool.submit(learner.stage1_sequences, batch, step)
-
-            upcoming = ahead(learner.step)
-            for i in range(n):
-                batch, seqs = upcoming
-                if i + 1 < n:
-                    upcoming = ahead(learner.step + 1)
-                metrics.append(learner.stage1_step(batch, prepared=seqs.result))
-        return metrics
+        """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
+        return [self.learner.stage1_step(self.stream.next_batch()) for _ in range(n)]
 
     def stage2_step(self, buffer, timeout_s: float = 600.0) -> dict | None:
         """One Stage-2 step on the next batch of rollout rows; None if none came within ``timeout_s``."""

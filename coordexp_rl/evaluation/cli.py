@@ -44,24 +44,25 @@ def run(args: argparse.Namespace) -> int:
     metrics["quantisation_boundary"] = boundary_report_paired(gts, preds)
     metrics["inputs"] = {"gt": str(args.gt), "pred": str(args.pred)}
     if args.out is not None:
-        write_outputs(metrics, gts, preds, args)
+        root = args.image_root if args.image_root is not None else args.gt.parent
+        write_outputs(metrics, gts, preds, args.out, root, args.overlays)
     print(json.dumps(summary(metrics), indent=2))
     return 0
 
 
-def write_outputs(metrics: dict, gts: list, preds: list, args: argparse.Namespace) -> None:
+def write_outputs(metrics: dict, gts: list, preds: list, out: Path, image_root: Path, overlays: int = 8) -> None:
+    """``out``: metrics.json, IoU histogram, per-description plot, ``overlays`` box overlays, report.md.
+    ``gts`` / ``preds``: paired ImageRecords (records.pair_records); the launcher calls this too."""
     # Imported here: matplotlib and PIL are only needed when writing files.
     from coordexp_rl.evaluation.overlays import write_overlays
     from coordexp_rl.evaluation.plots import plot_iou_histogram, plot_per_description
 
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
     images = {"IoU histogram": plot_iou_histogram(metrics, out / "iou_histogram.png").name}
     if metrics["per_description"]:
         images["Per description"] = plot_per_description(metrics, out / "per_description.png").name
-    if args.overlays > 0:
-        root = args.image_root if args.image_root is not None else args.gt.parent
-        for path in write_overlays(gts, preds, root, out / "overlays", args.overlays):
+    if overlays > 0:
+        for path in write_overlays(gts, preds, image_root, out / "overlays", overlays):
             images[f"overlay {path.stem}"] = f"overlays/{path.name}"
     (out / "report.md").write_text(render_markdown(metrics, images), encoding="utf-8")

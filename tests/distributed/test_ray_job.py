@@ -99,6 +99,10 @@ def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path,
     for line in ("stage-1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
         assert line in logs, line
     assert (out / "report.md").read_text().count("| stage2 |") == 1
+    for label in ("initial", "stage1", "stage2"):  # each evaluation leaves something to look at
+        folder = out / "eval" / label
+        assert (folder / "report.md").is_file() and (folder / "iou_histogram.png").is_file()
+        assert len(list((folder / "overlays").glob("*.png"))) == 8
     stages = {line.split('"stage": "')[1].split('"')[0] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage1", "stage2", "sync", "eval", "rollout"} <= stages
 
