@@ -34,6 +34,7 @@ class _DropSetNumThreadsWarning(logging.Filter):
         return "torch.set_num_threads" not in record.getMessage()
 
 
+_DROP_SET_NUM_THREADS_WARNING = _DropSetNumThreadsWarning()  # one instance: addFilter skips it when present
 WORKER_EXTENSION = "actors.vllm_worker_ext.WeightLoaderExtension"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -87,7 +88,7 @@ class VLLMEngine:
         )
         # vLLM's CPU worker swaps torch.set_num_threads for a warning, and image processing calls it on
         # every request: thousands of identical lines per run would bury the useful ones.
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropSetNumThreadsWarning())
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DROP_SET_NUM_THREADS_WARNING)
         # The project's processor renders the chat template exactly as the learner does.
         self.processor = AutoProcessor.from_pretrained(str(config.model_path))
         self._version = 0

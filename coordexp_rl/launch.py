@@ -256,10 +256,9 @@ class Driver:
         import ray
 
         from coordexp_rl.data.loader import load_samples
-        from coordexp_rl.evaluation.cli import write_outputs
         from coordexp_rl.evaluation.metrics import evaluate_paired
         from coordexp_rl.evaluation.records import load_jsonl, pair_records
-        from coordexp_rl.evaluation.report import summary
+        from coordexp_rl.evaluation.report import summary, write_outputs
 
         n = self.cfg.eval.max_samples
         samples = load_samples(self.assets.val_path, self.assets.image_root, skip_bbox_norm=self.cfg.data.skip_bbox_norm)[:n]

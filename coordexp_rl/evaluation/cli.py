@@ -12,7 +12,7 @@ from pathlib import Path
 from coordexp_rl.evaluation.coco import SCORE_MODES
 from coordexp_rl.evaluation.metrics import evaluate_paired
 from coordexp_rl.evaluation.records import load_jsonl, pair_records
-from coordexp_rl.evaluation.report import render_markdown, summary
+from coordexp_rl.evaluation.report import summary, write_outputs
 from coordexp_rl.evaluation.robustness import boundary_report_paired
 
 
@@ -48,21 +48,3 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(metrics, gts, preds, args.out, root, args.overlays)
     print(json.dumps(summary(metrics), indent=2))
     return 0
-
-
-def write_outputs(metrics: dict, gts: list, preds: list, out: Path, image_root: Path, overlays: int = 8) -> None:
-    """``out``: metrics.json, IoU histogram, per-description plot, ``overlays`` box overlays, report.md.
-    ``gts`` / ``preds``: paired ImageRecords (records.pair_records); the launcher calls this too."""
-    # Imported here: matplotlib and PIL are only needed when writing files.
-    from coordexp_rl.evaluation.overlays import write_overlays
-    from coordexp_rl.evaluation.plots import plot_iou_histogram, plot_per_description
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    images = {"IoU histogram": plot_iou_histogram(metrics, out / "iou_histogram.png").name}
-    if metrics["per_description"]:
-        images["Per description"] = plot_per_description(metrics, out / "per_description.png").name
-    if overlays > 0:
-        for path in write_overlays(gts, preds, image_root, out / "overlays", overlays):
-            images[f"overlay {path.stem}"] = f"overlays/{path.name}"
-    (out / "report.md").write_text(render_markdown(metrics, images), encoding="utf-8")

@@ -1,7 +1,10 @@
-"""A short Markdown report of one ``evaluate`` result (and the JSON summary the CLI prints)."""
+"""A short Markdown report of one ``evaluate`` result, the JSON summary the CLI prints, and the evaluation
+folder (metrics, plots, overlays, report) that `coordexp-rl eval --out` and the launcher write."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -68,3 +71,21 @@ def render_markdown(metrics: dict[str, Any], images: dict[str, str] | None = Non
     if images:
         lines += ["", "## Plots", ""] + [f"![{caption}]({path})" for caption, path in images.items()]
     return "\n".join(lines) + "\n"
+
+
+def write_outputs(metrics: dict, gts: list, preds: list, out: Path, image_root: Path, overlays: int = 8) -> None:
+    """``out``: metrics.json, IoU histogram, per-description plot, ``overlays`` box overlays, report.md.
+    ``gts`` / ``preds``: paired ImageRecords (records.pair_records); `eval --out` and the launcher call it."""
+    # Imported here: matplotlib and PIL are only needed when writing files.
+    from coordexp_rl.evaluation.overlays import write_overlays
+    from coordexp_rl.evaluation.plots import plot_iou_histogram, plot_per_description
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+    images = {"IoU histogram": plot_iou_histogram(metrics, out / "iou_histogram.png").name}
+    if metrics["per_description"]:
+        images["Per description"] = plot_per_description(metrics, out / "per_description.png").name
+    if overlays > 0:
+        for path in write_overlays(gts, preds, image_root, out / "overlays", overlays):
+            images[f"overlay {path.stem}"] = f"overlays/{path.name}"
+    (out / "report.md").write_text(render_markdown(metrics, images), encoding="utf-8")

@@ -51,9 +51,9 @@ def test_stage1_giou_term_is_the_mean_over_gt_boxes(tiny_model_dir, samples):
 def test_stage2_coord_ce_weight_is_its_own_knob(tiny_model_dir, samples):
     learner = make_learner(tiny_model_dir, "loss.lambda_coord_ce=1.0", "loss.lambda_coord_ce_stage2=0.0")
     sample = samples[0]
-    coord = [learner.vocab.bin_of(int(t)) is not None for t in
-             learner._gt_sequence(sample, sample.objects, eos_weight=1.0).input_ids]
-    w1 = learner._gt_sequence(sample, sample.objects, eos_weight=1.0).ce_weights
+    seq1 = learner._gt_sequence(sample, sample.objects, eos_weight=1.0)
+    coord = [learner.vocab.bin_of(int(t)) is not None for t in seq1.input_ids]
+    w1 = seq1.ce_weights
     w2 = learner._gt_sequence(sample, sample.objects, eos_weight=1.0, stage2=True).ce_weights
     assert {float(w) for w, c in zip(w1, coord) if c} == {2.0}
     assert {float(w) for w, c in zip(w2, coord) if c} == {1.0}
