@@ -6,7 +6,8 @@ down), then writes a table of the final evaluation per arm (mean +- std over see
 question comparing its two arms. Arm configs give every arm the same number of optimizer steps;
 ``--scale`` multiplies both stages' steps of every arm alike, so budgets stay equal at any scale.
 
-A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes.
+A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes (a
+folder whose saved config differs, e.g. from another ``--scale``, is refused rather than mixed in).
 This module starts processes but never imports Ray.
 """
 
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordexp_rl.config import load_config
+from coordexp_rl.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 ABLATIONS = REPO / "configs" / "ablations"
@@ -60,17 +61,43 @@ def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list
             f"run.out_dir={out_dir}", "run.checkpoint_every=0"]
 
 
+class StaleRunError(ValueError):
+    """A run folder holds results of another config (another --scale or overrides)."""
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict) and k != "tiny_size":
+            keys += _changed_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def check_reusable(out: Path, expected: Config) -> None:
+    """Refuse to read back a run whose saved config.yaml differs from what this call would run."""
+    saved = out / "config.yaml"
+    if saved.exists():
+        changed = _changed_keys(load_config(saved).model_dump(), expected.model_dump())
+        if changed:
+            raise StaleRunError(f"{out} holds a run with another config (differs in {', '.join(changed)}); "
+                                "pass another --runs-dir or remove that folder")
+
+
 def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]) -> dict | None:
     """Run (or read back) one arm; returns the launcher's results (per evaluation label), None on failure."""
     out = runs_dir / name / f"seed{seed}"
     done = out / "results.json"
+    overrides = arm_overrides(name, seed, scale, out, extra)
     if done.exists():
+        check_reusable(out, load_config(arm_config(name), overrides))
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "coordexp_rl.launch"]
     if arm_config(name):
         cmd += ["--config", str(arm_config(name))]
-    cmd += arm_overrides(name, seed, scale, out, extra)
+    cmd += overrides
     log_path = out / "launch.log"
     print(f"[ablate] {name} seed {seed}: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
     start = time.perf_counter()
@@ -180,7 +207,11 @@ def run(args: argparse.Namespace) -> int:
     for arm in arms:  # seeds inside: a partial ablation still has whole arms to compare
         per_arm[arm] = []
         for seed in args.seeds:
-            results = run_arm(arm, seed, args.scale, runs_dir, args.overrides)
+            try:
+                results = run_arm(arm, seed, args.scale, runs_dir, args.overrides)
+            except StaleRunError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             per_arm[arm].append(final_metrics(results) if results else None)
     command = "coordexp-rl ablate " + " ".join(
         [*(["--arms", *args.arms] if args.arms else []), "--seeds", *map(str, args.seeds),

@@ -82,3 +82,23 @@ def test_two_arms_really_run_and_fill_the_table(tmp_path):
     stamp = (tmp_path / "runs" / "default" / "seed0" / "launch.log").stat().st_mtime
     assert ablate.run(args) == 0
     assert (tmp_path / "runs" / "default" / "seed0" / "launch.log").stat().st_mtime == stamp
+
+
+def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, capsys):
+    """results.json is read back when the saved config matches this call; another --scale is refused."""
+    import argparse
+
+    from coordexp_rl.config import dump_config
+
+    out = tmp_path / "runs" / "default" / "seed0"
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(dump_config(load_config(None, ablate.arm_overrides("default", 0, 0.5, out, []))))
+    (out / "results.json").write_text(json.dumps({"stage2": {"constant/AP50": 0.25, "mean_iou": 0.5}}))
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    common = ["--arms", "default", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")]
+    assert ablate.run(parser.parse_args([*common, "--scale", "0.5"])) == 0  # read back, nothing launched
+    assert "| default | 1/1 | 0.2500 |" in (tmp_path / "R.md").read_text()
+    assert ablate.run(parser.parse_args([*common, "--scale", "0.25"])) == 2
+    err = capsys.readouterr().err
+    assert "stage1.steps" in err and "--runs-dir" in err
