@@ -72,7 +72,7 @@ def synthetic_set(cfg: Config) -> Path:
     d = cfg.data
     options = {"image_size": d.synth_image_size, "min_objects": d.synth_min_objects,
                "max_objects": d.synth_max_objects, "min_size": d.synth_min_size, "max_size": d.synth_max_size,
-               "background": d.synth_background, "colours": tuple(d.synth_colours), "shapes": tuple(d.synth_shapes)}
+               "edge_prob": d.synth_edge_prob, "background": d.synth_background, "colours": tuple(d.synth_colours), "shapes": tuple(d.synth_shapes)}
     params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, **options}
     target = _keyed_dir("synth", params)
     if not target.exists():

@@ -38,13 +38,14 @@ class DataConfig(_Section):
     # The synthetic set built when train is "" (coordexp_rl/data/synth.py): 1-3 shapes of 3 colours x 3
     # kinds (9 descriptions), 20-40 % of the side, on plain backgrounds.
     synth_train: int = 8000
-    synth_val: int = 64
+    synth_val: int = 256  # >= 256: 64 images (~125 boxes) are too noisy to rank arms
     synth_seed: int = 0
     synth_image_size: int = 128
     synth_min_objects: int = 1
     synth_max_objects: int = 3
     synth_min_size: float = 0.2  # shape side as a fraction of the image side
     synth_max_size: float = 0.4
+    synth_edge_prob: float = 0.15  # chance that a shape is pushed against an image edge (bins 0 / 999)
     synth_background: Literal["plain", "noisy", "mixed"] = "plain"
     synth_colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue"])
     synth_shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
@@ -58,16 +59,24 @@ class CoordExpConfig(_Section):
 
 
 class LossConfig(_Section):
+    # Every term is a sum over the batch divided by one number, the batch's total CE weight W, in both
+    # stages (coordexp_rl/losses.py has the formula): a lambda weighs one unit of its term against one
+    # unit of CE weight. An object of 2 description tokens costs W = 2 desc_weight + 6 + 4 (1 +
+    # lambda_coord_ce) (+ the end of turn once per image).
+    desc_weight: float = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages
     lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (SPEC 5.3 / 8)
     lambda_coord_ce_stage2: float | None = None  # the same in Stage-2's reordered-GT CE; None = lambda_coord_ce
-    lambda_l1: float = 2.0  # Stage-1 CoordExp L1 on GT coord positions (SPEC 5.3)
-    lambda_giou: float = 1.0  # Stage-1 (1 - GIoU) of the CoordExp boxes at GT coord positions
-    lambda_geo: float = 1.0  # Stage-2 self-context geometric loss (SPEC 8)
-    alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU)
-    beta_giou: float = 1.0
+    lambda_l1: float = 8.0  # Stage-1 CoordExp L1, summed over GT coord positions (SPEC 5.3)
+    lambda_giou: float = 16.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
+    lambda_soft_ce: float = 0.0  # Stage-1 soft CE over neighbouring bins, summed over coord positions
+    soft_ce_sigma: float = 2.0  # its Gaussian width in bins
+    lambda_w1: float = 0.0  # Stage-1 Wasserstein-1 to the target bin, summed over coord positions
+    lambda_geo: float = 8.0  # Stage-2 self-context geometric loss, summed over gated pairs (SPEC 8)
+    alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU + inversion);
+    beta_giou: float = 2.0  # with lambda_geo 8 this equals Stage-1's 8 L1 + 16 GIoU per box
     lambda_entropy: float = 0.0  # entropy regulariser on coord distributions
     eos_weight: float = 1.0  # CE weight of the end-of-turn token
-    extra_eos_weight: float = 2.0  # EOS weight when the rollout over-generated (SPEC 14.3)
+    extra_eos_weight: float = 2.0  # EOS weight when the rollout has more objects than the GT (SPEC 14.3)
     ce_chunk_size: int = 256  # positions per chunk: full-vocab logits never exist for the whole sequence
 
 
@@ -77,10 +86,12 @@ class MatchingConfig(_Section):
     semantic: Literal["text", "minilm"] = "text"  # cheap normalised text, or the frozen MiniLM encoder
     lambda_sem_start: float = 0.0  # curriculum: geometry-only and strict first (SPEC 11)
     lambda_sem_end: float = 0.5
+    # Gate (SPEC 6.1 step 5): a pair feeds the geometric loss if IoU > iou_thr or mean L1 < l1_thr. Both
+    # stay strict: at l1_thr 0.03 only boxes under ~6 % of the side can pass with IoU 0.
     iou_thr_start: float = 0.5
-    iou_thr_end: float = 0.1
-    l1_thr_start: float = 0.05  # mean per-coordinate L1 in [0, 1] units
-    l1_thr_end: float = 0.2
+    iou_thr_end: float = 0.3
+    l1_thr_start: float = 0.02  # mean per-coordinate L1 in [0, 1] units
+    l1_thr_end: float = 0.03
     curriculum_steps: int = 200
     missing_policy: Literal["append", "drop"] = "append"  # unmatched GT become completion objects
 
@@ -95,12 +106,13 @@ class OptimConfig(_Section):
 
 
 class Stage1Config(_Section):
-    steps: int = 5700
+    steps: int = 5700  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
     order: Literal["canonical", "random"] = "canonical"
 
 
 class Stage2Config(_Section):
     steps: int = 300
+    lr: float = 2e-4  # Stage-2's own learning rate, constant (Stage-1's cosine ends at 10 % of optim.lr)
     sync_every: int = 5  # learner steps between weight syncs
 
 
@@ -111,7 +123,9 @@ class RolloutConfig(_Section):
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.05  # LESSONS: small penalties curb repeated boxes
+    # 1.0 = rollouts decode as evaluation does. vLLM applies a penalty to prompt and output tokens alike
+    # (every repeated colour word, structure token, end of turn), so it is off by default.
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 96
     seed: int = 0
     max_model_len: int = 1024
@@ -145,7 +159,7 @@ class LearnerConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = 0  # learner steps between evaluations; 0 = only before/after each stage
-    max_samples: int = 64
+    max_samples: int = 256
     engine: Literal["vllm", "hf"] = "hf"
 
 

@@ -1,7 +1,22 @@
 """Losses of SPEC 5.3, 7 and 8: weighted token CE (chunked), box L1/GIoU, and the stage combiners.
 
-Boxes are (x1, y1, x2, y2) in normalised [0, 1] coordinates. Every box helper first sorts each box's
-coordinates, so an unconverged CoordExp box with x2 < x1 still has a meaningful area and gradient.
+Boxes are (x1, y1, x2, y2) in normalised [0, 1] coordinates. An inverted box (x2 < x1 or y2 < y1) has
+area 0, as evaluation counts it (IoU 0 with anything); :func:`giou_loss` adds the inversion depth so its
+gradient un-inverts the box instead of pushing the crossed coordinates further apart.
+
+Normalisation (one rule for both stages, SPEC 5.3 / 8 in their sum form). With W the batch's total CE
+weight, ``W = sum_t w_t`` over every supervised token of the batch's GT (Stage-1) or reordered-GT
+(Stage-2) sequences, and ``w_t`` from :func:`position_weights`:
+
+    Stage-1:  L = ( sum_t w_t nll_t + lambda_L1 sum_coords |c_t - c*_t| + lambda_GIoU sum_boxes giou_t
+                    + lambda_softCE sum_coords softCE_t + lambda_W1 sum_coords W1_t ) / W
+    Stage-2:  L = ( sum_t w_t nll_t + lambda_geo sum_{gated pairs} (alpha ||b - b*||_1 + beta giou)
+                    + lambda_ent sum_coords H_t ) / W
+
+where ``w_t`` = ``desc_weight`` inside ``<desc> ... </desc>``, ``1 + lambda_coord_ce`` on coord tokens, 1 on
+other structure/text tokens, ``eos_weight`` on the end of turn, 0 on the prompt, and ``giou = 1 - GIoU
++ inversion``. Every term is a sum; the single divisor W makes a lambda mean "weight of one unit of this
+term against one unit of CE weight" in both stages.
 """
 
 from __future__ import annotations
@@ -175,18 +190,20 @@ def weighted_token_ce(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
 
 def position_weights(token_ids: Sequence[int] | torch.Tensor, vocab: CoordVocab, prompt_len: int, *,
                      lambda_coord_ce: float = 0.0, eos_weight: float = 1.0,
-                     text_weight: float = 1.0) -> torch.Tensor:
+                     text_weight: float = 1.0, desc_weight: float | None = None) -> torch.Tensor:
     """Per-position CE weights (T,) for a full sequence (prompt + assistant turn), as float32.
 
-    weights[t] is the weight of predicting token_ids[t]: prompt positions (t < prompt_len) 0; text and
-    structure tokens ``text_weight``; coord tokens ``text_weight + lambda_coord_ce`` (SPEC 5.3: CE_all
-    plus the coord-focused CE); the first end-of-turn token ``eos_weight``; anything after it 0 (the
-    template's trailing newline is never generated). Use ``weights[1:]`` with ``hidden[:-1]``.
+    weights[t] is the weight of predicting token_ids[t]: prompt positions (t < prompt_len) 0; structure
+    and other text tokens ``text_weight``; description tokens (strictly between ``<desc>`` and
+    ``</desc>``) ``desc_weight`` (None = ``text_weight``); coord tokens ``text_weight + lambda_coord_ce``
+    (SPEC 5.3: CE_all plus the coord-focused CE); the first end-of-turn token ``eos_weight``; anything
+    after it 0 (the template's trailing newline is never generated). Use ``weights[1:]`` with
+    ``hidden[:-1]``.
 
     >>> v = CoordVocab(tuple(range(100, 1100)), 1, 2, 3, 4, 5, 6, eos_id=9)
     >>> position_weights([7, 7, 1, 3, 50, 4, 5, 100, 101, 102, 103, 6, 2, 9, 8], v, 2,
-    ...                  lambda_coord_ce=0.5, eos_weight=2.0).tolist()
-    [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5, 1.0, 1.0, 2.0, 0.0]
+    ...                  lambda_coord_ce=0.5, eos_weight=2.0, desc_weight=3.0).tolist()
+    [0.0, 0.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5, 1.0, 1.0, 2.0, 0.0]
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if not 0 <= prompt_len <= ids.numel():
@@ -194,6 +211,8 @@ def position_weights(token_ids: Sequence[int] | torch.Tensor, vocab: CoordVocab,
     weights = torch.full(ids.shape, float(text_weight), dtype=torch.float32)
     coord_ids = torch.as_tensor(vocab.coord_ids, dtype=torch.long)
     weights[torch.isin(ids, coord_ids)] += lambda_coord_ce
+    if desc_weight is not None:
+        weights[_inside_desc(ids, vocab)] = float(desc_weight)
     weights[:prompt_len] = 0.0
     eos = (ids[prompt_len:] == vocab.eos_id).nonzero()
     if eos.numel():
@@ -203,31 +222,42 @@ def position_weights(token_ids: Sequence[int] | torch.Tensor, vocab: CoordVocab,
     return weights
 
 
+def _inside_desc(ids: torch.Tensor, vocab: CoordVocab) -> torch.Tensor:
+    """(T,) bool: tokens strictly between a ``<desc>`` and the next ``</desc>``."""
+    depth = torch.cumsum((ids == vocab.desc_open).long() - (ids == vocab.desc_close).long(), 0)
+    return (depth > 0) & (ids != vocab.desc_open)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Boxes
 # ----------------------------------------------------------------------------------------------------
 
 
-def _sorted(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(..., 4) -> x1, y1, x2, y2 with x1 <= x2 and y1 <= y2 (min/max keep the gradient)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.minimum(x1, x2), torch.minimum(y1, y2), torch.maximum(x1, x2), torch.maximum(y1, y2)
-
-
 def _iou_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """IoU and GIoU of boxes that broadcast against each other (..., 4)."""
-    ax1, ay1, ax2, ay2 = _sorted(a)
-    bx1, by1, bx2, by2 = _sorted(b)
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    area_b = (bx2 - bx1) * (by2 - by1)
+    """IoU and GIoU of boxes that broadcast against each other (..., 4); inverted boxes have area 0."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
+    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
     iw = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
     ih = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
     inter = iw * ih
     union = area_a + area_b - inter
     iou = inter / union.clamp(min=EPS)
-    hull = (torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)) * (torch.maximum(ay2, by2) - torch.minimum(ay1, by1))
+    # The hull spans every corner, so it also encloses an inverted box's crossed coordinates.
+    hull_w = torch.maximum(torch.maximum(ax1, ax2), torch.maximum(bx1, bx2)) - \
+        torch.minimum(torch.minimum(ax1, ax2), torch.minimum(bx1, bx2))
+    hull_h = torch.maximum(torch.maximum(ay1, ay2), torch.maximum(by1, by2)) - \
+        torch.minimum(torch.minimum(ay1, ay2), torch.minimum(by1, by2))
+    hull = hull_w * hull_h
     giou = iou - (hull - union) / hull.clamp(min=EPS)
     return iou, giou
+
+
+def inversion(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) -> (...): ``relu(x1 - x2) + relu(y1 - y2)``, how far a box is turned inside out."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return (x1 - x2).clamp(min=0) + (y1 - y2).clamp(min=0)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -261,8 +291,12 @@ def l1_box_loss(pred: torch.Tensor, gt: torch.Tensor, reduction: str = "sum") ->
 
 
 def giou_loss(pred: torch.Tensor, gt: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """``1 - GIoU(pred_i, gt_i)`` per box, in [0, 2], then reduced over boxes."""
-    return _reduce(1.0 - _iou_giou(pred, gt.to(pred.dtype))[1], reduction)
+    """``1 - GIoU(pred_i, gt_i) + inversion(pred_i)`` per box, then reduced over boxes.
+
+    A proper box gets the plain GIoU loss in [0, 2]. An inverted one counts as empty (IoU 0, as in
+    evaluation) and pays its inversion depth, whose gradient moves x1 left of x2 (and y1 above y2).
+    """
+    return _reduce(1.0 - _iou_giou(pred, gt.to(pred.dtype))[1] + inversion(pred), reduction)
 
 
 def geo_loss(pred: torch.Tensor, gt: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0,
@@ -278,6 +312,36 @@ def coord_l1(expectation: torch.Tensor, target_bins: torch.Tensor, reduction: st
     return _reduce((expectation - target).abs(), reduction)
 
 
+def coord_soft_ce(logits: torch.Tensor, target_bins: torch.Tensor, sigma: float = 2.0,
+                  reduction: str = "sum") -> torch.Tensor:
+    """Soft CE over neighbouring bins: ``-sum_k q_k log softmax(s)_k`` per coord position, where
+    ``q_k ~ exp(-(k - bin)^2 / (2 sigma^2))`` (sigma in bins) spreads the target over its neighbours
+    (the CoordExp reference's Stage-1 distribution loss). logits (P, K) over the coord tokens.
+
+    >>> round(coord_soft_ce(torch.zeros(1, 1000), torch.tensor([500])).item(), 4)  # uniform: log 1000
+    6.9078
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0 bins, got {sigma}")
+    k = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    q = torch.softmax(-(k[None, :] - target_bins.to(k)[:, None]) ** 2 / (2 * sigma ** 2), dim=-1)  # (P, K)
+    return _reduce(-(q * logits.float().log_softmax(-1)).sum(-1), reduction)
+
+
+def coord_w1(logits: torch.Tensor, target_bins: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Wasserstein-1 between the coord distribution and the target bin: ``sum_k p_k |k - bin| / 1000``
+    per position, in the same [0, 1] units as L1. Unlike L1 of the expectation, a distribution split
+    around the target pays for its spread.
+
+    >>> two_peaks = torch.tensor([[0.0, -1e4, 0.0]])  # half on bin 0, half on bin 2; target bin 1
+    >>> round(coord_w1(two_peaks, torch.tensor([1])).item() * 1000, 4)
+    1.0
+    """
+    k = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    dist = (k[None, :] - target_bins.to(k)[:, None]).abs() / NUM_BINS  # (P, K)
+    return _reduce((logits.float().softmax(-1) * dist).sum(-1), reduction)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Stage combiners
 # ----------------------------------------------------------------------------------------------------
@@ -289,34 +353,18 @@ def _term(value: torch.Tensor | float | None) -> float:
     return float(value.detach()) if torch.is_tensor(value) else float(value)
 
 
-def stage1_loss(ce_all: torch.Tensor, *, ce_coord: torch.Tensor | None = None, l1_coord: torch.Tensor | None = None,
-                giou_coord: torch.Tensor | None = None, lambda_coord_ce: float = 0.0, lambda_l1: float = 0.0,
-                lambda_giou: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """SPEC 5.3: ``L_CE_all + lambda_coordCE * L_CE_coord + lambda_L1 * L_L1_coord``, plus the optional
-    ``lambda_giou * (1 - GIoU)`` of the CoordExp boxes at the GT coord positions (the issue's "CE +
-    CoordExp L1/GIoU" Stage-1 variant).
+def weighted_total(base: torch.Tensor, terms: dict[str, tuple[torch.Tensor | None, float]],
+                   base_name: str = "ce") -> tuple[torch.Tensor, dict[str, float]]:
+    """``base + sum lambda * value`` over ``terms = {name: (value, lambda)}``; a term given as None (or
+    with lambda 0) is left out. Returns (total, every raw term and the total as floats, for logging).
 
-    Pass ``ce_coord=None`` when the coord weight is already folded into :func:`position_weights`.
-    Returns (total, terms) where terms holds every raw term and the total as floats, for logging.
+    >>> total, logged = weighted_total(torch.tensor(2.0), {"l1": (torch.tensor(0.5), 2.0), "w1": (None, 1.0)})
+    >>> float(total), logged
+    (3.0, {'ce': 2.0, 'l1': 0.5, 'w1': 0.0, 'total': 3.0})
     """
-    total = ce_all
-    for value, lam in ((ce_coord, lambda_coord_ce), (l1_coord, lambda_l1), (giou_coord, lambda_giou)):
+    total = base
+    for value, lam in terms.values():
         if value is not None and lam:
             total = total + lam * value
-    terms = {"ce_all": _term(ce_all), "ce_coord": _term(ce_coord), "l1_coord": _term(l1_coord),
-             "giou_coord": _term(giou_coord), "total": _term(total)}
-    return total, terms
-
-
-def stage2_loss(ce_gt: torch.Tensor, geo_self: torch.Tensor | None = None, *, ce_coord: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None, lambda_geo: float = 1.0, lambda_coord_ce: float = 0.0,
-                lambda_ent: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """SPEC 8: ``L_CE(y_GT_reordered) + lambda_geo * L_geo_self + lambda_coordCE * L_CE_coord
-    + lambda_ent * L_entropy``. A term given as None (or with weight 0) is left out of the total."""
-    total = ce_gt
-    for value, lam in ((geo_self, lambda_geo), (ce_coord, lambda_coord_ce), (entropy, lambda_ent)):
-        if value is not None and lam:
-            total = total + lam * value
-    terms = {"ce_gt": _term(ce_gt), "geo_self": _term(geo_self), "ce_coord": _term(ce_coord),
-             "entropy": _term(entropy), "total": _term(total)}
-    return total, terms
+    logged = {base_name: _term(base), **{k: _term(v) for k, (v, _) in terms.items()}, "total": _term(total)}
+    return total, logged

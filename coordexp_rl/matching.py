@@ -34,12 +34,9 @@ class MatchResult:
     num_gt: int = 0
 
     @property
-    def extras(self) -> list[int]:
-        return self.unmatched_pred
-
-    @property
-    def misses(self) -> list[int]:
-        return self.unmatched_gt
+    def assignment(self) -> list[tuple[int, int]]:
+        """The full Hungarian assignment (accepted and gated-out pairs), by pred index."""
+        return sorted(self.pairs + self.rejected)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Reordered-GT sequence for the Stage-2 SFT path (SPEC 7.2 step F, 14.2, 14.3).
 
-Matched GT objects take the order of their predicted partners, so the CE target follows the order the
-model chose; unmatched GT (misses) are appended as completion objects (policy ``"append"``) or left out
-(``"drop"``). When the rollout produced extras (unmatched predictions, which includes every rollout
-with more predictions than GT), ``over_generated`` tells the learner to give the EOS position its
-configured extra weight.
+SPEC 7.2 step 11: "if predicted object i matched to GT j, place GT object j at position i". The order
+follows the full Hungarian assignment; the gate (SPEC 6.1 step 5) only decides which pairs feed the
+geometric loss, so a gated-out pair keeps its place here. GT objects with no partner at all (the rollout
+had fewer objects than the GT) are appended as completion objects in the order given (policy
+``"append"``; the caller passes the GT in canonical order) or left out (``"drop"``). When the rollout
+has more objects than the GT, ``over_generated`` tells the learner to give the end of turn its extra
+weight.
 """
 
 from __future__ import annotations
@@ -23,17 +25,13 @@ class ReorderedGT(Generic[T]):
     objects: list[T]  # the GT objects in target order
     gt_indices: list[int]  # index into the original GT list of each entry of ``objects``
     num_completions: int  # appended misses (0 with policy "drop")
-    num_extras: int  # predictions with no accepted GT partner
-
-    @property
-    def over_generated(self) -> bool:
-        return self.num_extras > 0
+    over_generated: bool  # the rollout had more objects than the GT
 
 
 def reorder_gt(gt_objects: Sequence[T], match: MatchResult, policy: str = "append") -> ReorderedGT[T]:
-    """GT objects in the order of their matched predictions, then the misses (original GT order).
+    """GT objects in the order of their assigned predictions, then the unassigned GT (order given).
 
-    >>> m = MatchResult(pairs=[(0, 1), (1, 0)], unmatched_gt=[2], num_pred=2, num_gt=3)
+    >>> m = MatchResult(pairs=[(0, 1)], rejected=[(1, 0)], num_pred=2, num_gt=3)  # (1, 0) gated out
     >>> reorder_gt(["cat", "dog", "cup"], m).objects
     ['dog', 'cat', 'cup']
     """
@@ -41,9 +39,9 @@ def reorder_gt(gt_objects: Sequence[T], match: MatchResult, policy: str = "appen
         raise ValueError(f"unknown reorder policy {policy!r}; use one of {POLICIES}")
     if match.num_gt != len(gt_objects):
         raise ValueError(f"match was computed for {match.num_gt} GT objects, got {len(gt_objects)}")
-    order = [j for _, j in sorted(match.pairs)]
-    matched = set(order)
-    misses = [j for j in range(len(gt_objects)) if j not in matched] if policy == "append" else []
+    order = [j for _, j in match.assignment]
+    assigned = set(order)
+    misses = [j for j in range(len(gt_objects)) if j not in assigned] if policy == "append" else []
     order += misses
-    return ReorderedGT(objects=[gt_objects[j] for j in order], gt_indices=order,
-                      num_completions=len(misses), num_extras=len(match.unmatched_pred))
+    return ReorderedGT(objects=[gt_objects[j] for j in order], gt_indices=order, num_completions=len(misses),
+                       over_generated=match.num_pred > match.num_gt)

@@ -27,15 +27,15 @@ from coordexp_rl.config import Config
 from coordexp_rl.coordexp import coordexp, tau_at
 from coordexp_rl.coords import NUM_BINS, bin_to_unit
 from coordexp_rl.data.loader import Sample, load_image
-from coordexp_rl.losses import (coord_l1, geo_loss, giou_loss, position_weights, stage1_loss, stage2_loss,
-                                 weighted_token_ce)
-from coordexp_rl.matching import MatchCurriculum, match_objects
+from coordexp_rl.losses import (coord_l1, coord_soft_ce, coord_w1, geo_loss, giou_loss, position_weights,
+                                 weighted_token_ce, weighted_total)
+from coordexp_rl.matching import MatchCurriculum
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.protocol import BoxObject, build_assistant_ids, canonical_order, random_order
-from coordexp_rl.reorder import reorder_gt
 from coordexp_rl.rollout_schema import RolloutRow
 from coordexp_rl.semantic import make_semantic_distance
+from coordexp_rl.stage2_targets import MatchSettings, stage2_targets
 from learner.batching import Sequence, gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
@@ -76,14 +76,16 @@ class Learner:
         self.sharded = fully_shard_model(self.model) if self.plan.sharding == "fsdp" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        total = max(1, cfg.stage1.steps + cfg.stage2.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         m = cfg.matching
         self.curriculum = MatchCurriculum(
             start_step=0, ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
             lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
             l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
-        self.semantic = make_semantic_distance(m.semantic)
+        self.match_settings = MatchSettings(
+            lambda_geo=m.lambda_geo, overlap=m.geometry, missing_policy=m.missing_policy,
+            eos_weight=cfg.loss.eos_weight, extra_eos_weight=cfg.loss.extra_eos_weight,
+            semantic=make_semantic_distance(m.semantic))
         self.step = 0  # optimizer steps taken (both stages)
         self.stage2_steps = 0  # Stage-2 steps taken (drives the matching curriculum)
         self.version = 0  # published weight version: bumps when weights go to the rollout engines
@@ -98,21 +100,29 @@ class Learner:
         """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
         t0 = time.perf_counter()
         local, loss_cfg = self._share(samples), self.cfg.loss
+        geometric = any((loss_cfg.lambda_l1, loss_cfg.lambda_giou, loss_cfg.lambda_soft_ce, loss_cfg.lambda_w1))
         seqs = self._agree(lambda: [
-            self._gt_sequence(s, self._stage1_order(s), eos_weight=loss_cfg.eos_weight,
-                              with_coords=bool(loss_cfg.lambda_l1 or loss_cfg.lambda_giou)) for s in local])
+            self._gt_sequence(s, self._stage1_order(s), eos_weight=loss_cfg.eos_weight, with_coords=geometric)
+            for s in local])
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
-            l1 = giou = None
-            if norm["coords"]:  # L1: mean over the global batch's coord positions; GIoU: over its boxes
-                l1 = giou = sup["coord_hidden"].new_zeros(())
+            # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
+            terms = {"l1_coord": (None, loss_cfg.lambda_l1), "giou_coord": (None, loss_cfg.lambda_giou),
+                     "soft_ce_coord": (None, loss_cfg.lambda_soft_ce), "w1_coord": (None, loss_cfg.lambda_w1)}
+            if norm["coords"]:
+                zero = sup["coord_hidden"].new_zeros(())
+                terms = {k: (zero, lam) for k, (_, lam) in terms.items()}
                 if sup["coord_hidden"].shape[0]:
-                    out = self._coordexp(sup["coord_hidden"])
-                    l1 = coord_l1(out.expectation, sup["coord_targets"] * NUM_BINS, reduction="sum") / norm["coords"]
-                    giou = giou_loss(out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4),
-                                     reduction="sum") / (norm["coords"] / 4)
-            return stage1_loss(self._ce(sup), l1_coord=l1, giou_coord=giou, lambda_l1=loss_cfg.lambda_l1,
-                               lambda_giou=loss_cfg.lambda_giou)
+                    out, target = self._coordexp(sup["coord_hidden"]), sup["coord_targets"]
+                    bins = (target * NUM_BINS).round()
+                    W = sup["ce_norm"]
+                    terms["l1_coord"] = (coord_l1(out.expectation, bins) / W, loss_cfg.lambda_l1)
+                    terms["giou_coord"] = (giou_loss(out.expectation.view(-1, 4), target.view(-1, 4)) / W,
+                                           loss_cfg.lambda_giou)
+                    terms["soft_ce_coord"] = (coord_soft_ce(out.logits, bins, loss_cfg.soft_ce_sigma) / W,
+                                              loss_cfg.lambda_soft_ce)
+                    terms["w1_coord"] = (coord_w1(out.logits, bins) / W, loss_cfg.lambda_w1)
+            return weighted_total(self._ce(sup), terms, "ce_all")
 
         metrics = self._train_step(seqs, losses, "stage1")
         tokens = self.dist.sum({"tokens": float(sum(len(s.input_ids) for s in seqs))})["tokens"]
@@ -126,17 +136,18 @@ class Learner:
         seqs, stats, ious = self._agree(lambda: self._stage2_sequences(local, samples))
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
+            # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
+            loss_cfg = self.cfg.loss
             geo = entropy = None
-            if norm["coords"]:  # geo: mean over the global batch's matched boxes; entropy: over coord positions
+            if norm["coords"]:
                 geo = entropy = sup["coord_hidden"].new_zeros(())
                 if sup["coord_hidden"].shape[0]:
                     out = self._coordexp(sup["coord_hidden"])
                     boxes, targets = out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4)
-                    geo = geo_loss(boxes, targets, alpha=self.cfg.loss.alpha_l1, beta=self.cfg.loss.beta_giou,
-                                   reduction="sum") / (norm["coords"] / 4)
-                    entropy = out.entropy.sum() / norm["coords"]
-            return stage2_loss(self._ce(sup), geo, entropy=entropy, lambda_geo=self.cfg.loss.lambda_geo,
-                               lambda_ent=self.cfg.loss.lambda_entropy)
+                    geo = geo_loss(boxes, targets, alpha=loss_cfg.alpha_l1, beta=loss_cfg.beta_giou) / sup["ce_norm"]
+                    entropy = out.entropy.sum() / sup["ce_norm"]
+            return weighted_total(self._ce(sup), {"geo_self": (geo, loss_cfg.lambda_geo),
+                                                  "entropy": (entropy, loss_cfg.lambda_entropy)}, "ce_gt")
 
         iou_thr = self.curriculum.at(self.stage2_steps).iou_thr
         self.stage2_steps += 1
@@ -168,22 +179,16 @@ class Learner:
                 seqs.append(self._gt_sequence(sample, canonical_order(sample.objects), image=image,
                                               eos_weight=self.cfg.loss.eos_weight, stage2=True))
                 continue
-            match = match_objects(
-                [[bin_to_unit(b) for b in o.bins] for o in row.objects],
-                [[bin_to_unit(b) for b in o.bins] for o in sample.objects],
-                [o.desc for o in row.objects], [o.desc for o in sample.objects],
-                lambda_geo=self.cfg.matching.lambda_geo, lambda_sem=params.lambda_sem,
-                overlap=self.cfg.matching.geometry, iou_thr=params.iou_thr, l1_thr=params.l1_thr,
-                semantic=self.semantic)
-            stats["matched"] += len(match.pairs)
-            stats["missed"] += len(match.unmatched_gt)
-            stats["extra"] += len(match.unmatched_pred)
-            stats["rejected"] += len(match.rejected)
-            ious += match.ious
-            seqs.append(self._self_context_sequence(row, sample, match.pairs, image))
-            reordered = reorder_gt(sample.objects, match, self.cfg.matching.missing_policy)
-            eos_weight = self.cfg.loss.extra_eos_weight if reordered.over_generated else self.cfg.loss.eos_weight
-            seqs.append(self._gt_sequence(sample, reordered.objects, image=image, eos_weight=eos_weight, stage2=True))
+            targets = stage2_targets(row.objects, sample.objects, params, self.match_settings)
+            for k, v in targets.stats.items():
+                stats[k] += v
+            ious += targets.match.ious
+            enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
+            prompt_len = enc.pop("prompt_len")
+            seqs.append(Sequence(enc, prompt_len, coord_positions=[prompt_len + p for p in targets.coord_positions],
+                                 coord_targets=targets.coord_targets))
+            seqs.append(self._gt_sequence(sample, targets.gt_objects, image=image, eos_weight=targets.eos_weight,
+                                          stage2=True))
         return seqs, stats, ious
 
     # ------------------------------------------------------------------------------------------------
@@ -234,23 +239,12 @@ class Learner:
         loss = self.cfg.loss
         coord_ce = loss.lambda_coord_ce if not stage2 or loss.lambda_coord_ce_stage2 is None else loss.lambda_coord_ce_stage2
         weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
-                                   eos_weight=eos_weight)
+                                   eos_weight=eos_weight, desc_weight=loss.desc_weight)
         seq = Sequence(enc, prompt_len, ce_weights=weights)
         if with_coords:
             bins = [self.vocab.bin_of(t) for t in enc["input_ids"].tolist()]
             seq.coord_positions = [t for t in range(prompt_len, len(bins)) if bins[t] is not None]
             seq.coord_targets = [bin_to_unit(bins[t]) for t in seq.coord_positions]
-        return seq
-
-    def _self_context_sequence(self, row: RolloutRow, sample: Sample, pairs: list[tuple[int, int]],
-                               image: Image.Image) -> Sequence:
-        """SPEC 7.1: the rollout as context; matched coord positions move toward their GT boxes."""
-        enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
-        seq = Sequence(enc, enc.pop("prompt_len"))
-        prompt_len = seq.prompt_len
-        for i, j in pairs:
-            seq.coord_positions += [prompt_len + p for p in row.objects[i].coord_positions]
-            seq.coord_targets += [bin_to_unit(b) for b in sample.objects[j].bins]
         return seq
 
     def _check_prompt(self, row: RolloutRow, sample: Sample, image: Image.Image) -> None:
@@ -374,15 +368,20 @@ class Learner:
         return path
 
 
-def _lr_lambda(cfg: Config, total_steps: int):
-    warmup, schedule = cfg.optim.warmup_steps, cfg.optim.schedule
+def _lr_lambda(cfg: Config):
+    """Multiplier of optim.lr at each optimizer step: Stage-1 warms up, then follows a cosine to 10 % at
+    its last step; Stage-2 runs at its own constant ``stage2.lr``."""
+    warmup, schedule, stage1_steps = cfg.optim.warmup_steps, cfg.optim.schedule, max(1, cfg.stage1.steps)
+    stage2_factor = cfg.stage2.lr / cfg.optim.lr if cfg.optim.lr else 0.0
 
     def factor(step: int) -> float:
+        if step >= cfg.stage1.steps:
+            return stage2_factor
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        frac = min(1.0, (step - warmup) / max(1, stage1_steps - warmup))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine down to 10%
 
     return factor

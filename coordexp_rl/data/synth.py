@@ -57,6 +57,8 @@ class SynthConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 0 < self.min_size <= self.max_size <= 1:
             raise ValueError(f"need 0 < min_size <= max_size <= 1, got {self.min_size}, {self.max_size}")
+        if not 0 <= self.edge_prob <= 1:
+            raise ValueError(f"edge_prob {self.edge_prob} must be in [0, 1]")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background {self.background!r} is not one of {BACKGROUNDS}")
         unknown = [s for s in self.shapes if s not in SHAPES] + [c for c in self.colours if c not in COLOURS]

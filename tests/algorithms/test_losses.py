@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from coordexp_rl.coords import CoordVocab
-from coordexp_rl.losses import (box_iou, coord_l1, generalized_box_iou, geo_loss, giou_loss, l1_box_loss,
-                                paired_iou, position_weights, stage1_loss, stage2_loss, weighted_token_ce)
+from coordexp_rl.losses import (box_iou, coord_l1, coord_soft_ce, coord_w1, generalized_box_iou, geo_loss, giou_loss,
+                                l1_box_loss, paired_iou, position_weights, weighted_token_ce, weighted_total)
 
 
 def naive_ce(hidden, W, targets, weights, bias=None):
@@ -123,6 +123,17 @@ def test_position_weights_by_hand():
         position_weights([1, 2], VOCAB, prompt_len=9)
 
 
+def test_desc_weight_covers_exactly_the_description_tokens():
+    #      prompt | <obj> <desc> red  sq  </desc> <box> c c c c </box> </obj> <obj> <desc> cat </desc> ... eos
+    ids = [7, 7, 1, 3, 50, 51, 4, 5, 110, 310, 410, 705, 6, 2, 1, 3, 52, 4, 5, 100, 100, 200, 200, 6, 2, 9]
+    w = position_weights(ids, VOCAB, prompt_len=2, lambda_coord_ce=1.0, desc_weight=4.0)
+    obj1 = [1, 1, 4, 4, 1, 1, 2, 2, 2, 2, 1, 1]
+    obj2 = [1, 1, 4, 1, 1, 2, 2, 2, 2, 1, 1]
+    assert w.tolist() == [0, 0, *obj1, *obj2, 1]
+    # None keeps the text weight on descriptions (the old behaviour)
+    assert position_weights(ids, VOCAB, prompt_len=2)[4].item() == 1.0
+
+
 # ---- boxes ---------------------------------------------------------------------------------------------
 
 
@@ -148,10 +159,18 @@ def test_pairwise_shapes_and_values():
     torch.testing.assert_close(paired_iou(a, b[[1, 2]]), torch.tensor([1 / 3, 1.0]), atol=1e-5, rtol=0)
 
 
-def test_inverted_box_is_sorted_and_gradient_is_finite():
+def test_inverted_box_counts_as_empty_and_its_gradient_uninverts():
     gt = torch.tensor([[0.2, 0.2, 0.4, 0.4]])
     inverted = torch.tensor([[0.4, 0.4, 0.2, 0.2]], requires_grad=True)
-    assert giou_loss(inverted, gt).item() == pytest.approx(0.0, abs=1e-5)
+    # Evaluation gives an inverted box IoU 0: here area 0, IoU 0, hull = gt -> GIoU 0; loss 1 + depth 0.4
+    assert box_iou(inverted.detach(), gt).item() == 0.0
+    loss = giou_loss(inverted, gt)
+    assert loss.item() == pytest.approx(1.0 + 0.2 + 0.2, abs=1e-5)
+    loss.backward()
+    # x1 (0.4) must move left and x2 (0.2) right: d loss / d x1 > 0, d loss / d x2 < 0 (same for y)
+    gx1, gy1, gx2, gy2 = inverted.grad[0].tolist()
+    assert gx1 > 0 and gy1 > 0 and gx2 < 0 and gy2 < 0
+    # a sorted-coordinates GIoU would have called this box perfect (loss 0) and locked it in
     collapsed = torch.tensor([[0.3, 0.3, 0.3, 0.3]], requires_grad=True)  # zero area
     loss = geo_loss(collapsed, gt)
     loss.backward()
@@ -179,21 +198,58 @@ def test_coord_l1():
     assert coord_l1(c, torch.tensor([120, 500])).item() == pytest.approx(0.02)
 
 
-def test_stage_combiners():
-    total, terms = stage1_loss(torch.tensor(2.0), ce_coord=torch.tensor(1.0), l1_coord=torch.tensor(0.5),
-                               lambda_coord_ce=0.5, lambda_l1=2.0)
-    assert total.item() == pytest.approx(2.0 + 0.5 + 1.0)
-    assert terms == {"ce_all": 2.0, "ce_coord": 1.0, "l1_coord": 0.5, "giou_coord": 0.0, "total": 3.5}
-    total, terms = stage1_loss(torch.tensor(2.0), l1_coord=torch.tensor(0.5), giou_coord=torch.tensor(0.25),
-                               lambda_l1=2.0, lambda_giou=4.0)
-    assert total.item() == pytest.approx(2.0 + 1.0 + 1.0) and terms["giou_coord"] == 0.25
+def test_weighted_total():
     ce = torch.tensor(1.0, requires_grad=True)
     geo = torch.tensor(0.4, requires_grad=True)
-    total, terms = stage2_loss(ce, geo, entropy=torch.tensor(3.0), lambda_geo=2.0, lambda_ent=0.1)
+    total, terms = weighted_total(ce, {"geo": (geo, 2.0), "ent": (torch.tensor(3.0), 0.1), "w1": (None, 5.0),
+                                       "off": (torch.tensor(9.0), 0.0)}, "ce_gt")
     assert total.item() == pytest.approx(1.0 + 0.8 + 0.3)
-    assert terms["ce_coord"] == 0.0 and terms["total"] == pytest.approx(2.1)
+    assert terms == pytest.approx({"ce_gt": 1.0, "geo": 0.4, "ent": 3.0, "w1": 0.0, "off": 9.0, "total": 2.1})
     total.backward()
-    assert geo.grad.item() == pytest.approx(2.0)
+    assert geo.grad.item() == pytest.approx(2.0) and ce.grad.item() == 1.0
+
+
+def test_soft_ce_by_hand():
+    # K = 3 bins, target bin 1, sigma 1: q = [e^-.5, 1, e^-.5] / (1 + 2 e^-.5)
+    e = math.exp(-0.5)
+    q = [e / (1 + 2 * e), 1 / (1 + 2 * e), e / (1 + 2 * e)]
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0]])  # p = [1/4, 1/2, 1/4]
+    expected = q[0] * math.log(4) + q[1] * math.log(2) + q[2] * math.log(4)
+    assert coord_soft_ce(logits, torch.tensor([1]), sigma=1.0).item() == pytest.approx(expected, rel=1e-5)
+    # its minimum is the soft target itself (CE >= entropy of q), below a one-hot peak and a uniform guess
+    at_q = coord_soft_ce(torch.tensor([q]).log(), torch.tensor([1]), 1.0)
+    entropy_q = -sum(x * math.log(x) for x in q)
+    assert at_q.item() == pytest.approx(entropy_q, rel=1e-5)
+    for other in (torch.tensor([[-5.0, 5.0, -5.0]]), torch.zeros(1, 3)):
+        assert at_q < coord_soft_ce(other, torch.tensor([1]), 1.0)
+    # a tiny sigma tends to the hard CE
+    hard = -torch.log_softmax(logits, -1)[0, 1].item()
+    assert coord_soft_ce(logits, torch.tensor([1]), sigma=0.05).item() == pytest.approx(hard, rel=1e-5)
+    with pytest.raises(ValueError, match="sigma"):
+        coord_soft_ce(logits, torch.tensor([1]), sigma=0.0)
+
+
+def test_w1_by_hand_and_against_l1_of_the_expectation():
+    # p = [0.25, 0.5, 0.25] over bins 0..2, target bin 0: W1 = (0.5 * 1 + 0.25 * 2) / 1000
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0]], requires_grad=True)
+    w1 = coord_w1(logits, torch.tensor([0]))
+    assert w1.item() == pytest.approx(1.0 / 1000, rel=1e-5)
+    w1.backward()
+    assert logits.grad[0, 0] < 0 < logits.grad[0, 2]  # mass moves toward the target bin
+    # two peaks around the target: the expectation sits on it (L1 0), W1 charges the spread
+    two = torch.tensor([[0.0, -1e4, 0.0]])
+    assert coord_w1(two, torch.tensor([1])).item() == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_sum_normalisation_hand_worked_two_objects():
+    """SPEC 12's two objects as the learner weighs them: every term summed, one divisor W (losses.py)."""
+    # Per object: 2 desc tokens x desc_weight 4 + 6 structure x 1 + 4 coords x (1 + 1); then eos 1 once.
+    ids = [7, 1, 3, 50, 51, 4, 5, 210, 310, 410, 705, 6, 2, 1, 3, 52, 53, 4, 5, 620, 385, 990, 760, 6, 2, 9]
+    w = position_weights(ids, VOCAB, prompt_len=1, lambda_coord_ce=1.0, desc_weight=4.0)
+    assert w.sum().item() == 2 * (2 * 4 + 6 + 4 * 2) + 1 == 45
+    # With CE nll 1 at every supervised token, L1 0.01 per coordinate and 1 - GIoU 0.1 per box:
+    # L = (45 + lambda_L1 * 8 * 0.01 + lambda_GIoU * 2 * 0.1) / 45, i.e. at the defaults 8 / 16:
+    assert (45 + 8 * 0.08 + 16 * 0.2) / 45 == pytest.approx(1.0853, abs=1e-4)
 
 
 def test_bf16_inputs_give_fp32_loss_close_to_fp32_reference():

@@ -41,14 +41,24 @@ def test_misses_are_appended_in_gt_order_or_dropped():
 
 def test_extras_flag_over_generation():
     far = [0.95, 0.95, 0.99, 0.99]
-    # three predictions for two GT: one extra, even though both GT are found
+    # three predictions for two GT: the rollout has more objects than the GT -> extra end-of-turn weight
     m = match_objects([unit(DOG), far, unit(CAT)], [unit(CAT), unit(DOG)])
     r = reorder_gt([CAT, DOG], m)
-    assert r.objects == [DOG, CAT] and r.num_extras == 1 and r.over_generated
-    # a hallucination with fewer predictions than GT is also an extra; the rejected GT is a completion
+    assert r.objects == [DOG, CAT] and r.over_generated
+    # one bad prediction for two GT is not over-generation: it is assigned (to the nearer dog) and gated
+    # out, the dog keeps the prediction's place, the unassigned cat is a completion
     m = match_objects([far], [unit(CAT), unit(DOG)])
+    assert m.pairs == [] and m.rejected == [(0, 1)]
     r = reorder_gt([CAT, DOG], m)
-    assert r.objects == [CAT, DOG] and r.over_generated and r.num_completions == 2
+    assert r.objects == [DOG, CAT] and not r.over_generated and r.num_completions == 1
+
+
+def test_gated_out_pair_keeps_its_place():
+    """SPEC 7.2 step 11 places GT j at position i for every assigned pair; the gate only guards Path A."""
+    off = [b / 1000 for b in (400, 20, 700, 110)]  # assigned to the cup (IoU 0) but gated out
+    m = match_objects([off, unit(CAT)], [unit(CUP), unit(CAT)], iou_thr=0.5, l1_thr=0.02)
+    assert m.pairs == [(1, 1)] and m.rejected == [(0, 0)]
+    assert reorder_gt([CUP, CAT], m).objects == [CUP, CAT]  # not [CAT, CUP]
 
 
 def test_empty_rollout_and_errors():

@@ -9,7 +9,7 @@ from coordexp_rl.config import load_config
 from coordexp_rl.coords import bin_to_unit
 from coordexp_rl.data.loader import load_image, load_samples
 from coordexp_rl.modeling.inputs import encode_prompt
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.protocol import BoxObject, build_assistant_ids, canonical_order, parse_ids
 from coordexp_rl.rollout_schema import RolloutRow
 from learner.learner import Learner, PromptMismatchError
 
@@ -40,12 +40,25 @@ def test_stage1_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, samples):
     assert learner.step == 6
 
 
-def test_stage1_giou_term_is_the_mean_over_gt_boxes(tiny_model_dir, samples):
-    """loss.lambda_giou adds (1 - GIoU) of the CoordExp boxes, averaged over the batch's GT boxes."""
-    learner = make_learner(tiny_model_dir, "loss.lambda_l1=0", "loss.lambda_giou=1.0", "optim.lr=0")
+def test_stage1_terms_are_sums_over_the_batch_ce_weight(tiny_model_dir, samples):
+    """Every Stage-1 term is summed over the batch and divided by one number, its CE weight W."""
+    learner = make_learner(tiny_model_dir, "loss.lambda_l1=0", "loss.lambda_giou=1.0", "loss.lambda_w1=0.5",
+                           "optim.lr=0")
+    W = sum(float(learner._gt_sequence(s, s.objects, eos_weight=1.0).ce_weights[1:].sum()) for s in samples)
+    boxes = sum(len(s.objects) for s in samples)
     m = learner.stage1_step(samples)
-    assert 0 < m["loss/giou_coord"] <= 2 and m["loss/l1_coord"] > 0
-    assert m["loss/total"] == pytest.approx(m["loss/ce_all"] + m["loss/giou_coord"], rel=1e-5)
+    assert 0 < m["loss/giou_coord"] * W <= 2 * boxes + 4 * boxes  # 1 - GIoU <= 2, inversion <= 2 (x and y)
+    assert 0 < m["loss/w1_coord"] * W <= 4 * boxes and m["loss/l1_coord"] > 0
+    assert m["loss/total"] == pytest.approx(m["loss/ce_all"] + m["loss/giou_coord"] + 0.5 * m["loss/w1_coord"],
+                                            rel=1e-5)
+
+
+def test_stage2_runs_at_its_own_learning_rate(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-3", "stage1.steps=3", "stage2.lr=4e-4")
+    lrs = [learner.stage1_step(samples)["lr"] for _ in range(3)]
+    assert lrs[0] < 1e-3 and lrs[-1] == pytest.approx(4e-4)  # the cosine ends, Stage-2's own lr begins
+    row = rollout_of(learner, samples[0], samples[0].objects)
+    assert learner.stage2_step([row], {samples[0].sample_id: samples[0]})["lr"] == pytest.approx(4e-4)
 
 
 def test_stage2_coord_ce_weight_is_its_own_knob(tiny_model_dir, samples):
@@ -66,8 +79,13 @@ def test_self_context_supervises_matched_coord_positions_toward_gt(tiny_model_di
     shifted = [BoxObject(o.desc, tuple(min(999, b + 10) for b in o.bins)) for o in reversed(sample.objects)]
     row = rollout_of(learner, sample, shifted)
     n = len(sample.objects)
-    pairs = [(i, n - 1 - i) for i in range(n)]  # prediction i is GT n-1-i
-    seq = learner._self_context_sequence(row, sample, pairs, load_image(sample))
+    canonical = canonical_order(sample.objects)
+    pairs = [(i, canonical.index(sample.objects[n - 1 - i])) for i in range(n)]  # prediction i is GT n-1-i
+    seq, reordered = learner._stage2_sequences([row], {sample.sample_id: sample})[0]
+    assert seq.ce_weights is None  # the self-context forward carries no CE (Path B is the reordered GT)
+    # Path B: the GT in the rollout's order, i.e. reversed here
+    expected = build_assistant_ids([canonical[j] for _, j in pairs], learner.tokenizer, learner.vocab)
+    assert reordered.input_ids[reordered.prompt_len:reordered.prompt_len + len(expected)].tolist() == expected
     prompt_len = len(row.prompt_ids)
     assert seq.prompt_len == prompt_len
     assert seq.input_ids.tolist() == row.prompt_ids + row.generated_ids
@@ -75,7 +93,7 @@ def test_self_context_supervises_matched_coord_positions_toward_gt(tiny_model_di
     for k, (i, j) in enumerate(pairs):
         positions = seq.coord_positions[4 * k: 4 * k + 4]
         assert [learner.vocab.bin_of(int(seq.input_ids[p])) for p in positions] == list(shifted[i].bins)
-        assert seq.coord_targets[4 * k: 4 * k + 4] == [bin_to_unit(b) for b in sample.objects[j].bins]
+        assert seq.coord_targets[4 * k: 4 * k + 4] == [bin_to_unit(b) for b in canonical[j].bins]
 
 
 def test_stage2_step_matches_and_sends_finite_gradients_to_coord_rows(tiny_model_dir, samples):
