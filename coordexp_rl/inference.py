@@ -6,12 +6,14 @@ Lines are appended and flushed as they complete; a rerun skips records already i
 ``sample_id``) and first repairs a last line cut short by a crash.
 
 Each line: the contract fields (``images``, ``width``, ``height``, ``objects`` with ``desc``, pixel
-``bbox_2d``, ``score``, ``score_desc``) plus ``sample_id``, ``parse_status``, ``parse_reasons``,
+``bbox_2d``, ``score``, ``score_desc``, ``score_object``) plus ``sample_id``, ``parse_status``, ``parse_reasons``,
 ``finish_reason`` and ``num_tokens``.
 
 Scores: ``score`` is the mean probability of the object's 4 coord tokens, ``score_desc`` the mean
-probability of its description tokens; both from the engine's raw log-probs (with greedy decoding that is
-the model's own probability of the token it chose). ``--score constant`` writes 1.0 for both.
+probability of its description tokens, ``score_object`` the product of the probabilities of its description
+and coord tokens (the model's probability of writing this description with this box, so a box under a
+doubtful name ranks low); all from the engine's raw log-probs (with greedy decoding that is the model's own
+probability of the token it chose). ``--score constant`` writes 1.0 for all three.
 
 Decodes: ``discrete`` reads the bins (``k / 1000``); ``coordexp`` runs one teacher-forced forward of the
 HF model on prompt + generated ids and takes the CoordExp expectation at each coord position.
@@ -62,6 +64,16 @@ def mean_prob(logprobs: Sequence[float], positions: Iterable[int]) -> float | No
     return sum(probs) / len(probs) if probs else None
 
 
+def joint_prob(logprobs: Sequence[float], positions: Iterable[int]) -> float | None:
+    """``exp(sum logprobs[t])`` over ``positions``: the probability of all those tokens together.
+
+    >>> joint_prob([math.log(0.5), 0.0, math.log(0.25)], [0, 2])
+    0.125
+    """
+    positions = list(positions)
+    return math.exp(sum(logprobs[t] for t in positions)) if positions else None
+
+
 def desc_positions(ids: Sequence[int], obj: ParsedObject, vocab: CoordVocab) -> range:
     """Positions of the description text tokens of a parsed object (between <desc> and </desc>).
 
@@ -76,9 +88,9 @@ def desc_positions(ids: Sequence[int], obj: ParsedObject, vocab: CoordVocab) -> 
 
 
 def object_record(obj: ParsedObject, box_px: Sequence[float], score: float | None,
-                  score_desc: float | None) -> dict:
+                  score_desc: float | None, score_object: float | None = None) -> dict:
     return {"desc": obj.desc, "bbox_2d": [round(float(v), 3) for v in box_px],
-            "score": score, "score_desc": score_desc}
+            "score": score, "score_desc": score_desc, "score_object": score_object}
 
 
 def prediction_record(sample: Sample, result, parsed: ParseResult, vocab: CoordVocab, *,
@@ -95,11 +107,13 @@ def prediction_record(sample: Sample, result, parsed: ParseResult, vocab: CoordV
             x1, y1, x2, y2 = unit_boxes[i]
             box = (x1 * sample.width, y1 * sample.height, x2 * sample.width, y2 * sample.height)
         if score_mode == "constant":
-            score, score_desc = 1.0, 1.0
+            score = score_desc = score_object = 1.0
         else:
+            desc = desc_positions(result.generated_ids, obj, vocab)
             score = mean_prob(result.logprobs, obj.coord_positions)
-            score_desc = mean_prob(result.logprobs, desc_positions(result.generated_ids, obj, vocab))
-        objects.append(object_record(obj, box, score, score_desc))
+            score_desc = mean_prob(result.logprobs, desc)
+            score_object = joint_prob(result.logprobs, [*desc, *obj.coord_positions])
+        objects.append(object_record(obj, box, score, score_desc, score_object))
     return {
         "images": [sample.image_rel], "width": sample.width, "height": sample.height, "objects": objects,
         "sample_id": sample.sample_id, "parse_status": parsed.status, "parse_reasons": parsed.reasons,

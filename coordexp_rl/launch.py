@@ -272,7 +272,7 @@ class Driver:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
         gt_records, pred_records = pair_records(gts, preds)
-        metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob"))
+        metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob", "object_prob"))
         # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
         write_outputs(metrics, gt_records, pred_records, folder, self.assets.image_root or self.assets.val_path.parent)
         headline = summary(metrics)
@@ -309,8 +309,10 @@ class Driver:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    cols = [("mAP", "constant/mAP"), ("AP50", "constant/AP50"), ("AP50 (coord prob)", "coord_prob/AP50"),
-            ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou"), ("parse failures", "parse_failure_rate")]
+    cols = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "object_prob/mAP"),
+            ("AP50 (constant)", "constant/AP50"), ("AP50 (coord prob)", "coord_prob/AP50"), ("F1@0.5", "f1@0.5/f1"),
+            ("mean IoU", "mean_iou"), ("mean IoU (class-agnostic)", "mean_iou_class_agnostic"),
+            ("parse failures", "parse_failure_rate")]
     lines = ["| after | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, r in results.items():
         cells = (r.get(k) for _, k in cols)

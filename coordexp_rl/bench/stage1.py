@@ -59,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
                 continue
             engine = HFEngine(EngineConfig(model_path=str(learner.export_pretrained(Path(tmp) / "model")), kind="hf"))
             preds = list(predict(engine, val, cfg.data.prompt, batch_size=16, max_new_tokens=cfg.rollout.max_new_tokens))
-            head = summary(evaluate(gts, preds, score_modes=("constant", "coord_prob")))
+            head = summary(evaluate(gts, preds, score_modes=("constant", "coord_prob", "object_prob")))
             recent = losses[-min(len(losses), 100):]
             print(json.dumps({
                 "step": i + 1, "train_s": round(train_s, 1), "s_per_step": round(train_s / (i + 1), 4),
                 "loss": round(sum(recent) / len(recent), 4),
                 **{k: None if head.get(k) is None else round(head[k], 4) for k in (
-                    "constant/AP50", "coord_prob/AP50", "constant/mAP", "f1@0.5/f1", "f1_class_agnostic",
-                    "mean_iou", "parse_failure_rate")}}), flush=True)
+                    "constant/AP50", "coord_prob/AP50", "object_prob/AP50", "constant/mAP", "object_prob/mAP",
+                    "f1@0.5/f1", "f1_class_agnostic", "mean_iou", "mean_iou_class_agnostic", "parse_failure_rate")}}), flush=True)
     print(f"[bench stage1] {cfg.stage1.steps} steps; config overrides {args.overrides}", file=sys.stderr)
     return 0

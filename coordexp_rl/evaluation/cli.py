@@ -24,12 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the GT file's folder)")
     parser.add_argument("--overlays", type=int, default=8, help="number of images to draw boxes on (0: none)")
     parser.add_argument("--iou-thr", type=float, default=0.5, help="IoU threshold of F1 matching")
-    parser.add_argument("--score-modes", default=",".join(SCORE_MODES),
-                        help=f"comma-separated COCO score modes from {SCORE_MODES}")
+    parser.add_argument("--score-modes", default=None,
+                        help=f"comma-separated COCO score modes from {SCORE_MODES} (default: constant plus every "
+                             "mode whose score field the predictions carry)")
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = tuple(m.strip() for m in args.score_modes.split(",") if m.strip())
+    modes = tuple(m.strip() for m in (args.score_modes or ",".join(SCORE_MODES)).split(",") if m.strip())
     bad = [m for m in modes if m not in SCORE_MODES]
     if bad:
         print(f"error: unknown --score-modes {bad}; choose from {SCORE_MODES}", file=sys.stderr)
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         gt_raw, pred_raw = load_jsonl(args.gt), load_jsonl(args.pred)
         gts, preds = pair_records(gt_raw, pred_raw)
+        if args.score_modes is None:
+            modes = tuple(m for m in modes if m == "constant" or _carries(preds, m))
         metrics = evaluate_paired(gts, preds, args.iou_thr, modes)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -48,3 +51,9 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(metrics, gts, preds, args.out, root, args.overlays)
     print(json.dumps(summary(metrics), indent=2))
     return 0
+
+
+def _carries(preds, mode: str) -> bool:
+    """Every predicted object has the score ``mode`` reads (vacuously true without objects)."""
+    scores = [s for p in preds for s in (p.object_scores if mode == "object_prob" else p.scores)]
+    return all(s is not None for s in scores)

@@ -34,7 +34,8 @@ from coordexp_rl.evaluation.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES = ("constant", "coord_prob")
+SCORE_MODES = ("constant", "coord_prob", "object_prob")
+SCORE_FIELDS = {"coord_prob": "score", "object_prob": "score_object"}  # the prediction field each mode reads
 
 
 @dataclass
@@ -78,9 +79,11 @@ def build_coco_inputs(gts: list[ImageRecord], preds: list[ImageRecord], score_mo
     unmatched = 0
     for i, (g, p) in enumerate(zip(gts, preds)):
         overlaps = iou_matrix(p.boxes, g.boxes)  # (P, G)
-        for j, (box, desc, score) in enumerate(zip(p.boxes, p.descs, p.scores)):
-            if score_mode == "coord_prob" and score is None:
-                raise ValueError(f"{p.where} objects[{j}]: no 'score' for score mode 'coord_prob'")
+        scores = p.object_scores if score_mode == "object_prob" else p.scores
+        for j, (box, desc, score) in enumerate(zip(p.boxes, p.descs, scores)):
+            if score_mode != "constant" and score is None:
+                raise ValueError(f"{p.where} objects[{j}]: no {SCORE_FIELDS[score_mode]!r} for score mode "
+                                 f"{score_mode!r}")
             det_score = 1.0 if score_mode == "constant" else float(score)
             det = {"image_id": 2 * i + 1, "bbox": _xywh(box), "score": det_score}
             if desc in cat_id:

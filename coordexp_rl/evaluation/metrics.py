@@ -37,6 +37,8 @@ NOTES = {
     "constant": "every box scored 1.0; COCO ranks ties in input order (stable sort: image, then output "
                 "order), so this AP depends on the order the model wrote its objects",
     "coord_prob": "box score = mean probability of its 4 coord tokens (the 'score' field)",
+    "object_prob": "box score = probability of its description and coord tokens together (the 'score_object' "
+                   "field): a box under a doubtful name ranks low",
     "unmatched_desc": "a prediction whose normalised description is no GT category is a false positive: "
                       "charged to the category of the GT box it overlaps most (else the most similar GT "
                       "name) on a shadow image without GT, so it lowers precision and can never match",
@@ -67,7 +69,7 @@ def evaluate_paired(
         inputs = build_coco_inputs(gts, preds, mode)
         coco[mode] = run_cocoeval(inputs, backend="faster")
         unmatched_boxes = inputs.unmatched_desc_boxes
-    per_image, pairs_tp, agnostic, loc_ious = [], [], Counter(), []
+    per_image, pairs_tp, agnostic, loc_ious, agnostic_ious = [], [], Counter(), [], []
     tp_by_desc: Counter = Counter()
     for g, p in zip(gts, preds):
         tp_pairs = category_matches(g, p, iou_thr)
@@ -75,7 +77,9 @@ def evaluate_paired(
         for _, j, _ in tp_pairs:
             tp_by_desc[g.descs[j]] += 1
         loc_ious += [iou for _, _, iou in category_matches(g, p, ANY_OVERLAP)]
-        agnostic["tp"] += len(match_one_to_one(iou_matrix(p.boxes, g.boxes), iou_thr))
+        ious = iou_matrix(p.boxes, g.boxes)
+        agnostic["tp"] += len(match_one_to_one(ious, iou_thr))
+        agnostic_ious += [iou for _, _, iou in match_one_to_one(ious, ANY_OVERLAP)]
         per_image.append({"image": g.image, "gt": len(g.boxes), "pred": len(p.boxes), "tp": len(tp_pairs),
                           "recall": _ratio(len(tp_pairs), len(g.boxes)), "parse_status": p.parse_status})
     n_gt = sum(len(g.boxes) for g in gts)
@@ -92,6 +96,7 @@ def evaluate_paired(
         "f1": prf(len(pairs_tp), n_pred, n_gt),
         "f1_class_agnostic": prf(agnostic["tp"], n_pred, n_gt),
         "mean_iou": _mean(loc_ious),
+        "mean_iou_class_agnostic": _mean(agnostic_ious),
         "mean_iou_tp": _mean(tp_iou),
         "iou_histogram": {"edges": HIST_EDGES, "counts": np.histogram(loc_ious, bins=HIST_EDGES)[0].tolist()},
         "parse": parse_summary(preds),

@@ -38,6 +38,7 @@ class ImageRecord:
     descs: list[str]  # normalised (see normalise_desc)
     raw_descs: list[str]
     scores: list[float | None] = field(default_factory=list)  # predictions only
+    object_scores: list[float | None] = field(default_factory=list)  # predictions: 'score_object' (desc x box)
     parse_status: str = "ok"
     parse_reasons: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # "FILE line N", for error messages
@@ -125,11 +126,16 @@ def to_image_record(rec: dict[str, Any], *, is_pred: bool, index: int = 0) -> Im
         out.boxes.append(object_box(obj, width, height, owhere))
         out.raw_descs.append(obj["desc"])
         out.descs.append(normalise_desc(obj["desc"]))
-        score = obj.get("score")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-            raise ValueError(f"{owhere}: 'score' must be a number, got {score!r}")
-        out.scores.append(None if score is None else float(score))
+        out.scores.append(_optional_number(obj, "score", owhere))
+        out.object_scores.append(_optional_number(obj, "score_object", owhere))
     return out
+
+
+def _optional_number(obj: dict[str, Any], key: str, where: str) -> float | None:
+    value = obj.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{where}: {key!r} must be a number, got {value!r}")
+    return None if value is None else float(value)
 
 
 def pair_records(

@@ -18,6 +18,7 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
         out[f"f1@{metrics['iou_threshold']}/{key}"] = metrics["f1"][key]
     out["f1_class_agnostic"] = metrics["f1_class_agnostic"]["f1"]
     out["mean_iou"] = metrics["mean_iou"]
+    out["mean_iou_class_agnostic"] = metrics["mean_iou_class_agnostic"]
     out["parse_failure_rate"] = metrics["parse"]["failure_rate"]
     out["duplicate_rate"] = metrics["duplicate_rate"]
     out["unmatched_desc_rate"] = metrics["unmatched_desc"]["rate"]
@@ -55,7 +56,8 @@ def render_markdown(metrics: dict[str, Any], images: dict[str, str] | None = Non
                      f"{r['tp']} | {r['fp']} | {r['fn']} |")
     p = m["parse"]
     lines += ["", f"- {m['notes']['matching']}",
-              f"- mean IoU of matched pairs: {_fmt(m['mean_iou'])} (true positives only: {_fmt(m['mean_iou_tp'])})",
+              f"- mean IoU of matched pairs: {_fmt(m['mean_iou'])} (true positives only: {_fmt(m['mean_iou_tp'])}; "
+              f"class-agnostic, descriptions ignored: {_fmt(m['mean_iou_class_agnostic'])})",
               f"- parse: {p['ok']} ok, {p['partial']} partial, {p['failed']} failed "
               f"(failure rate {_fmt(p['failure_rate'])}; failed outputs count as empty predictions)",
               f"- duplicate rate: {_fmt(m['duplicate_rate'])}; predictions with an unknown description: "

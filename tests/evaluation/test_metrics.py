@@ -141,3 +141,28 @@ def test_missing_score_fails_in_coord_prob_mode_only():
     with pytest.raises(ValueError, match=r"objects\[0\]: no 'score'"):
         evaluate(gt, pred)
     assert evaluate(gt, pred, score_modes=("constant",))["coco"]["constant"]["mAP"] == pytest.approx(1.0)
+
+
+def test_object_prob_mode_ranks_by_the_description_and_box_probability():
+    # Two images; the wrongly-named box is the confident one by coord probability, but its name was doubtful.
+    gt = [gt_rec("a.png", [("cat", [0, 0, 10, 10])]), gt_rec("b.png", [("dog", [0, 0, 10, 10])])]
+    pred = [{"images": ["a.png"], "width": 100, "height": 100, "objects": [
+                {"desc": "cat", "bbox_2d": [0, 0, 10, 10], "score": 0.5, "score_object": 0.4}]},
+            {"images": ["b.png"], "width": 100, "height": 100, "objects": [
+                {"desc": "cat", "bbox_2d": [0, 0, 10, 10], "score": 0.9, "score_object": 0.05},
+                {"desc": "dog", "bbox_2d": [50, 50, 60, 60], "score": 0.8, "score_object": 0.3}]}]
+    m = evaluate(gt, pred, score_modes=("coord_prob", "object_prob"))
+    # cat category: the TP (a.png) ranks above the false "cat" on b.png only under object_prob
+    assert m["coco"]["object_prob"]["AP50"] > m["coco"]["coord_prob"]["AP50"]
+    with pytest.raises(ValueError, match=r"no 'score_object' for score mode 'object_prob'"):
+        evaluate(gt, [pred_rec("a.png", [("cat", [0, 0, 10, 10], 0.5)]), pred_rec("b.png", [])],
+                 score_modes=("object_prob",))
+
+
+def test_class_agnostic_mean_iou_ignores_the_names():
+    # right box, wrong name: no class-matched pair at all, but a class-agnostic IoU of 1
+    gt = [gt_rec("a.png", [("cat", [0, 0, 10, 10]), ("dog", [50, 50, 60, 60])])]
+    pred = [pred_rec("a.png", [("dog", [0, 0, 10, 10], 0.9), ("dog", [52, 50, 62, 60], 0.9)])]
+    m = evaluate(gt, pred)
+    assert m["mean_iou"] == pytest.approx(2 / 3)  # only dog-dog is a class-matched pair
+    assert m["mean_iou_class_agnostic"] == pytest.approx((1.0 + 2 / 3) / 2)

@@ -111,6 +111,7 @@ def test_vllm_predictions_equal_hf(taught_dir, samples, hf_engine, hf_preds):
         for vo, ho in zip(v["objects"], h["objects"]):
             assert vo["score"] == pytest.approx(ho["score"], abs=1e-4)
             assert vo["score_desc"] == pytest.approx(ho["score_desc"], abs=1e-4)
+            assert vo["score_object"] == pytest.approx(ho["score_object"], abs=1e-4)
     hf_cont = list(predict(hf_engine, samples, PROMPT, max_new_tokens=20, decode="coordexp"))
     for v, h in zip(cont, hf_cont):
         assert v["objects"][0]["bbox_2d"] == pytest.approx(h["objects"][0]["bbox_2d"], abs=2e-3)

@@ -59,6 +59,10 @@ def test_bins_become_pixels_and_scores_are_mean_token_probs(tok_vocab):
     assert rec["objects"][1]["score"] == pytest.approx(0.5)
     assert rec["objects"][0]["score_desc"] == pytest.approx(0.4)
     assert rec["objects"][1]["score_desc"] == pytest.approx(0.2)
+    # score_object: every description token's and coord token's probability multiplied
+    n_desc = [len(desc_positions(ids, o, vocab)) for o in parse_ids(ids, tok, vocab).objects]
+    assert rec["objects"][0]["score_object"] == pytest.approx(0.4 ** n_desc[0] * 0.9 * 0.8 * 0.7 * 0.6)
+    assert rec["objects"][1]["score_object"] == pytest.approx(0.2 ** n_desc[1] * 0.5 ** 4)
     assert rec["parse_status"] == "ok" and rec["parse_reasons"] == {}
     assert rec["sample_id"] == "s0" and rec["finish_reason"] == "stop" and rec["num_tokens"] == len(ids)
     assert (rec["images"], rec["width"], rec["height"]) == (["images/a.png"], 200, 100)
@@ -70,7 +74,7 @@ def test_constant_score_mode_writes_one(tok_vocab):
     ids = build_assistant_ids(OBJECTS, tok, vocab)
     rec = prediction_record(sample(), hand_made(tok, vocab, ids), parse_ids(ids, tok, vocab), vocab,
                             score_mode="constant")
-    assert [(o["score"], o["score_desc"]) for o in rec["objects"]] == [(1.0, 1.0), (1.0, 1.0)]
+    assert [(o["score"], o["score_desc"], o["score_object"]) for o in rec["objects"]] == [(1.0, 1.0, 1.0)] * 2
 
 
 def test_unit_boxes_replace_the_bins(tok_vocab):
