@@ -176,6 +176,13 @@ def default_decoder(engine) -> DecoderModel:
                      "DecoderModel(*load_model_and_processor(DIR)) (the HF model of the same weights)")
 
 
+def evaluation_sampling(max_new_tokens: int):
+    """How evaluation decodes: greedy, no penalty (rollouts decode the same way by default)."""
+    from actors.engine import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=max_new_tokens)
+
+
 def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, max_new_tokens: int = 256,
             decode: str = "discrete", decoder_model: DecoderModel | None = None,
             score_mode: str = "prob") -> Iterator[dict]:
@@ -196,7 +203,7 @@ def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, 
     decoder = (decoder_model or default_decoder(engine)) if decode == "coordexp" else None
     tokenizer = engine_tokenizer(engine, decoder_model)
     vocab = CoordVocab.from_tokenizer(tokenizer)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)  # temperature 0: greedy
+    sampling = evaluation_sampling(max_new_tokens)
     batches = (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
     return (rec for chunk in batches
             for rec in _predict_batch(engine, chunk, prompt, sampling, tokenizer, vocab, decoder, score_mode))

@@ -110,7 +110,7 @@ class Driver:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.buffer import RolloutBuffer
-        from actors.engine import EngineConfig, SamplingConfig
+        from actors.engine import EngineConfig
         from actors.rollout_actor import RolloutActor
         from coordexp_rl.data.loader import load_samples
         from learner.group import LearnerGroup
@@ -135,8 +135,7 @@ class Driver:
                               max_model_len=r.max_model_len, max_num_seqs=r.max_num_seqs,
                               gpu_memory_utilization=r.gpu_memory_utilization,
                               tensor_parallel_size=r.tensor_parallel_size)
-        self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                       top_k=r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed)
+        self.sampling = rollout_sampling(cfg)
         self.actors = [
             RolloutActor.options(scheduling_strategy=in_bundle(i), num_cpus=r.cpus_per_actor,
                                  num_gpus=r.gpus_per_actor).remote(
@@ -156,23 +155,24 @@ class Driver:
     # Stages
     # ------------------------------------------------------------------------------------------------
 
-    def stage1(self) -> None:
+    def stage1(self, steps: int | None = None, label: str = "stage1") -> None:
+        """SFT steps on the canonical GT until the learner has taken ``steps`` (default: Stage-1's)."""
         import ray
         from tqdm import tqdm
 
         done = ray.get(self.learner.ready.remote())["step"]
-        steps, chunk = self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
+        steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
-        with tqdm(total=steps, initial=min(done, steps), desc="stage-1", unit="step", file=sys.stderr) as bar:
+        with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
                 n = min(chunk, steps - done)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
-                    self.log.log("stage1", m["step"], m)
+                    self.log.log(label, m["step"], m)
                 done += n
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
                 self.maybe_checkpoint(done)
-        log.info("stage-1 done: %d steps, loss %.4f", steps, m["loss/total"])
+        log.info("%s done: %d steps, loss %.4f", label, steps, m["loss/total"])
 
     def stage2(self) -> None:
         """Actors generate continuously (one queued step each); the learner consumes; weights sync back."""
@@ -180,6 +180,8 @@ class Driver:
         from tqdm import tqdm
 
         s1 = self.cfg.stage1.steps
+        if self.cfg.stage2.method == "sft":  # the control arm: Stage-2's steps spent on more SFT
+            return self.stage1(s1 + self.cfg.stage2.steps, label="stage2")
         start = max(0, ray.get(self.learner.ready.remote())["step"] - s1)
         pending = {a.step.remote(): a for a in self.actors}
         with tqdm(total=self.cfg.stage2.steps, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
@@ -306,6 +308,15 @@ class Driver:
             f"# Run {self.out}\n\n{table}\n\nTraining curves: `plots/`. Per evaluation (`eval/<label>/`): "
             "predictions, metrics.json, IoU and per-description plots, box overlays, report.md.\n")
         return table
+
+
+def rollout_sampling(cfg: Config):
+    """The rollout actors' decoding (config ``rollout``); equal to evaluation's by default."""
+    from actors.engine import SamplingConfig
+
+    r = cfg.rollout
+    return SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          repetition_penalty=r.repetition_penalty, seed=r.seed)
 
 
 def results_table(results: dict[str, dict]) -> str:

@@ -108,3 +108,17 @@ def test_cli_synth_then_validate(tmp_path: Path, capsys):
     assert main(["validate", str(out / "val.jsonl")]) == 0
     assert capsys.readouterr().out.strip().endswith("val.jsonl: OK, 2 records, " +
                                                     f"{sum(len(r['objects']) for r in read_jsonl(out / 'val.jsonl'))} objects")
+
+
+@pytest.mark.parametrize("edge_prob", [0.0, 1.0])
+def test_config_edge_prob_reaches_the_generator(tmp_path: Path, monkeypatch, edge_prob):
+    """data.synth_edge_prob: 1 pushes every shape against an image edge (bin 0 or 999 in its box)."""
+    from coordexp_rl.assets import synthetic_set
+    from coordexp_rl.config import load_config
+
+    monkeypatch.setenv("COORDEXP_CACHE", str(tmp_path))
+    cfg = load_config(None, ["data.synth_train=40", "data.synth_val=1", f"data.synth_edge_prob={edge_prob}"])
+    rows = read_jsonl(synthetic_set(cfg) / "train.jsonl")
+    touching = [any(v <= 0 or v >= r["width"] for v in o["bbox_2d"]) for r in rows for o in r["objects"]]
+    # with 0, only shapes that land on the border by chance touch it (their position is uniform)
+    assert all(touching) if edge_prob == 1.0 else sum(touching) / len(touching) < 0.2

@@ -18,7 +18,8 @@ def _budget(name: str) -> int:
 
 def test_every_arm_has_the_default_step_budget():
     arms = ablate.all_arms()
-    assert {"default", "stage1_ce_only", "stage1_ce_l1giou", "no_coord_ce_stage2", "topk_expectation"} <= set(arms)
+    assert {"default", "stage2_sft", "ce_only", "no_coord_ce_stage2", "topk_expectation", "coord_soft_ce",
+            "coord_w1"} <= set(arms)
     assert {a: _budget(a) for a in arms} == {a: _budget("default") for a in arms}
     for q in ablate.QUESTIONS:
         assert q.baseline in arms and q.variant in arms, q
@@ -32,7 +33,7 @@ def test_scale_shrinks_every_arm_alike(tmp_path):
     total, o = steps("default")
     assert o["run.seed"] == o["model.tiny_seed"] == "3" and o["run.out_dir"] == str(tmp_path)
     assert total == pytest.approx(0.1 * _budget("default"), abs=1)
-    assert steps("stage1_ce_l1giou")[0] == pytest.approx(total, abs=1)
+    assert steps("stage2_sft")[0] == pytest.approx(total, abs=1)
 
 
 def test_verdict_separates_noise_from_a_real_difference():
@@ -71,11 +72,11 @@ def test_two_arms_really_run_and_fill_the_table(tmp_path):
     out = tmp_path / "RESULTS.md"
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
-    args = parser.parse_args(["--arms", "default", "stage1_ce_only", "--seeds", "0", "--scale", str(scale),
+    args = parser.parse_args(["--arms", "default", "stage2_sft", "--seeds", "0", "--scale", str(scale), "--jobs", "2",
                               "--runs-dir", str(tmp_path / "runs"), "--out", str(out), *small])
     assert ablate.run(args) == 0, (tmp_path / "runs" / "default" / "seed0" / "launch.log").read_text()[-3000:]
     table = out.read_text()
-    assert "| default | 1/1 |" in table and "| stage1_ce_only | 1/1 |" in table
+    assert "| default | 1/1 |" in table and "| stage2_sft | 1/1 |" in table
     results = json.loads((tmp_path / "runs" / "default" / "seed0" / "results.json").read_text())
     assert list(results) == ["initial", "stage1", "stage2"]
     # A second call finds results.json and does not rerun (it would take minutes).
@@ -93,7 +94,7 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, capsys):
     out = tmp_path / "runs" / "default" / "seed0"
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(dump_config(load_config(None, ablate.arm_overrides("default", 0, 0.5, out, []))))
-    (out / "results.json").write_text(json.dumps({"stage2": {"constant/AP50": 0.25, "mean_iou": 0.5}}))
+    (out / "results.json").write_text(json.dumps({"stage2": {"object_prob/AP50": 0.25, "mean_iou": 0.5}}))
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
     common = ["--arms", "default", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")]

@@ -46,13 +46,15 @@ def test_every_config_loads(path):
 
 def test_all_expected_configs_exist():
     names = {str(p.relative_to(CONFIGS)) for p in all_config_files()}
-    assert {"tiny_cpu.yaml", *GPU_CONFIGS, "ablations/stage1_ce_only.yaml", "ablations/stage1_ce_l1giou.yaml",
+    assert {"tiny_cpu.yaml", *GPU_CONFIGS, "ablations/ce_only.yaml", "ablations/stage2_sft.yaml",
             "ablations/no_coord_ce_stage2.yaml", "ablations/topk_expectation.yaml"} <= names
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("stage1_ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "stage1.steps": 6000, "stage2.steps": 0}),
-    ("stage1_ce_l1giou.yaml", {"stage1.steps": 6000, "stage2.steps": 0}),
+    ("ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "loss.lambda_geo": 0.0}),
+    ("stage2_sft.yaml", {"stage2.method": "sft"}),
+    ("coord_soft_ce.yaml", {"loss.lambda_soft_ce": 1.0}),
+    ("coord_w1.yaml", {"loss.lambda_w1": 8.0}),
     ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce_stage2": 0.0}),
     ("topk_expectation.yaml", {"coordexp.top_k": 20}),
 ])
@@ -133,3 +135,16 @@ def test_dry_run_rejects_an_unknown_key_by_name():
     out = _dry_run("--config", "configs/qwen3vl_2b_1node.yaml", "rollout.num_gpus=8")
     assert out.returncode == 2
     assert "rollout.num_gpus" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", None])
+def test_rollouts_decode_as_evaluation_does_by_default(name):
+    """Stage-2 learns from rollouts; they must be what evaluation measures (greedy, no penalty)."""
+    import dataclasses
+
+    from coordexp_rl.inference import evaluation_sampling
+    from coordexp_rl.launch import rollout_sampling
+
+    cfg = load_config(CONFIGS / name if name else None)
+    rollout = dataclasses.replace(rollout_sampling(cfg), seed=None)  # a seed does not change greedy decoding
+    assert rollout == evaluation_sampling(cfg.rollout.max_new_tokens)
