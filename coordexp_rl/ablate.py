@@ -47,6 +47,7 @@ QUESTIONS = (
     Question("CE only vs CE + CoordExp L1/GIoU (both stages, full budget)", "ce_only", "default"),
     Question("Stage-2 without vs with the coord-CE term", "no_coord_ce_stage2", "default"),
     Question("CoordExp expectation over all bins vs top-k", "default", "topk_expectation"),
+    Question("Stage-2 gate relaxed (default) vs held strict", "gate_held", "default"),
     Question("Stage-1 expectation losses vs + soft CE over neighbouring bins", "default", "coord_soft_ce"),
     Question("Stage-1 expectation losses vs + Wasserstein-1", "default", "coord_w1"),
 )

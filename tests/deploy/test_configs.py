@@ -55,6 +55,7 @@ def test_all_expected_configs_exist():
     ("stage2_sft.yaml", {"stage2.method": "sft"}),
     ("coord_soft_ce.yaml", {"loss.lambda_soft_ce": 1.0}),
     ("coord_w1.yaml", {"loss.lambda_w1": 8.0}),
+    ("gate_held.yaml", {"matching.iou_thr_end": 0.5, "matching.l1_thr_end": 0.02}),
     ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce_stage2": 0.0}),
     ("topk_expectation.yaml", {"coordexp.top_k": 20}),
 ])
