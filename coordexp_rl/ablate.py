@@ -6,6 +6,11 @@ down), then writes a table of the final evaluation per arm (mean +- std over see
 question comparing its two arms. Arm configs give every arm the same number of optimizer steps;
 ``--scale`` multiplies both stages' steps of every arm alike, so budgets stay equal at any scale.
 
+An arm that differs from the default only in ``stage2.*`` keys (the Stage-2 control ``stage2_sft``)
+starts from the default run's Stage-1 checkpoint of the same seed instead of recomputing Stage-1: Stage-1
+is deterministic on CPU, so the shared state is bit-identical to a recomputed one (equal compute, less
+waiting). The default run therefore keeps a checkpoint at its last Stage-1 step.
+
 A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes (a
 folder whose saved config differs, e.g. from another ``--scale``, is refused rather than mixed in).
 This module starts processes but never imports Ray.
@@ -59,12 +64,35 @@ def arm_config(name: str) -> Path | None:
 
 
 def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list[str]) -> list[str]:
-    """Launcher overrides for one (arm, seed): the seed, the scaled step counts, the run folder."""
+    """Launcher overrides for one (arm, seed): the seed, the scaled step counts, the run folder, and (see the
+    module docstring) the Stage-1 checkpoint the default keeps and a Stage-2-only arm starts from."""
     cfg = load_config(arm_config(name), extra)
-    steps = [f"stage1.steps={round(cfg.stage1.steps * scale)}", f"stage2.steps={round(cfg.stage2.steps * scale)}",
+    stage1 = round(cfg.stage1.steps * scale)
+    steps = [f"stage1.steps={stage1}", f"stage2.steps={round(cfg.stage2.steps * scale)}",
              f"matching.curriculum_steps={max(1, round(cfg.matching.curriculum_steps * scale))}"]
+    keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}"]
+    if shares_stage1(name, extra):
+        keep.append(f"run.resume={stage1_checkpoint(out_dir.parent.parent / 'default' / out_dir.name, stage1)}")
     return [*extra, *steps, f"run.seed={seed}", f"model.tiny_seed={seed}", f"rollout.seed={seed}",
-            f"run.out_dir={out_dir}", "run.checkpoint_every=0"]
+            f"run.out_dir={out_dir}", *keep]
+
+
+def shares_stage1(name: str, extra: list[str]) -> bool:
+    """True for an arm whose config differs from the default's only in Stage-2 settings."""
+    if name == "default":
+        return False
+    changed = _changed_keys(load_config(arm_config(name), extra).model_dump(), load_config(None, extra).model_dump())
+    return all(k.startswith("stage2.") or k == "run.out_dir" for k in changed)
+
+
+def stage1_checkpoint(default_run: Path, stage1_steps: int) -> Path:
+    return default_run / "checkpoints" / f"step-{stage1_steps:06d}"
+
+
+def _wait_for(run: Path, poll_s: float = 10.0) -> None:
+    """Block while the default run of this seed is in progress (its ``running`` marker exists)."""
+    while not (run / "results.json").exists() and (run / "running").exists():
+        time.sleep(poll_s)
 
 
 class StaleRunError(ValueError):
@@ -99,6 +127,13 @@ def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]
     if done.exists():
         check_reusable(out, load_config(arm_config(name), overrides))
         return json.loads(done.read_text())
+    if shares_stage1(name, extra):
+        _wait_for(runs_dir / "default" / f"seed{seed}")
+        resume = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.resume="))
+        if not Path(resume).exists():
+            print(f"[ablate] {name} seed {seed}: no Stage-1 checkpoint {resume} (run the default arm too); "
+                  "skipped", flush=True)
+            return None
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "coordexp_rl.launch"]
     if arm_config(name):
@@ -107,8 +142,12 @@ def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]
     log_path = out / "launch.log"
     print(f"[ablate] {name} seed {seed}: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
     start = time.perf_counter()
-    with log_path.open("w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    (out / "running").touch()  # arms that share this run's Stage-1 wait while it exists
+    try:
+        with log_path.open("w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    finally:
+        (out / "running").unlink(missing_ok=True)
     minutes = (time.perf_counter() - start) / 60
     if rc != 0 or not done.exists():
         print(f"[ablate] {name} seed {seed}: FAILED (exit {rc}) after {minutes:.1f} min; see {log_path}", flush=True)
@@ -211,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"--scale {args.scale}: must be > 0", file=sys.stderr)
         return 2
     runs_dir = args.runs_dir.resolve()
-    jobs = [(arm, seed) for arm in arms for seed in args.seeds]  # arm-major: partial results compare whole arms
+    # Arm-major (partial results compare whole arms), the default first: other arms may wait on its Stage-1.
+    jobs = [(arm, seed) for arm in sorted(arms, key=lambda a: a != "default") for seed in args.seeds]
     try:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on launcher subprocesses
             results = list(pool.map(lambda job: run_arm(*job, args.scale, runs_dir, args.overrides), jobs))

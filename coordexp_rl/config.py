@@ -66,14 +66,14 @@ class LossConfig(_Section):
     desc_weight: float = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages
     lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (SPEC 5.3 / 8)
     lambda_coord_ce_stage2: float | None = None  # the same in Stage-2's reordered-GT CE; None = lambda_coord_ce
-    lambda_l1: float = 8.0  # Stage-1 CoordExp L1, summed over GT coord positions (SPEC 5.3)
-    lambda_giou: float = 16.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
+    lambda_l1: float = 4.0  # Stage-1 CoordExp L1, summed over GT coord positions (SPEC 5.3)
+    lambda_giou: float = 8.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
     lambda_soft_ce: float = 0.0  # Stage-1 soft CE over neighbouring bins, summed over coord positions
     soft_ce_sigma: float = 2.0  # its Gaussian width in bins
     lambda_w1: float = 0.0  # Stage-1 Wasserstein-1 to the target bin, summed over coord positions
-    lambda_geo: float = 8.0  # Stage-2 self-context geometric loss, summed over gated pairs (SPEC 8)
+    lambda_geo: float = 4.0  # Stage-2 self-context geometric loss, summed over gated pairs (SPEC 8)
     alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU + inversion);
-    beta_giou: float = 2.0  # with lambda_geo 8 this equals Stage-1's 8 L1 + 16 GIoU per box
+    beta_giou: float = 2.0  # with lambda_geo 4 this equals Stage-1's 4 L1 + 8 GIoU per box
     lambda_entropy: float = 0.0  # entropy regulariser on coord distributions
     eos_weight: float = 1.0  # CE weight of the end-of-turn token
     extra_eos_weight: float = 2.0  # EOS weight when the rollout has more objects than the GT (SPEC 14.3)

@@ -247,9 +247,8 @@ def test_sum_normalisation_hand_worked_two_objects():
     ids = [7, 1, 3, 50, 51, 4, 5, 210, 310, 410, 705, 6, 2, 1, 3, 52, 53, 4, 5, 620, 385, 990, 760, 6, 2, 9]
     w = position_weights(ids, VOCAB, prompt_len=1, lambda_coord_ce=1.0, desc_weight=4.0)
     assert w.sum().item() == 2 * (2 * 4 + 6 + 4 * 2) + 1 == 45
-    # With CE nll 1 at every supervised token, L1 0.01 per coordinate and 1 - GIoU 0.1 per box:
-    # L = (45 + lambda_L1 * 8 * 0.01 + lambda_GIoU * 2 * 0.1) / 45, i.e. at the defaults 8 / 16:
-    assert (45 + 8 * 0.08 + 16 * 0.2) / 45 == pytest.approx(1.0853, abs=1e-4)
+    # This W divides every term of the step (Stage-1: CE sum, lambda_L1 x L1 sum, lambda_GIoU x GIoU sum;
+    # tests/learner/test_learner.py checks the Learner's terms against it).
 
 
 def test_bf16_inputs_give_fp32_loss_close_to_fp32_reference():

@@ -103,3 +103,14 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, capsys):
     assert ablate.run(parser.parse_args([*common, "--scale", "0.25"])) == 2
     err = capsys.readouterr().err
     assert "stage1.steps" in err and "--runs-dir" in err
+
+
+def test_only_stage2_arms_share_the_default_stage1(tmp_path):
+    """stage2_sft starts from the default's Stage-1 checkpoint of its seed; arms that change Stage-1 do not."""
+    assert ablate.shares_stage1("stage2_sft", []) and not ablate.shares_stage1("ce_only", [])
+    assert not ablate.shares_stage1("default", [])
+    runs = tmp_path / "runs"
+    o = dict(x.split("=", 1) for x in ablate.arm_overrides("stage2_sft", 1, 1.0, runs / "stage2_sft" / "seed1", []))
+    assert o["run.resume"] == str(runs / "default" / "seed1" / "checkpoints" / "step-005700")
+    d = dict(x.split("=", 1) for x in ablate.arm_overrides("default", 1, 1.0, runs / "default" / "seed1", []))
+    assert d["run.checkpoint_every"] == "5700" and "run.resume" not in d  # keeps the checkpoint others start from

@@ -54,7 +54,7 @@ def test_all_expected_configs_exist():
     ("ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "loss.lambda_geo": 0.0}),
     ("stage2_sft.yaml", {"stage2.method": "sft"}),
     ("coord_soft_ce.yaml", {"loss.lambda_soft_ce": 1.0}),
-    ("coord_w1.yaml", {"loss.lambda_w1": 8.0}),
+    ("coord_w1.yaml", {"loss.lambda_w1": 4.0}),
     ("gate_held.yaml", {"matching.iou_thr_end": 0.5, "matching.l1_thr_end": 0.02}),
     ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce_stage2": 0.0}),
     ("topk_expectation.yaml", {"coordexp.top_k": 20}),
@@ -90,7 +90,7 @@ def test_gpu_config_arithmetic(name):
     assert cfg.model.dtype == "bfloat16"
     assert cfg.rollout.engine == "vllm" and cfg.rollout.gpus_per_actor == 1.0
     assert cfg.rollout.tensor_parallel_size == 1
-    assert cfg.rollout.repetition_penalty == 1.05
+    assert cfg.rollout.repetition_penalty == 1.0  # rollouts decode as evaluation does
     assert cfg.data.train == "/data/coco/train2017.jsonl" and cfg.data.val == "/data/coco/val2017.jsonl"
     assert cfg.run.out_dir.startswith("/shared/runs/")  # a filesystem all nodes see
     # ~60 objects x ~14 tokens fit in the generation budget; prompt (<= 400 image + ~40) + budget in the context.
