@@ -60,6 +60,13 @@ class MatchCurriculum:
     l1_thr_start: float = 0.02
     l1_thr_end: float = 0.1
 
+    @classmethod
+    def from_config(cls, m) -> "MatchCurriculum":
+        """From the config's ``matching`` section (coordexp_rl.config.MatchingConfig), the one home of defaults."""
+        return cls(start_step=0, ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
+                   lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
+                   l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
+
     def at(self, step: int) -> MatchParams:
         """Parameters at ``step``.
 

@@ -78,10 +78,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         m = cfg.matching
-        self.curriculum = MatchCurriculum(
-            start_step=0, ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
-            lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
-            l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
+        self.curriculum = MatchCurriculum.from_config(m)
         self.match_settings = MatchSettings(
             lambda_geo=m.lambda_geo, overlap=m.geometry, missing_policy=m.missing_policy,
             eos_weight=cfg.loss.eos_weight, extra_eos_weight=cfg.loss.extra_eos_weight,

@@ -116,3 +116,18 @@ def test_curriculum_starts_strict_and_relaxes_linearly():
     end = c.at(10_000)
     assert (end.lambda_sem, end.iou_thr, end.l1_thr) == pytest.approx((0.4, 0.1, 0.1))
     assert MatchCurriculum(start_step=5, ramp_steps=0).at(5).iou_thr == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("step", [0, 100, 200, 10_000])
+def test_default_gate_never_admits_a_box_that_misses_its_gt(step):
+    """SPEC 6.1 step 5 with the config's defaults: strict at every step of the curriculum (a looser L1 gate
+    once let a box with IoU 0 feed the geometric loss)."""
+    from coordexp_rl.config import load_config
+
+    params = MatchCurriculum.from_config(load_config(None).matching).at(step)
+    gt = [[0.40, 0.40, 0.60, 0.60]]  # 20 % of the side
+    beside = [[0.61, 0.40, 0.81, 0.60]]  # the same size, just right of it: IoU 0, mean L1 0.105
+    r = match_objects(beside, gt, iou_thr=params.iou_thr, l1_thr=params.l1_thr)
+    assert r.pairs == [] and r.rejected == [(0, 0)]
+    close = [[0.41, 0.41, 0.61, 0.61]]  # IoU 0.82: accepted
+    assert match_objects(close, gt, iou_thr=params.iou_thr, l1_thr=params.l1_thr).pairs == [(0, 0)]
