@@ -116,9 +116,11 @@ class Learner:
                     terms["l1_coord"] = (coord_l1(out.expectation, bins) / W, loss_cfg.lambda_l1)
                     terms["giou_coord"] = (giou_loss(out.expectation.view(-1, 4), target.view(-1, 4)) / W,
                                            loss_cfg.lambda_giou)
-                    terms["soft_ce_coord"] = (coord_soft_ce(out.logits, bins, loss_cfg.soft_ce_sigma) / W,
-                                              loss_cfg.lambda_soft_ce)
-                    terms["w1_coord"] = (coord_w1(out.logits, bins) / W, loss_cfg.lambda_w1)
+                    if loss_cfg.lambda_soft_ce:  # the distribution losses cost a (P, 1000) pass each
+                        terms["soft_ce_coord"] = (coord_soft_ce(out.logits, bins, loss_cfg.soft_ce_sigma) / W,
+                                                  loss_cfg.lambda_soft_ce)
+                    if loss_cfg.lambda_w1:
+                        terms["w1_coord"] = (coord_w1(out.logits, bins) / W, loss_cfg.lambda_w1)
             return weighted_total(self._ce(sup), terms, "ce_all")
 
         metrics = self._train_step(seqs, losses, "stage1")
