@@ -181,7 +181,8 @@ class Driver:
 
         s1 = self.cfg.stage1.steps
         if self.cfg.stage2.method == "sft":  # the control arm: Stage-2's steps spent on more SFT
-            return self.stage1(s1 + self.cfg.stage2.steps, label="stage2")
+            self.stage1(s1 + self.cfg.stage2.steps, label="stage2")
+            return self.sync_weights()  # evaluation reads the actors' weights (the EM loop syncs as it goes)
         start = max(0, ray.get(self.learner.ready.remote())["step"] - s1)
         pending = {a.step.remote(): a for a in self.actors}
         with tqdm(total=self.cfg.stage2.steps, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:

@@ -79,6 +79,10 @@ def test_two_arms_really_run_and_fill_the_table(tmp_path):
     assert "| default | 1/1 |" in table and "| stage2_sft | 1/1 |" in table
     results = json.loads((tmp_path / "runs" / "default" / "seed0" / "results.json").read_text())
     assert list(results) == ["initial", "stage1", "stage2"]
+    # the control arm started from the default's Stage-1 and synced its SFT steps before the last evaluation
+    sft = [json.loads(line) for line in (tmp_path / "runs" / "stage2_sft" / "seed0" / "metrics.jsonl").open()]
+    last_step = max(i for i, r in enumerate(sft) if r["stage"] == "stage2")
+    assert sft[last_step]["step"] == 32 and any(r["stage"] == "sync" for r in sft[last_step:])
     # A second call finds results.json and does not rerun (it would take minutes).
     stamp = (tmp_path / "runs" / "default" / "seed0" / "launch.log").stat().st_mtime
     assert ablate.run(args) == 0
