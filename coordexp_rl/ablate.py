@@ -192,20 +192,46 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
              for arm, runs in per_arm.items()}
     lines = [f"Command: `{command}`", "",
              f"Seeds {seeds}; step scale {scale:g} (every arm's Stage-1 and Stage-2 steps x {scale:g}). "
-             "Values: the final evaluation on the synthetic validation set, mean ± sample std over seeds "
-             "(constant scores).", "",
+             "Values: the final evaluation on the synthetic validation set, mean ± sample std over seeds; AP "
+             "scored with the model's object score (description x box probability) unless 'constant' is named, "
+             "mean IoU class-agnostic unless 'class-matched' is named.", "",
              "| arm | runs ok | " + " | ".join(m for m, _ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for arm, runs in per_arm.items():
         ok = sum(r is not None for r in runs)
         lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(_cell(stats[arm][m]) for m, _ in METRICS) + " |")
-    lines += ["", "| question | baseline -> variant | AP50 difference | mean IoU difference |", "|---|---|---|---|"]
+    lines += ["", "Questions. 'Across seeds' compares the arms' means with their seed spread; 'paired' takes the "
+              "difference seed by seed (both arms of a seed share the model initialisation and data order) and "
+              "calls it consistent when every seed moves the same way and the mean difference exceeds its std.", "",
+              "| question | baseline -> variant | AP50: across seeds | AP50: paired per seed | mean IoU: across seeds "
+              "| mean IoU: paired per seed |", "|---|---|---|---|---|---|"]
     for q in QUESTIONS:
         if q.baseline in stats and q.variant in stats:
             b, v = stats[q.baseline], stats[q.variant]
+            pb, pv = per_arm[q.baseline], per_arm[q.variant]
             lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | {verdict(b['AP50'], v['AP50'])} | "
-                         f"{verdict(b['mean IoU'], v['mean IoU'])} |")
+                         f"{paired(pb, pv, 'AP50')} | {verdict(b['mean IoU'], v['mean IoU'])} | "
+                         f"{paired(pb, pv, 'mean IoU')} |")
     return "\n".join(lines) + "\n"
+
+
+def paired(base: list[dict | None], variant: list[dict | None], metric: str) -> str:
+    """Per-seed differences variant - baseline (same seed order), their mean ± std and whether they agree.
+
+    >>> paired([{"m": 0.1}, {"m": 0.5}], [{"m": 0.2}, {"m": 0.7}], "m")
+    '+0.1500 ± 0.0707 (consistent: +0.1000 +0.2000)'
+    """
+    diffs = [v[metric] - b[metric] for b, v in zip(base, variant)
+             if b and v and b.get(metric) is not None and v.get(metric) is not None]
+    if not diffs:
+        return "missing runs"
+    each = " ".join(f"{d:+.4f}" for d in diffs)
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.4f} (one seed)"
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    word = "consistent" if same_sign and abs(mean) > std else "not consistent"
+    return f"{mean:+.4f} ± {std:.4f} ({word}: {each})"
 
 
 def write_results(path: Path, table: str) -> None:
