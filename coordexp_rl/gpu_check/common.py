@@ -21,9 +21,10 @@ QWEN3_VL_2B = dict(
     vision_position_embeddings=2304, deepstack=[5, 11, 17], max_position_embeddings=32768,
     tie_word_embeddings=True,
 )
-# The FSDP step's model: the 2B widths and vocabulary, 2 decoder layers and 2 vision blocks. Its
-# checkpoint (fp32 weights + AdamW moments) is ~5 GB instead of the full model's ~25 GB, which would take
-# minutes to write and read back; the sharding and checkpoint code do not depend on the depth.
+# The FSDP step's model: the 2B widths and vocabulary, 2 decoder layers and 2 vision blocks (518 M
+# parameters, measured). Its checkpoint (fp32 weights + AdamW moments) is ~6 GB instead of the full
+# model's ~25 GB, which would take minutes to write and read back; the sharding and checkpoint code do not
+# depend on the depth.
 QWEN3_VL_2B_SHALLOW = {**QWEN3_VL_2B, "layers": 2, "vision_depth": 2, "deepstack": [0, 1]}
 
 
@@ -57,12 +58,14 @@ class Profile:
 GPU = Profile(
     name="gpu", device="cuda", model_sizes=QWEN3_VL_2B, fsdp_sizes=QWEN3_VL_2B_SHALLOW, tokenizer="qwen",
     image_size=448, n_images=16, batch_size=8, stage1_steps=4, stage2_steps=3, max_new_tokens=64,
-    gen_batches=(1, 8, 64), gen_new_tokens=128, gen_warmup=True, bench_hidden=2048, bench_objects=(20, 100), bench_repeats=3,
+    gen_batches=(1, 8, 64), gen_new_tokens=128, gen_warmup=True,
+    bench_hidden=2048, bench_objects=(20, 100), bench_repeats=3,
 )
 DRY = Profile(
     name="dry", device="cpu", model_sizes={}, fsdp_sizes={}, tokenizer="local",
     image_size=128, n_images=8, batch_size=4, stage1_steps=2, stage2_steps=2, max_new_tokens=16,
-    gen_batches=(1, 8, 16), gen_new_tokens=16, gen_warmup=False, bench_hidden=128, bench_objects=(5,), bench_repeats=1,
+    gen_batches=(1, 8, 16), gen_new_tokens=16, gen_warmup=False,
+    bench_hidden=128, bench_objects=(5,), bench_repeats=1,
     skipped_parts=[
         {"part": "CUDA, bf16 autocast, NCCL", "reason": "--cpu-dry-run: float32 on the CPU, gloo for FSDP"},
         {"part": "Qwen3-VL-2B shapes and the real Qwen vocabulary",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def env(work: Path, p: Profile) -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update({
-            "gpu": props.name, "gpu_count": torch.cuda.device_count(), "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "gpu": props.name, "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
             "compute_capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
             "bf16_supported": torch.cuda.is_bf16_supported(), "cudnn": torch.backends.cudnn.version(),
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
@@ -48,10 +50,14 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
+# A module-level ``pytestmark = pytest.mark.gpu`` or a ``@pytest.mark.gpu`` decorator, at the start of a line.
+GPU_MARK = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", re.MULTILINE)
+
+
 def gpu_test_files(root: Path = REPO) -> list[str]:
     """Test files that hold ``gpu``-marked tests (only these are collected: others import Ray or vLLM)."""
     return sorted(str(f.relative_to(root)) for f in (root / "tests").rglob("test_*.py")
-                  if "pytest.mark.gpu" in f.read_text(encoding="utf-8"))
+                  if GPU_MARK.search(f.read_text(encoding="utf-8")))
 
 
 def unit_tests(work: Path, p: Profile, out_dir: Path) -> dict:
