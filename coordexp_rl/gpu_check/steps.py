@@ -34,13 +34,23 @@ def env(work: Path, p: Profile) -> dict:
             "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
             "compute_capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
             "bf16_supported": torch.cuda.is_bf16_supported(), "cudnn": torch.backends.cudnn.version(),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
+            "nccl": _nccl_version(),
         })
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     return out
+
+
+def _nccl_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+    except (AttributeError, RuntimeError):
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def _version(dist_name: str) -> str | None:
