@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-WHEELS=.whl
+WHEELS="${GPU_CHECK_WHEELS:-.whl}"  # the carried wheels (a folder of the checkout, named in `carry`)
 # Versions: those of the CPU machines' environment (pydantic 2.14.4 pins pydantic-core 2.50.5 and wants
 # typing-extensions >= 4.16); Python 3.12 x86-64 is the GPU machine's interpreter.
 WHEEL_PINS=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5

@@ -102,7 +102,8 @@ def run_step(step: str, index: int, limit: float, work: Path, out: Path, dry_run
             code = None
     line["seconds"] = round(time.monotonic() - t0, 2)
     if code is None:
-        line.update(status="timeout", reason=f"killed after {limit:.0f} s (the step's limit within the budget)")
+        line.update(status="timeout", reason=f"killed after {limit:.0f} s (the step's limit within the budget)",
+                    log_tail=_tail(out / "gpu_check.log", 1500))
     elif result_file.is_file():
         line.update(json.loads(result_file.read_text()))
     else:
