@@ -66,7 +66,6 @@ def run(work: Path, p: Profile) -> dict:
                                        dtype="bfloat16" if p.device == "cuda" else "float32"))
     out["engine"] = {"load_s": round(t.s, 1), "dtype": str(engine.model.dtype)}
     out["stage2"] = stage2(learner, engine, samples, cfg, p)
-    out.update(peak_memory() or {})
     return out
 
 

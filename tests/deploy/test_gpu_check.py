@@ -63,7 +63,7 @@ def test_cpu_dry_run_runs_every_step_and_reports_each_as_json(tmp_path):
     assert fsdp["backend"] == "gloo" and fsdp["parameters_are_dtensors"] and fsdp["restored_weights_equal"]
     assert fsdp["loss_repeat_abs_diff"] == 0.0  # CPU float32: the repeated step is bit-identical
     assert code == 0 and summary["status"] == "ok" and summary["counts"] == {"ok": 6, "skipped": 1}
-    assert summary["seconds"] < 300  # ~2 minutes on an idle 2-core machine; room for a loaded one
+    assert summary["seconds"] < 420  # 135 s measured on a quiet 2-core machine; room for a loaded one
     assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
 
 
