@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("coordexp_rl.evaluation.cli", "score predictions against ground truth (COCO mAP, F1, IoU)"),
     "bench": ("coordexp_rl.bench", "benchmarks that print JSON"),
     "ablate": ("coordexp_rl.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),
+    "gpu-check": ("coordexp_rl.gpu_check", "the prepared GPU check: CUDA paths step by step, JSON lines"),
 }
 
 

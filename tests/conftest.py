@@ -11,6 +11,18 @@ from coordexp_rl.runtime import prepare_runtime
 prepare_runtime()
 
 
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests skip, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The default tiny Qwen3-VL folder (seed 0, local tokenizer, coord tokens), built once per session."""

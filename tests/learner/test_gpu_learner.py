@@ -1,0 +1,67 @@
+"""CUDA variants of the learner tests: bf16 autocast over float32 master weights, Stage-1 and Stage-2.
+
+Skipped without a CUDA device (tests/conftest.py); `pytest -m gpu` and deploy/gpu_check.sh run them.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("pydantic", reason="coordexp_rl.config is pydantic (carry the wheels: docs/DEPLOY.md)")
+
+from coordexp_rl.config import load_config  # noqa: E402
+from coordexp_rl.data.loader import load_image, load_samples  # noqa: E402
+from coordexp_rl.modeling.inputs import encode_prompt  # noqa: E402
+from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids  # noqa: E402
+from coordexp_rl.rollout_schema import RolloutRow  # noqa: E402
+from learner.learner import Learner  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def samples(synth_dir):
+    return load_samples(synth_dir / "train.jsonl")[:4]
+
+
+def make_learner(model_dir, *overrides, gpu=True):
+    on = ["learner.gpus=1", "model.dtype=bfloat16"] if gpu else []
+    cfg = load_config(None, ["optim.warmup_steps=0", "optim.batch_size=4", *on, *overrides])
+    return Learner(cfg, model_dir)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_the_cpu_loss(tiny_model_dir, samples):
+    cpu = make_learner(tiny_model_dir, "optim.lr=0", gpu=False).stage1_step(samples)
+    learner = make_learner(tiny_model_dir, "optim.lr=0")
+    assert learner.device.type == "cuda" and learner.autocast
+    assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
+    assert next(learner.model.parameters()).is_cuda
+    gpu = learner.stage1_step(samples)
+    # bf16 matmuls in the forward: a few tenths of a percent, not more.
+    assert gpu["loss/total"] == pytest.approx(cpu["loss/total"], rel=2e-2)
+    assert math.isfinite(gpu["grad_norm"]) and gpu["grad_norm"] > 0
+
+
+def test_stage1_steps_on_cuda_lower_the_loss(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir, "optim.lr=3e-3", "loss.lambda_l1=1.0")
+    losses = [learner.stage1_step(samples)["loss/total"] for _ in range(6)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_stage2_step_on_cuda_trains_the_geometric_term(tiny_model_dir, samples):
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-3")
+    rows = []
+    for s in samples:
+        objects = [BoxObject(o.desc, tuple(min(999, b + 5) for b in o.bins)) for o in reversed(s.objects)]
+        prompt = encode_prompt(learner.processor, load_image(s), learner.cfg.data.prompt)["input_ids"].tolist()
+        generated = build_assistant_ids(objects, learner.tokenizer, learner.vocab)
+        parsed = parse_ids(generated, learner.tokenizer, learner.vocab)
+        rows.append(RolloutRow(sample_id=s.sample_id, prompt_ids=prompt, generated_ids=generated,
+                               objects=parsed.objects, parse_status=parsed.status))
+    m = learner.stage2_step(rows, {s.sample_id: s for s in samples})
+    assert math.isfinite(m["loss/total"]) and m["loss/geo_self"] > 0
+    assert m["match/matched"] > 0 and m["match/parse_failure_rate"] == 0
+    version, named = learner.publish()
+    assert version == 1 and all(t.is_cuda and t.dtype == torch.float32 for _, t in named)
