@@ -47,6 +47,7 @@ class Sample:
     boxes_px: list[tuple[float, float, float, float]]
     summary: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    line: int = 0  # 1-based line of the JSONL it came from (0: unknown), for error messages
 
 
 def load_samples(path: str | Path, image_root: str | Path | None = None,
@@ -93,7 +94,8 @@ def record_to_sample(record: Record, lineno: int, stem: str, image_root: Path,
         image_path = resolve_image_path(image_root, record.image)
     return Sample(sample_id=sample_id, image_path=image_path,
                   image_rel=record.image, width=record.width, height=record.height,
-                  objects=objects, boxes_px=boxes_px, summary=record.summary, metadata=metadata)
+                  objects=objects, boxes_px=boxes_px, summary=record.summary, metadata=metadata,
+                  line=lineno)
 
 
 def load_image(sample: Sample) -> Image.Image:
