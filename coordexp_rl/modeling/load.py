@@ -44,13 +44,18 @@ def set_pixel_limits(processor, max_pixels: int | None, min_pixels: int | None):
 
 
 def pixel_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
-    """The same bounds as vLLM ``mm_processor_kwargs`` ({} = the folder's own)."""
-    out = {}
+    """The same bounds as vLLM ``mm_processor_kwargs`` ({} = the folder's own).
+
+    Given as images-only ``size`` (transformers deprecates ``min_pixels`` / ``max_pixels`` call kwargs).
+    """
+    if max_pixels is None and min_pixels is None:
+        return {}
+    size = {}
     if min_pixels is not None:
-        out["min_pixels"] = int(min_pixels)
+        size["shortest_edge"] = int(min_pixels)
     if max_pixels is not None:
-        out["max_pixels"] = int(max_pixels)
-    return out
+        size["longest_edge"] = int(max_pixels)
+    return {"images_kwargs": {"size": size}}
 
 
 def load_model_and_processor(path: str | Path, dtype: str = "float32", device: str = "cpu",
