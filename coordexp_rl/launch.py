@@ -129,6 +129,7 @@ class Driver:
             num_gpus=lr.gpus, plan={"sharding": lr.sharding, "accum_steps": lr.accum_steps,
                                     "activation_checkpointing": lr.activation_checkpointing})
         train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
+        self._val = self.load_data(assets.val_path, assets.val_image_root, cfg.data.check_images, train=False)
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
         engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
         self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,

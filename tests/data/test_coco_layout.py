@@ -69,3 +69,26 @@ def test_gt_as_predictions_scores_one_on_the_official_file(coco: Path, tmp_path:
                  "--score-modes", "constant"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["constant"]["AP"] == pytest.approx(1.0) and out["images_scored"] == 9
+
+
+def test_every_command_of_the_coco_guide_parses():
+    """docs/COCO.md's commands use flags that exist and a config that loads (the guide cannot drift)."""
+    import argparse
+    import importlib
+    import re
+    import shlex
+
+    from coordexp_rl.cli import COMMANDS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "COCO.md").read_text()
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", doc, flags=re.S)).replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if line.startswith(("coordexp-rl ", "python -m coordexp_rl"))]
+    assert len(commands) >= 7
+    for argv in commands:
+        if argv[0] == "python":
+            assert argv[2] == "coordexp_rl.launch" and argv[3] == "--config"
+            load_config(Path(__file__).resolve().parents[2] / argv[4], [a for a in argv[5:] if "=" in a])
+            continue
+        parser = argparse.ArgumentParser()
+        importlib.import_module(COMMANDS[argv[1]][0]).add_arguments(parser)
+        parser.parse_args(argv[2:])  # exits (SystemExit) on an unknown flag
