@@ -332,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolve_settings(args)
         samples = load_samples(args.data, args.image_root, skip_bbox_norm=args.skip_bbox_norm)
+        if args.engine == "vllm":  # a prompt + max_new_tokens over max_model_len fails mid-run in vLLM: check now
+            _check_lengths(args, samples)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         done = resume_done_ids(args.out)
     except (OSError, ValueError, DataError) as exc:
@@ -348,6 +350,19 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(args.out), "written": sum(counts.values()), "skipped": len(samples) - len(todo),
                       "parse_status": dict(counts)}))
     return 0
+
+
+def _check_lengths(args: argparse.Namespace, samples: list[Sample]) -> None:
+    from coordexp_rl.data.limits import check_prompt_budget
+    from coordexp_rl.modeling.load import load_processor
+
+    from coordexp_rl.data.loader import DataError
+
+    processor = load_processor(args.model, args.max_pixels, args.min_pixels)
+    try:
+        check_prompt_budget(samples, processor, args.prompt, args.max_new_tokens, args.max_model_len, args.data)
+    except DataError as exc:
+        raise DataError(f"{exc} (here: --max-new-tokens, --max-model-len, --max-pixels, or the --config's)") from None
 
 
 def _predict_to_file(args: argparse.Namespace, todo: list[Sample]) -> Counter:

@@ -99,3 +99,21 @@ def test_config_load_refuses_image_tokens_that_cannot_fit():
         load_config(None, ["data.max_pixels=1048576"])
     with pytest.raises(ConfigError, match="data.min_pixels=9000 > data.max_pixels=8000"):
         load_config(None, ["data.max_pixels=8000", "data.min_pixels=9000"])
+
+
+def test_driver_logs_the_truncation_count_in_metrics(tiny_model_dir, tmp_path):
+    """The launcher's data load (no Ray needed for it): truncated samples are counted in metrics.jsonl."""
+    from coordexp_rl.launch import Driver
+
+    path = _sample_file(tmp_path, [_rec(9, sid="many"), _rec(1, sid="one")])
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", f"data.val={path}",
+                             "data.max_target_tokens=40", "data.too_many_objects=truncate",
+                             f"run.out_dir={tmp_path / 'run'}"])
+    driver = Driver(cfg)
+    driver.prepare()
+    train = driver.load_data(driver.assets.train_path, driver.assets.train_image_root, True, train=True)
+    driver.log.close()
+    assert len(train[0].objects) < 9 and len(train[1].objects) == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    data = [r for r in rows if r["stage"] == "data"]
+    assert data[0]["data/truncated_samples"] == 1 and data[0]["data/dropped_objects"] == 9 - len(train[0].objects)

@@ -65,3 +65,13 @@ def test_infer_with_config_equals_the_in_run_evaluation(taught_dir, synth_dir, t
         engine.close()
     assert read_jsonl(out) == in_run
     assert all(p["num_tokens"] <= 20 for p in in_run)
+
+
+def test_infer_refuses_a_prompt_that_cannot_fit_before_starting_vllm(tiny_model_dir, synth_dir, tmp_path, capsys):
+    data = write_subset(synth_dir, tmp_path / "gt.jsonl", 2)
+    rc = main(["infer", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "p.jsonl"),
+               "--image-root", str(synth_dir), "--max-new-tokens", "30", "--max-model-len", "40"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "gt.jsonl:1: sample" in err and "rollout.max_new_tokens=30" in err and "rollout.max_model_len=40" in err
+    assert not (tmp_path / "p.jsonl").exists()
