@@ -62,6 +62,8 @@ class EngineConfig:
     enforce_eager: bool = True  # vLLM: no graph capture / compile (avoids 10-15 s cold compile on CPU)
     gpu_memory_utilization: float = 0.5  # vLLM on GPUs: fraction of device memory it may take
     tensor_parallel_size: int = 1  # vLLM
+    max_pixels: int | None = None  # image resize bounds (data.max_pixels / min_pixels); None = the folder's
+    min_pixels: int | None = None
 
 
 @dataclass

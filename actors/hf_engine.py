@@ -37,8 +37,8 @@ class HFEngine:
         from coordexp_rl.modeling.load import load_model_and_processor
 
         self.config = config
-        self.model, self.processor, self.vocab = load_model_and_processor(config.model_path, config.dtype,
-                                                                          config.device)
+        self.model, self.processor, self.vocab = load_model_and_processor(
+            config.model_path, config.dtype, config.device, max_pixels=config.max_pixels, min_pixels=config.min_pixels)
         self.model.eval()
         tok = self.processor.tokenizer
         gen_eos = self.model.generation_config.eos_token_id

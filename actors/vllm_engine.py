@@ -64,8 +64,9 @@ class VLLMEngine:
         prepare_runtime()
         # In-process engine: set before vllm reads its env (import time is fine: envs are read lazily).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from transformers import AutoProcessor
         from vllm import LLM
+
+        from coordexp_rl.modeling.load import load_processor, pixel_kwargs
 
         _patch_registry_subprocess()
         self.config = config
@@ -85,12 +86,14 @@ class VLLMEngine:
             limit_mm_per_prompt={"image": 1, "video": 0},
             worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="raw_logprobs",
+            # The run's image resolution, as the learner's processor has it (same image-token count).
+            mm_processor_kwargs=pixel_kwargs(config.max_pixels, config.min_pixels) or None,
         )
         # vLLM's CPU worker swaps torch.set_num_threads for a warning, and image processing calls it on
         # every request: thousands of identical lines per run would bury the useful ones.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DROP_SET_NUM_THREADS_WARNING)
         # The project's processor renders the chat template exactly as the learner does.
-        self.processor = AutoProcessor.from_pretrained(str(config.model_path))
+        self.processor = load_processor(config.model_path, config.max_pixels, config.min_pixels)
         self._version = 0
         self.healthy = True
         log.info("vLLM engine on %s ready in %.1f s", config.model_path, time.perf_counter() - t0)

@@ -24,6 +24,8 @@ class Assets:
     train_path: Path
     val_path: Path
     image_root: Path | None  # None = each JSONL's own folder
+    train_image_root: Path | None = None  # data.train_image_root, else image_root
+    val_image_root: Path | None = None  # data.val_image_root, else image_root
 
 
 def prepare_assets(cfg: Config) -> Assets:
@@ -37,7 +39,9 @@ def prepare_assets(cfg: Config) -> Assets:
         folder = synthetic_set(cfg)
         train, val = folder / "train.jsonl", folder / "val.jsonl"
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    return Assets(model, train, val, root)
+    train_root = Path(cfg.data.train_image_root) if cfg.data.train_image_root else root
+    val_root = Path(cfg.data.val_image_root) if cfg.data.val_image_root else root
+    return Assets(model, train, val, root, train_root, val_root)
 
 
 def _keyed_dir(kind: str, params: dict) -> Path:

@@ -33,6 +33,17 @@ class DataConfig(_Section):
     train: str = ""  # contract JSONL; "" = the synthetic set, built on first use
     val: str = ""
     image_root: str = ""  # "" = the JSONL's folder
+    train_image_root: str = ""  # image folder of `train` ("" = image_root); COCO: .../train2017
+    val_image_root: str = ""  # image folder of `val` ("" = image_root); COCO: .../val2017
+    check_images: bool = True  # open every image at start-up (the driver, once); false after `coordexp-rl validate`
+    # Image resolution, the same in the learner, both engines, infer and evaluation (docs/DATA_JSONL_CONTRACT.md):
+    # Qwen3-VL resizes to multiples of 32 px (patch 16 x merge 2) within these bounds; one image token per
+    # 32x32 px, so max_pixels / 1024 bounds the image tokens (65,536 -> 64 tokens).
+    max_pixels: int = 65536
+    min_pixels: int = 4096
+    # GT assistant tokens per sample: N objects take N x (10 + description tokens) + 1 (end of turn).
+    max_target_tokens: int = 0  # 0 = rollout.max_new_tokens (a GT the rollout could not write either)
+    too_many_objects: Literal["error", "truncate"] = "error"  # truncate: keep whole objects, counted in metrics
     skip_bbox_norm: bool = False  # records hold "<|coord_k|>" strings already (SPEC 3.2)
     prompt: str = DEFAULT_PROMPT
     # The synthetic set built when train is "" (coordexp_rl/data/synth.py): 1-3 shapes of 3 colours x 3
@@ -224,7 +235,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.optim.batch_size < ranks:
         raise ConfigError(f"{source}: optim.batch_size={cfg.optim.batch_size} is the global batch; it must be >= "
                           f"learner.world_size x learner.accum_steps = {ranks}")
+    _check_token_budget(cfg, source)
     return cfg
+
+
+QWEN3VL_PIXELS_PER_TOKEN = 32 * 32  # patch 16 x spatial merge 2
+
+
+def _check_token_budget(cfg: Config, source: str) -> None:
+    """Image tokens at data.max_pixels + rollout.max_new_tokens must fit rollout.max_model_len.
+
+    The prompt text adds a few dozen tokens more; the exact count per sample is checked at data load.
+    """
+    d, r = cfg.data, cfg.rollout
+    if d.min_pixels > d.max_pixels:
+        raise ConfigError(f"{source}: data.min_pixels={d.min_pixels} > data.max_pixels={d.max_pixels}")
+    image_tokens = d.max_pixels // QWEN3VL_PIXELS_PER_TOKEN
+    if image_tokens + r.max_new_tokens >= r.max_model_len:
+        raise ConfigError(
+            f"{source}: data.max_pixels={d.max_pixels} allows {image_tokens} image tokens; with "
+            f"rollout.max_new_tokens={r.max_new_tokens} that leaves no room for the prompt text in "
+            f"rollout.max_model_len={r.max_model_len}: raise rollout.max_model_len to at least "
+            f"{image_tokens + r.max_new_tokens + 64}, or lower data.max_pixels / rollout.max_new_tokens")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

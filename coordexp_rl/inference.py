@@ -271,33 +271,90 @@ def resume_done_ids(path: str | Path) -> set[str]:
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from coordexp_rl.config import DEFAULT_PROMPT
+# Settings that `--config FILE` supplies (the in-run evaluation's), else these built-in defaults; a flag
+# given on the command line wins over both. flag dest -> (default without a config, value from a Config)
+_SETTINGS = {
+    "engine": ("vllm", lambda c: c.rollout.engine),
+    "batch_size": (8, lambda c: c.rollout.batch_size),
+    "max_new_tokens": (256, lambda c: c.rollout.max_new_tokens),
+    "prompt": (None, lambda c: c.data.prompt),
+    "skip_bbox_norm": (False, lambda c: c.data.skip_bbox_norm),
+    "dtype": ("float32", lambda c: c.model.dtype),
+    "device": ("cpu", lambda c: "cuda" if c.rollout.gpus_per_actor else "cpu"),
+    "max_model_len": (2048, lambda c: c.rollout.max_model_len),
+    "max_num_seqs": (None, lambda c: c.rollout.max_num_seqs),
+    "gpu_memory_utilization": (0.5, lambda c: c.rollout.gpu_memory_utilization),
+    "tensor_parallel_size": (1, lambda c: c.rollout.tensor_parallel_size),
+    "max_pixels": (None, lambda c: c.data.max_pixels),
+    "min_pixels": (None, lambda c: c.data.min_pixels),
+    "image_root": (None, lambda c: (c.data.val_image_root or c.data.image_root or None)),
+}
 
+
+def engine_config(cfg, model_path):
+    """The rollout engine a run's ``Config`` describes: the launcher's actors and `infer --config` use it."""
+    from actors.engine import EngineConfig
+
+    r = cfg.rollout
+    return EngineConfig(model_path=str(model_path), kind=r.engine, dtype=cfg.model.dtype,
+                        device="cuda" if r.gpus_per_actor else "cpu", seed=r.seed, max_model_len=r.max_model_len,
+                        max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
+                        tensor_parallel_size=r.tensor_parallel_size, max_pixels=cfg.data.max_pixels,
+                        min_pixels=cfg.data.min_pixels)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL folder with coord tokens")
     parser.add_argument("--data", required=True, type=Path, help="contract JSONL to predict on")
     parser.add_argument("--out", required=True, type=Path, help="predictions JSONL (appended; reruns resume)")
-    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="generation engine")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a run's config.yaml: decoding settings as in that run's evaluation (rollout.engine, "
+                             "batch_size, max_new_tokens, max_model_len, max_num_seqs, gpu_memory_utilization, "
+                             "tensor_parallel_size, model.dtype, data.prompt/max_pixels/min_pixels/val_image_root); "
+                             "flags given here override it")
+    parser.add_argument("--engine", choices=("vllm", "hf"), help="generation engine (default vllm)")
     parser.add_argument("--decode", choices=DECODES, default="discrete",
                         help="discrete: bins k/1000; coordexp: expectation over the coord logits")
     parser.add_argument("--score", choices=SCORE_MODES, default="prob",
                         help="prob: mean token probability; constant: 1.0")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per engine call")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user instruction (as in training)")
-    parser.add_argument("--image-root", type=Path, default=None, help="image folder (default: the data file's)")
-    parser.add_argument("--skip-bbox-norm", action="store_true",
+    parser.add_argument("--batch-size", type=int, help="requests per engine call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, help="generation length limit (default 256)")
+    parser.add_argument("--prompt", help="the user instruction (default: the training default)")
+    parser.add_argument("--image-root", type=Path, help="image folder (default: the data file's)")
+    parser.add_argument("--skip-bbox-norm", action="store_const", const=True,
                         help="the data file holds '<|coord_k|>' coordinates (as in the training config)")
-    parser.add_argument("--dtype", default="float32", help="torch dtype name (bfloat16 on GPUs)")
-    parser.add_argument("--device", default="cpu", help="HF engine / coordexp decoder device")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM: prompt + generated tokens")
+    parser.add_argument("--dtype", help="torch dtype name (default float32; bfloat16 on GPUs)")
+    parser.add_argument("--device", help="HF engine / coordexp decoder device (default cpu)")
+    parser.add_argument("--max-model-len", type=int, help="vLLM: prompt + generated tokens (default 2048)")
+    parser.add_argument("--max-num-seqs", type=int, help="vLLM: sequences decoded together (default: --batch-size)")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM on GPUs: share of device memory (0.5)")
+    parser.add_argument("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default 1)")
+    parser.add_argument("--max-pixels", type=int, help="image resize upper bound (default: the model folder's)")
+    parser.add_argument("--min-pixels", type=int, help="image resize lower bound (default: the model folder's)")
+
+
+def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every unset flag from ``--config`` (if given), else from the built-in default; in place."""
+    from coordexp_rl.config import DEFAULT_PROMPT, load_config
+
+    cfg = load_config(args.config) if args.config is not None else None
+    for name, (default, from_cfg) in _SETTINGS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, from_cfg(cfg) if cfg is not None else default)
+    args.prompt = args.prompt or DEFAULT_PROMPT
+    args.max_num_seqs = args.max_num_seqs or args.batch_size
+    args.image_root = Path(args.image_root) if args.image_root else None
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
     from coordexp_rl.data.loader import DataError, load_samples
 
     try:
+        resolve_settings(args)
         samples = load_samples(args.data, args.image_root, skip_bbox_norm=args.skip_bbox_norm)
+        if args.engine == "vllm":  # a prompt + max_new_tokens over max_model_len fails mid-run in vLLM: check now
+            _check_lengths(args, samples)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         done = resume_done_ids(args.out)
     except (OSError, ValueError, DataError) as exc:
@@ -316,19 +373,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_lengths(args: argparse.Namespace, samples: list[Sample]) -> None:
+    from coordexp_rl.data.limits import check_prompt_budget
+    from coordexp_rl.modeling.load import load_processor
+
+    from coordexp_rl.data.loader import DataError
+
+    processor = load_processor(args.model, args.max_pixels, args.min_pixels)
+    try:
+        check_prompt_budget(samples, processor, args.prompt, args.max_new_tokens, args.max_model_len, args.data)
+    except DataError as exc:
+        raise DataError(f"{exc} (here: --max-new-tokens, --max-model-len, --max-pixels, or the --config's)") from None
+
+
 def _predict_to_file(args: argparse.Namespace, todo: list[Sample]) -> Counter:
     from tqdm import tqdm
 
     from actors.engine import EngineConfig, make_engine
 
     engine = make_engine(EngineConfig(str(args.model), kind=args.engine, dtype=args.dtype, device=args.device,
-                                      max_model_len=args.max_model_len, max_num_seqs=args.batch_size))
+                                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                      gpu_memory_utilization=args.gpu_memory_utilization,
+                                      tensor_parallel_size=args.tensor_parallel_size, max_pixels=args.max_pixels,
+                                      min_pixels=args.min_pixels))
     try:
         decoder = None
         if args.decode == "coordexp" and args.engine != "hf":
             from coordexp_rl.modeling.load import load_model_and_processor
 
-            decoder = DecoderModel(*load_model_and_processor(args.model, args.dtype, args.device))
+            decoder = DecoderModel(*load_model_and_processor(args.model, args.dtype, args.device,
+                                                             max_pixels=args.max_pixels, min_pixels=args.min_pixels))
             decoder.model.eval()
         records = predict(engine, todo, args.prompt, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, decode=args.decode, decoder_model=decoder,

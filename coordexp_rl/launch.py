@@ -110,9 +110,8 @@ class Driver:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.buffer import RolloutBuffer
-        from actors.engine import EngineConfig
         from actors.rollout_actor import RolloutActor
-        from coordexp_rl.data.loader import load_samples
+        from coordexp_rl.inference import engine_config
         from learner.group import LearnerGroup
 
         cfg, r = self.cfg, self.cfg.rollout
@@ -124,17 +123,14 @@ class Driver:
         lr = cfg.learner
         self.learner = LearnerGroup(
             cfg.model_dump(), str(assets.model_path), str(assets.train_path),
-            str(assets.image_root) if assets.image_root else None, world_size=lr.world_size, placement_group=pg,
+            str(assets.train_image_root) if assets.train_image_root else None, world_size=lr.world_size, placement_group=pg,
             bundle_indices=list(range(r.num_actors, r.num_actors + lr.world_size)), num_cpus=lr.cpus,
             num_gpus=lr.gpus, plan={"sharding": lr.sharding, "accum_steps": lr.accum_steps,
                                     "activation_checkpointing": lr.activation_checkpointing})
-        train = load_samples(assets.train_path, assets.image_root, skip_bbox_norm=cfg.data.skip_bbox_norm)
+        train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
+        self._val = self.load_data(assets.val_path, assets.val_image_root, cfg.data.check_images, train=False)
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
-        engine = EngineConfig(model_path=str(assets.model_path), kind=r.engine, dtype=cfg.model.dtype,
-                              device="cuda" if r.gpus_per_actor else "cpu", seed=r.seed,
-                              max_model_len=r.max_model_len, max_num_seqs=r.max_num_seqs,
-                              gpu_memory_utilization=r.gpu_memory_utilization,
-                              tensor_parallel_size=r.tensor_parallel_size)
+        engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
         self.sampling = rollout_sampling(cfg)
         self.actors = [
             RolloutActor.options(scheduling_strategy=in_bundle(i), num_cpus=r.cpus_per_actor,
@@ -150,6 +146,22 @@ class Driver:
             log.info("resumed from %s: %s", cfg.run.resume,
                      ray.get(self.learner.load_checkpoint.remote(cfg.run.resume)))
             self.sync_weights()
+
+    def load_data(self, path, image_root, check_images: bool, train: bool) -> list:
+        """Samples after the up-front checks (images once, prompt and target lengths); counts logged."""
+        from coordexp_rl.data.limits import load_checked_samples
+        from coordexp_rl.modeling.load import load_processor
+
+        if getattr(self, "_processor", None) is None:
+            self._processor = load_processor(self.assets.model_path, self.cfg.data.max_pixels, self.cfg.data.min_pixels)
+        samples, counts = load_checked_samples(self.cfg, path, image_root, self._processor, check_images=check_images,
+                                               train=train)
+        if train:
+            self.log.log("data", 0, counts)
+            if counts.get("data/truncated_samples"):
+                log.warning("%s: %d samples truncated to data.max_target_tokens (%d objects dropped)", path,
+                            counts["data/truncated_samples"], counts["data/dropped_objects"])
+        return samples
 
     # ------------------------------------------------------------------------------------------------
     # Stages
@@ -258,13 +270,15 @@ class Driver:
         """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
         import ray
 
-        from coordexp_rl.data.loader import load_samples
         from coordexp_rl.evaluation.metrics import evaluate_paired
         from coordexp_rl.evaluation.records import load_jsonl, pair_records
         from coordexp_rl.evaluation.report import summary, write_outputs
 
         n = self.cfg.eval.max_samples
-        samples = load_samples(self.assets.val_path, self.assets.image_root, skip_bbox_norm=self.cfg.data.skip_bbox_norm)[:n]
+        if getattr(self, "_val", None) is None:  # loaded (and checked) once per run
+            self._val = self.load_data(self.assets.val_path, self.assets.val_image_root, self.cfg.data.check_images,
+                                       train=False)
+        samples = self._val[:n]
         gts = load_jsonl(self.assets.val_path)[: len(samples)]
         shards = [samples[i::len(self.actors)] for i in range(len(self.actors))]
         preds_by_id = {}
@@ -277,7 +291,8 @@ class Driver:
         gt_records, pred_records = pair_records(gts, preds)
         metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob", "object_prob"))
         # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
-        write_outputs(metrics, gt_records, pred_records, folder, self.assets.image_root or self.assets.val_path.parent)
+        write_outputs(metrics, gt_records, pred_records, folder,
+                      self.assets.val_image_root or self.assets.val_path.parent)
         headline = summary(metrics)
         step = ray.get(self.learner.ready.remote())["step"]
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})

@@ -63,7 +63,8 @@ class Learner:
         self.autocast = cfg.model.dtype == "bfloat16" and self.device.type == "cuda"
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # AdamW moments decay into denormals, which crawl on CPUs
-        self.model, self.processor, self.vocab = load_model_and_processor(model_path, "float32", str(self.device))
+        self.model, self.processor, self.vocab = load_model_and_processor(
+            model_path, "float32", str(self.device), max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
         self.tokenizer = self.processor.tokenizer
         if self.plan.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

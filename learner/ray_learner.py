@@ -30,7 +30,7 @@ class LearnerWorker:
                  plan: dict | None = None, dist_timeout_s: float = 1800.0):
         """``plan``: learner.distributed.ParallelPlan fields; ranks > 1 rendezvous at master_addr:port."""
         prepare_runtime()
-        from coordexp_rl.data.loader import load_samples
+        from coordexp_rl.data.limits import load_checked_samples
         from coordexp_rl.data.stream import BatchStream
         from learner.distributed import ParallelPlan, init_process_group
         from learner.learner import Learner
@@ -43,7 +43,9 @@ class LearnerWorker:
                                use_cuda=self.cfg.learner.gpus > 0 and torch.cuda.is_available(),
                                timeout_s=dist_timeout_s)
         self.learner = Learner(self.cfg, model_path, ParallelPlan(**(plan or {})))
-        samples = load_samples(train_path, image_root or None, skip_bbox_norm=self.cfg.data.skip_bbox_norm)
+        # The driver checked the images (or `validate` did): no rank re-opens them at start-up.
+        samples, _ = load_checked_samples(self.cfg, train_path, image_root or None, self.learner.processor,
+                                          check_images=False, train=True)
         self.samples = {s.sample_id: s for s in samples}
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
 

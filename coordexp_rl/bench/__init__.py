@@ -8,6 +8,7 @@ import importlib
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("coordexp_rl.bench.loss", "Stage-2 loss path (chunked CE + coord-row CoordExp) vs full-vocab logits"),
+    "data": ("coordexp_rl.bench.data", "convert / validate / load at COCO size: time and peak memory, image checks on vs off"),
     "stage1": ("coordexp_rl.bench.stage1", "Stage-1 learning curve in one process: train, greedy-evaluate every N steps"),
 }
 

@@ -60,8 +60,12 @@ def _num(v: float) -> float | int:
     return int(v) if float(v).is_integer() else v
 
 
-def coco_records(instances: dict, crowd: str = "drop", stats: Counter | None = None) -> list[dict]:
-    """COCO ``instances_*.json`` content -> records, in the order of ``instances["images"]``."""
+def coco_records(instances: dict, crowd: str = "drop", stats: Counter | None = None,
+                 prefix: str = "") -> list[dict]:
+    """COCO ``instances_*.json`` content -> records, in the order of ``instances["images"]``.
+
+    prefix: prepended to every ``file_name`` (``"train2017/"``: one image root above both split folders).
+    """
     if crowd not in ("drop", "mark"):
         raise ValueError(f"crowd must be 'drop' or 'mark', got {crowd!r}")
     stats = Counter() if stats is None else stats
@@ -89,7 +93,7 @@ def coco_records(instances: dict, crowd: str = "drop", stats: Counter | None = N
                                 "ann_ids": ann_ids}
         if crowd == "mark":
             meta["iscrowd"] = iscrowd
-        records.append(_record(img["file_name"], img["width"], img["height"], objects, meta))
+        records.append(_record(prefix + img["file_name"], img["width"], img["height"], objects, meta))
         stats["objects"] += len(objects)
     return records
 
@@ -176,8 +180,15 @@ def write_jsonl(records: list[dict], out: Path) -> None:
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def missing_images(records: list[dict], image_root: Path) -> list[str]:
-    return sorted({r["images"][0] for r in records if not (image_root / r["images"][0]).is_file()})
+def missing_images(records: list[dict], image_root: Path, limit: int = 10) -> list[str]:
+    """Up to ``limit`` image paths that are not files under ``image_root`` (one stat per image)."""
+    missing = []
+    for rel in dict.fromkeys(r["images"][0] for r in records):
+        if not (image_root / rel).is_file():
+            missing.append(rel)
+            if len(missing) >= limit:
+                break
+    return missing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     coco.add_argument("--image-root", type=Path, required=True, help="folder the file_name paths are relative to")
     coco.add_argument("--crowd", choices=("drop", "mark"), default="drop",
                       help="drop crowd boxes (default) or keep them with metadata.iscrowd")
+    coco.add_argument("--prefix", default="",
+                      help="prepended to every file_name, e.g. 'train2017/' to use one --image-root above both "
+                           "split folders (default: none; then give each split its own image root)")
     voc = sub.add_parser("voc", help="Pascal VOC XML annotations (one record per XML file)")
     voc.add_argument("--xml-dir", type=Path, required=True, help="the Annotations folder")
     voc.add_argument("--image-root", type=Path, required=True, help="the JPEGImages folder")
@@ -202,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     stats: Counter = Counter()
     if args.source == "coco":
-        records = coco_records(json.loads(args.ann.read_text(encoding="utf-8")), args.crowd, stats)
+        records = coco_records(json.loads(args.ann.read_text(encoding="utf-8-sig")), args.crowd, stats, args.prefix)
     elif args.source == "voc":
         xmls = sorted(args.xml_dir.glob("*.xml"))
         if not xmls:
@@ -218,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image_root is not None:
         missing = missing_images(records, args.image_root)
         if missing:
-            print(f"warning: {len(missing)} images are missing under {args.image_root} (first: {missing[0]})")
+            more = "at least " if len(missing) >= 10 else ""
+            print(f"warning: {more}{len(missing)} images are missing under {args.image_root} (first: {missing[0]})")
         print(f"image paths are relative to {args.image_root}: "
               f"`coordexp-rl validate {args.out} --image-root {args.image_root}`")
     return 0

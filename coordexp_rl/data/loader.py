@@ -16,6 +16,7 @@ from PIL import Image
 
 from coordexp_rl.coords import bins_to_pixels, box_to_bins, normalise_box
 from coordexp_rl.data.contract import TOKEN, Record
+from coordexp_rl.data.paths import resolve_image_path
 from coordexp_rl.data.validate import check_file
 from coordexp_rl.protocol import BoxObject
 
@@ -46,6 +47,7 @@ class Sample:
     boxes_px: list[tuple[float, float, float, float]]
     summary: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    line: int = 0  # 1-based line of the JSONL it came from (0: unknown), for error messages
 
 
 def load_samples(path: str | Path, image_root: str | Path | None = None,
@@ -60,7 +62,8 @@ def load_samples(path: str | Path, image_root: str | Path | None = None,
     checked = check_file(path, root, check_images=check_images, skip_bbox_norm=skip_bbox_norm)
     if checked.problems:
         raise DataError(_problem_report(path, root, checked.problems))
-    samples = [record_to_sample(record, lineno, path.stem, root) for lineno, record in checked.records]
+    samples = [record_to_sample(record, lineno, path.stem, root, checked.image_paths.get(record.image))
+               for lineno, record in checked.records]
     collapsed = sum(o.bins[0] == o.bins[2] or o.bins[1] == o.bins[3] for s in samples for o in s.objects)
     if collapsed:
         log.warning("%s: %d boxes are thinner than one bin (x1 == x2 or y1 == y2 after binning)", path, collapsed)
@@ -68,8 +71,12 @@ def load_samples(path: str | Path, image_root: str | Path | None = None,
     return samples
 
 
-def record_to_sample(record: Record, lineno: int, stem: str, image_root: Path) -> Sample:
-    """A checked record -> Sample (sample id: ``metadata["id"]`` if given, else ``"{stem}:{lineno}"``)."""
+def record_to_sample(record: Record, lineno: int, stem: str, image_root: Path,
+                     image_path: Path | None = None) -> Sample:
+    """A checked record -> Sample (sample id: ``metadata["id"]`` if given, else ``"{stem}:{lineno}"``).
+
+    image_path: the resolved path ``check_file`` found; None = resolve (and check) it here.
+    """
     objects, boxes_px = [], []
     for obj in record.objects:
         box = obj.box()
@@ -83,9 +90,12 @@ def record_to_sample(record: Record, lineno: int, stem: str, image_root: Path) -
         boxes_px.append(px)
     metadata = dict(record.metadata or {})
     sample_id = str(metadata["id"]) if "id" in metadata else f"{stem}:{lineno}"
-    return Sample(sample_id=sample_id, image_path=(image_root / record.image).resolve(),
+    if image_path is None:
+        image_path = resolve_image_path(image_root, record.image)
+    return Sample(sample_id=sample_id, image_path=image_path,
                   image_rel=record.image, width=record.width, height=record.height,
-                  objects=objects, boxes_px=boxes_px, summary=record.summary, metadata=metadata)
+                  objects=objects, boxes_px=boxes_px, summary=record.summary, metadata=metadata,
+                  line=lineno)
 
 
 def load_image(sample: Sample) -> Image.Image:

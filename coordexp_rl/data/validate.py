@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 from pydantic import ValidationError
 
 from coordexp_rl.data.contract import PIXEL, TOKEN, Record, record_problems
+from coordexp_rl.data.paths import ImagePathError, path_escape_reason, resolve_image_path
+
+__all__ = ["CheckedFile", "Problem", "check_file", "path_escape_reason", "read_lines", "validate_file"]
 
 _OBJECT_KEYS = "desc, bbox_2d, poly"
 _RECORD_KEYS = "images, width, height, objects, summary, metadata"
@@ -39,6 +42,7 @@ class CheckedFile:
 
     records: list[tuple[int, Record]]
     problems: list[Problem]
+    image_paths: dict[str, Path] = field(default_factory=dict)  # images[0] as written -> resolved path
 
 
 def validate_file(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,
@@ -54,21 +58,22 @@ def check_file(path: str | Path, image_root: str | Path | None = None, check_ima
     image_root: folder the image paths are relative to (default: the JSONL's folder).
     skip_bbox_norm: True = every record must be pre-tokenised (coord tokens); False = every record
         must use pixels; None = either, but one kind for the whole file.
-    Blank lines are skipped; a file without records is a problem.
+    Blank lines are skipped; a file without records is a problem. Image paths are always checked to
+    stay inside the root (symlinks resolved); ``check_images`` adds: the file exists, opens, has the size.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     name = str(path)
     problems: list[Problem] = []
     records: list[tuple[int, Record]] = []
-    images = _ImageChecker(root)
+    images = _ImageChecker(root, check_images)
     first_kind: tuple[int, str] | None = None  # (line, kind) of the first record that has objects
     seen_ids: dict[str, int] = {}
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = read_lines(path)
     except (OSError, UnicodeDecodeError) as exc:
         return CheckedFile([], [Problem(name, 0, "file", f"cannot be read as UTF-8 text: {exc}")])
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         found: list[tuple[str, str]] = []
@@ -79,14 +84,22 @@ def check_file(path: str | Path, image_root: str | Path | None = None, check_ima
             if first_kind is None and record.kind is not None:
                 first_kind = (lineno, record.kind)
             found += _id_problems(record, lineno, seen_ids)
-            if check_images:
-                found += images.check(record)
+            found += images.check(record)
         problems += [Problem(name, lineno, f, m) for f, m in found]
         if record is not None and not found:
             records.append((lineno, record))
     if not records and not problems:
         problems.append(Problem(name, 0, "file", "holds no records"))
-    return CheckedFile(records, problems)
+    return CheckedFile(records, problems, images.paths)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file as every reader of the project sees them.
+
+    A UTF-8 byte-order mark (what Windows editors write first) is dropped and CRLF / CR line ends
+    count as line ends, so such a file reads like any other.
+    """
+    return Path(path).read_text(encoding="utf-8-sig").splitlines()
 
 
 def _parse_line(line: str, found: list[tuple[str, str]]) -> Record | None:
@@ -151,19 +164,28 @@ def _id_problems(record: Record, lineno: int, seen: dict[str, int]) -> list[tupl
 
 
 class _ImageChecker:
-    """Image checks, each file opened once (many records may share an image)."""
+    """Image path checks (always) and file checks (``check_files``), each image looked at once."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self._sizes: dict[str, tuple[int, int] | str] = {}  # rel path -> (w, h) or an error message
+    def __init__(self, root: Path, check_files: bool):
+        self.root, self.check_files = root, check_files
+        self._resolved_root = root.resolve()
+        self.paths: dict[str, Path] = {}  # rel -> resolved path (paths that passed)
+        self._bad: dict[str, str] = {}  # rel -> why its path was refused
+        self._sizes: dict[str, tuple[int, int] | str] = {}  # rel -> (w, h) or an error message
 
     def check(self, record: Record) -> list[tuple[str, str]]:
         rel = record.image
-        escape = path_escape_reason(rel)
-        if escape:
-            return [("images[0]", escape)]
+        if rel not in self.paths and rel not in self._bad:
+            try:
+                self.paths[rel] = resolve_image_path(self.root, rel, self._resolved_root)
+            except ImagePathError as exc:
+                self._bad[rel] = str(exc)
+        if rel in self._bad:
+            return [("images[0]", self._bad[rel])]
+        if not self.check_files:
+            return []
         if rel not in self._sizes:
-            self._sizes[rel] = _open_size(self.root / rel)
+            self._sizes[rel] = _open_size(self.paths[rel])
         size = self._sizes[rel]
         if isinstance(size, str):
             return [("images[0]", f"{rel!r} under {str(self.root)!r}: {size}")]
@@ -174,16 +196,6 @@ class _ImageChecker:
         if record.height != h:
             found.append(("height", f"is {record.height} but {rel!r} is {w}x{h} pixels"))
         return found
-
-
-def path_escape_reason(rel: str) -> str | None:
-    """Why an image path is not a plain relative path inside the image root (None when it is)."""
-    p = PurePosixPath(rel.replace("\\", "/"))
-    if p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
-        return f"{rel!r} is absolute; image paths must be relative to the image root"
-    if ".." in p.parts:
-        return f"{rel!r} contains '..'; image paths must stay inside the image root"
-    return None
 
 
 def _open_size(path: Path) -> tuple[int, int] | str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from coordexp_rl.data.paths import ImagePathError, resolve_image_path
 from coordexp_rl.evaluation.records import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ MIN_SIDE = 480  # small images are upscaled so the labels stay readable
 def draw_overlay(gt: ImageRecord, pred: ImageRecord, image_root: str | Path) -> Image.Image:
     path = Path(image_root) / gt.image
     try:
+        path = resolve_image_path(Path(image_root), gt.image)  # never outside the root (symlinks too)
         img = Image.open(path).convert("RGB")
         missing = False
-    except OSError:
+    except (OSError, ImagePathError):
         log.warning("overlay: cannot open %s; drawing on a blank canvas", path)
         img, missing = Image.new("RGB", (gt.width, gt.height), (128, 128, 128)), True
     # Boxes are in the record's pixel frame; the file may differ in size (or be upscaled below).

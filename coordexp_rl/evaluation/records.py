@@ -50,20 +50,21 @@ def normalise_desc(desc: str) -> str:
 
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; each record gets ``_where = "FILE line N"`` for later error messages."""
+    """Read a JSONL file (a UTF-8 BOM and CRLF line ends are fine); each record gets ``_where = "FILE line N"``."""
+    from coordexp_rl.data.validate import read_lines
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg}); fix or remove that line") from exc
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
-            rec["_where"] = f"{path} line {n}"
-            records.append(rec)
+    for n, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg}); fix or remove that line") from exc
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
+        rec["_where"] = f"{path} line {n}"
+        records.append(rec)
     return records
 
 

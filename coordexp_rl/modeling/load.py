@@ -12,19 +12,66 @@ from coordexp_rl.coords import CoordVocab
 log = logging.getLogger(__name__)
 
 
-def load_model_and_processor(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+def load_processor(path: str | Path, max_pixels: int | None = None, min_pixels: int | None = None):
+    """The folder's processor with the run's image resolution (``data.max_pixels`` / ``data.min_pixels``).
+
+    A run must not depend on what the folder's processor file says (a real Qwen3-VL allows ~16 M pixels,
+    ~16k image tokens): every reader (learner, both engines, infer, evaluation) loads through here.
+    None keeps the folder's value.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(Path(path))
+    return set_pixel_limits(processor, max_pixels, min_pixels)
+
+
+def set_pixel_limits(processor, max_pixels: int | None, min_pixels: int | None):
+    """Set the image processor's resize bounds in place (``size`` = {shortest_edge, longest_edge} pixels)."""
+    if max_pixels is None and min_pixels is None:
+        return processor
+    image = processor.image_processor
+    size = dict(image.size) if image.size is not None else {}
+    size = {k: v for k, v in size.items() if v is not None}
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    if size.get("shortest_edge", 0) > size.get("longest_edge", 0):
+        raise ValueError(f"min_pixels={size.get('shortest_edge')} > max_pixels={size.get('longest_edge')}: "
+                         "set data.min_pixels <= data.max_pixels")
+    image.size = size
+    return processor
+
+
+def pixel_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
+    """The same bounds as vLLM ``mm_processor_kwargs`` ({} = the folder's own).
+
+    Given as images-only ``size`` (transformers deprecates ``min_pixels`` / ``max_pixels`` call kwargs).
+    """
+    if max_pixels is None and min_pixels is None:
+        return {}
+    size = {}
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    return {"images_kwargs": {"size": size}}
+
+
+def load_model_and_processor(path: str | Path, dtype: str = "float32", device: str = "cpu",
+                             max_pixels: int | None = None, min_pixels: int | None = None):
     """-> (model, processor, CoordVocab). ``dtype`` is a torch dtype name ("float32", "bfloat16", ...).
 
     Raises ValueError naming the folder and the fix when the tokenizer lacks coord tokens, or when
     the model has fewer embedding rows than the tokenizer has tokens.
     """
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}/config.json not found: expected a Qwen3-VL model folder "
                                 "(build one with `coordexp-rl make-tiny-model --out DIR`)")
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder, max_pixels, min_pixels)
     try:
         vocab = CoordVocab.from_tokenizer(processor.tokenizer)
     except ValueError as exc:

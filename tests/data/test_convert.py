@@ -151,3 +151,13 @@ def test_refcoco_reads_jsonl(coco_dir: Path):
     assert main(["convert", "refcoco", "--refs", str(refs), "--ann", str(coco_dir / "instances.json"),
                  "--split", "train", "--out", str(out)]) == 0
     assert [r["objects"][0]["desc"] for r in read_jsonl(out)] == ["the traffic light", "green light"]
+
+
+def test_coco_prefix_puts_the_split_folder_in_front(coco_dir: Path, capsys):
+    """COCO's file_name has no split folder: --prefix makes one root above the split folders work."""
+    out = coco_dir / "out" / "prefixed.jsonl"
+    assert main(["convert", "coco", "--ann", str(coco_dir / "instances.json"), "--prefix", "img/",
+                 "--image-root", str(coco_dir), "--out", str(out)]) == 0
+    assert [r["images"] for r in read_jsonl(out)] == [["img/train/a.png"], ["img/train/b.png"]]
+    assert "missing" not in capsys.readouterr().out
+    assert validate_file(out, image_root=coco_dir) == []

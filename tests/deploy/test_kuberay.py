@@ -101,5 +101,5 @@ def test_runtime_env_is_valid_and_matches_the_cli_one():
     spec = job["spec"]["rayClusterSpec"]
     for tpl in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
         mounts = [m["mountPath"] for m in tpl["spec"]["containers"][0]["volumeMounts"]]
-        for path in (cfg.data.train, cfg.data.image_root, cfg.run.out_dir):
+        for path in (cfg.data.train, cfg.data.train_image_root, cfg.data.val_image_root, cfg.run.out_dir):
             assert any(path.startswith(m + "/") for m in mounts), (path, mounts)
