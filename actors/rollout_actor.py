@@ -187,6 +187,15 @@ class RolloutWorker:
                 self.actor_id, "restarted" if restarted else "registered", self._seq, self.weight_version())
         return self._seq
 
+    def time_generate(self, n: int | None = None) -> float:
+        """Seconds of the bare ``engine.generate`` on the next ``n`` items (not used up): the baseline that
+        ``bench rollout`` compares ``step`` with (images are loaded before the clock starts)."""
+        items = [self.items[(self._seq + i) % len(self.items)] for i in range(n or self.batch_size)]
+        requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
+        t0 = time.perf_counter()
+        self.engine.generate(requests, self.sampling)
+        return time.perf_counter() - t0
+
     # --- weights and health --------------------------------------------------------------------------
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

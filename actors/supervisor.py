@@ -98,3 +98,21 @@ class RolloutSupervisor:
 
     def stats(self) -> dict:
         return {"actor_deaths": self.deaths, "actor_recoveries": self.recoveries, "actors_down": len(self.down)}
+
+    def gone_message(self, max_restarts: int) -> str:
+        return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
+                f"(restarts used up: rollout.max_restarts={max_restarts})")
+
+
+def rollout_stats(actors: list, buffer, supervisor: RolloutSupervisor | None = None) -> dict:
+    """Each actor's counters (``{"gone": 1}`` for one that does not answer), the buffer's, the supervisor's."""
+    stats = []
+    for a in actors:
+        try:
+            stats.append(ray.get(a.stats.remote(), timeout=30))
+        except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
+            stats.append({"gone": 1})
+    out = {"buffer": ray.get(buffer.stats.remote()), "actors": stats}
+    if supervisor is not None:
+        out["supervisor"] = supervisor.stats()
+    return out

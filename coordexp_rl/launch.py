@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import contextlib
 import os
 import signal
 import sys
@@ -20,20 +19,13 @@ import time
 from pathlib import Path
 
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
+from coordexp_rl.run_control import RunStopped, flatten, stop_on_signals
 
 log = logging.getLogger("coordexp_rl.launch")
 
 
 class ResourceError(RuntimeError):
     """The config asks for more than the cluster has."""
-
-
-class RunStopped(RuntimeError):
-    """The run stopped early (a signal, or every rollout actor gone); a checkpoint to resume from exists."""
-
-    def __init__(self, why: str, checkpoint: str, exit_code: int):
-        super().__init__(f"{why}; checkpoint {checkpoint}")
-        self.why, self.checkpoint, self.exit_code = why, checkpoint, exit_code
 
 
 class Driver:
@@ -45,8 +37,8 @@ class Driver:
         self.results: dict[str, dict] = {}
         self.step = 0  # the learner's step as the driver last saw it
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
-        self.last_checkpoint_step = -1
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
+        self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -71,7 +63,6 @@ class Driver:
 
     def prepare(self):
         from coordexp_rl.assets import prepare_assets
-        from coordexp_rl.run_log import RunLog
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
@@ -169,27 +160,23 @@ class Driver:
     def resume(self) -> dict:
         """Load ``run.resume`` (a folder, or ``auto``: the newest complete one here) and open the run log
         rewound to it; {} on a fresh start. Returns the checkpoint's step, version, consumed ids, driver state."""
-        import ray
-
+        from coordexp_rl.run_control import Checkpoints, load_resume_point
         from coordexp_rl.run_log import RunLog
 
-        path = self.cfg.run.resume
-        if path == "auto":
-            path = ray.get(self.learner.latest_checkpoint.remote(str(self.out / "checkpoints")))
-            if not path:
-                log.info("run.resume=auto: no complete checkpoint in %s; starting fresh", self.out / "checkpoints")
-        if not path:
+        self.checkpoints = Checkpoints(self.learner, self.out / "checkpoints", self.cfg.run.checkpoint_every,
+                                       self.cfg.run.keep_last)
+        resumed = load_resume_point(self.learner, self.cfg.run.resume, self.out / "checkpoints")
+        if not resumed:
             self.log = RunLog(self.out)
             return {}
-        info = ray.get(self.learner.load_checkpoint.remote(path))
-        state = ray.get(self.learner.resumed_state.remote())
-        self.step = self.last_checkpoint_step = info["step"]
-        self.last_sync_step = state["driver"].get("last_sync_step", -1)
+        self.step = self.checkpoints.last_step = resumed["step"]
+        self.checkpoints.last_path = resumed["path"]
+        self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
         self.log = RunLog(self.out, resume_step=self.step)
         self.results = self.log.evaluations()
-        log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", path, self.step,
-                 info["version"], sorted(self.results) or "none")
-        return {**info, **state}
+        log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"], self.step,
+                 resumed["version"], sorted(self.results) or "none")
+        return resumed
 
     # ------------------------------------------------------------------------------------------------
     # Stages
@@ -211,15 +198,15 @@ class Driver:
                 done = self.step = self.step + n
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
-                self.maybe_checkpoint()
+                self.checkpoints.maybe(self.step, self.driver_state())
         log.info("stage-1 done: %d steps, loss %.4f", steps, m["loss/total"])
 
     def end_stage1(self) -> None:
         """Sync and checkpoint at the stage boundary (once), so a crash in Stage-2 never redoes Stage-1."""
         if self.last_sync_step < self.cfg.stage1.steps:
             self.sync_weights()
-        if self.last_checkpoint_step < self.cfg.stage1.steps:
-            self.save_checkpoint()
+        if self.checkpoints.last_step < self.cfg.stage1.steps:
+            self.checkpoints.save(self.step, self.driver_state())
 
     def stage2(self) -> None:
         """Actors generate continuously (one queued step each); the learner consumes; weights sync back."""
@@ -240,7 +227,7 @@ class Driver:
                 bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", iou=f"{metrics['match/mean_iou']:.3f}")
                 if (k + 1) % self.cfg.stage2.sync_every == 0:
                     self.sync_weights()
-                self.maybe_checkpoint()
+                self.checkpoints.maybe(self.step, self.driver_state())
         self.supervisor.drain()
         self.log_rollout_stats()
         log.info("stage-2 done; %s", self.supervisor.stats())
@@ -254,9 +241,7 @@ class Driver:
         if not self.supervisor.wait_for(step_ref):
             ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
             ray.get(step_ref)
-            raise self.stopped(f"every rollout actor has been gone for more than rollout.gone_timeout_s="
-                               f"{self.cfg.rollout.gone_timeout_s:g} s (restarts used up: rollout.max_restarts="
-                               f"{self.cfg.rollout.max_restarts})", exit_code=4)
+            raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
         metrics = ray.get(step_ref)
         if metrics is None:
             raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
@@ -264,21 +249,10 @@ class Driver:
         return metrics
 
     def log_rollout_stats(self) -> None:
-        """Buffer and actor counters (throughput, ids); logged at every sync and at the end of Stage-2."""
-        import ray
+        """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""
+        from actors.supervisor import rollout_stats
 
-        from actors.supervisor import ACTOR_GONE
-
-        actors = []
-        for a in self.actors:
-            try:
-                actors.append(ray.get(a.stats.remote(), timeout=30))
-            except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
-                actors.append({"gone": 1})
-        stats = {"buffer": ray.get(self.buffer.stats.remote()), "actors": actors}
-        if getattr(self, "supervisor", None) is not None:
-            stats["supervisor"] = self.supervisor.stats()
-        self.log.log("rollout", self.step, _flatten(stats))
+        self.log.log("rollout", self.step, flatten(rollout_stats(self.actors, self.buffer, self.supervisor)))
 
     # ------------------------------------------------------------------------------------------------
     # Weights, evaluation, checkpoints
@@ -367,20 +341,8 @@ class Driver:
             return
         self.results[label] = self.evaluate(label)
 
-    def maybe_checkpoint(self) -> None:
-        every = self.cfg.run.checkpoint_every
-        if every and self.step % every == 0:
-            self.save_checkpoint()
-
-    def save_checkpoint(self, name: str | None = None) -> str:
-        import ray
-
-        target = self.out / "checkpoints" / (name or f"step-{self.step:06d}")
-        path = ray.get(self.learner.save_checkpoint.remote(
-            str(target), self.cfg.run.keep_last, {"last_sync_step": self.last_sync_step}))
-        self.last_checkpoint_step = self.step
-        log.info("checkpoint %s", path)
-        return path
+    def driver_state(self) -> dict:
+        return {"last_sync_step": self.last_sync_step}
 
     def check_stop(self) -> None:
         if self.stop_signal:
@@ -390,8 +352,7 @@ class Driver:
         """A final checkpoint, the buffer closed (spilled), the log closed: the error to raise."""
         import ray
 
-        path = (str(self.out / "checkpoints" / f"step-{self.step:06d}") if self.last_checkpoint_step == self.step
-                else self.save_checkpoint())
+        path = self.checkpoints.ensure(self.step, self.driver_state())
         ray.get(self.buffer.close.remote())
         self.log.close()
         return RunStopped(why, path, exit_code)
@@ -401,7 +362,7 @@ class Driver:
 
         from coordexp_rl.evaluation.plots import plot_training_curves
 
-        self.save_checkpoint("final")
+        self.checkpoints.save(self.step, self.driver_state(), "final")
         ray.get(self.learner.export.remote(str(self.out / "final_model")))
         ray.get(self.buffer.close.remote())
         self.log.close()
@@ -414,24 +375,6 @@ class Driver:
         return table
 
 
-@contextlib.contextmanager
-def stop_on_signals(driver: Driver):
-    """SIGINT / SIGTERM (Ctrl-C, `ray job stop`) ask the driver to stop after the learner call in flight:
-    it then checkpoints, closes the buffer and raises RunStopped (see Driver.check_stop)."""
-    def ask(signum, _frame):
-        log.warning("%s received: stopping after the current step (checkpoint, then exit)",
-                    signal.Signals(signum).name)
-        driver.stop_signal = signum
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    driver.check_stop()  # a signal during the last step still stops before finishing
-
-
 def results_table(results: dict[str, dict]) -> str:
     cols = [("mAP", "constant/mAP"), ("AP50", "constant/AP50"), ("AP50 (coord prob)", "coord_prob/AP50"),
             ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou"), ("parse failures", "parse_failure_rate")]
@@ -440,18 +383,6 @@ def results_table(results: dict[str, dict]) -> str:
         cells = (r.get(k) for _, k in cols)
         lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
     return "\n".join(lines)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, list):
-            value = {str(i): v for i, v in enumerate(value)}
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)):
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
