@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def run_engine(engine, requests: list, batch: int, sampling_cfg, vocab, tokenize
 
 
 def compare_engines(args: argparse.Namespace, model: Path, items: list) -> list[dict]:
+    import torch
     from PIL import Image
 
     from actors.engine import GenerationRequest, make_engine
@@ -111,8 +113,12 @@ def compare_engines(args: argparse.Namespace, model: Path, items: list) -> list[
 
     images = [Image.open(path).convert("RGB") for _, path, _ in items]
     per_engine: dict[str, dict[int, dict]] = {}
+    threads = {}
     for kind in ("vllm", "hf"):
+        if kind == "hf":  # the same torch thread count as vLLM chose for itself (it lowers it for serving)
+            torch.set_num_threads(threads["vllm"])
         engine = make_engine(engine_config(model, kind, max(args.batch_sizes)))
+        threads[kind] = torch.get_num_threads()
         tok = engine.processor.tokenizer
         vocab = CoordVocab.from_tokenizer(tok)
         per_engine[kind] = {}
@@ -129,7 +135,7 @@ def compare_engines(args: argparse.Namespace, model: Path, items: list) -> list[
         same = sum(a == b for a, b in zip(v.pop("_outputs"), h.pop("_outputs")))
         assert same == v["images"], (f"batch {batch}: vLLM and transformers differ on {v['images'] - same} of "
                                      f"{v['images']} images (greedy outputs must be token-identical)")
-        rows.append({"batch": batch, "token_identical_images": same, "vllm": v, "hf": h,
+        rows.append({"batch": batch, "token_identical_images": same, "torch_threads": threads, "vllm": v, "hf": h,
                      "vllm_over_hf_images_per_s": round(v["images_per_s"] / h["images_per_s"], 3)})
     return rows
 
@@ -215,12 +221,13 @@ def run(args: argparse.Namespace) -> int:
     report = {"benchmark": "rollout", "model": str(model), "max_new_tokens": args.max_new_tokens, "greedy": True,
               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    if "engines" in args.parts:
-        report["engines"] = compare_engines(args, model, items)
-    if "actor" in args.parts:
-        report["actor"] = actor_overhead(args, model, items)
-    if "scaling" in args.parts:
-        report["scaling"] = scaling(args, model, items)
+    parts = {"engines": compare_engines, "actor": actor_overhead, "scaling": scaling}
+    for name in args.parts:  # one failed part (e.g. Ray not starting on a loaded machine) keeps the others
+        try:
+            report[name] = parts[name](args, model, items)
+        except Exception as exc:  # noqa: BLE001 -- reported in the JSON, and the exit code
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)  # progress, in case a later part hangs
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))
-    return 0
+    return int(any("error" in report[name] for name in args.parts if isinstance(report[name], dict)))
