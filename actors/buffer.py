@@ -18,6 +18,13 @@ Staleness (weight versions): the learner announces its version with ``set_versio
 Dropping wastes generation, so producers should ask first: ``acquire(n, actor_version)`` grants permits
 to generate at most as many rows as the learner can still use within the staleness bound (and the free
 capacity); a ``put`` uses up permits, ``release`` returns unused ones. ``max_staleness=0`` is on-policy.
+
+Faults: permits are counted per actor, and ``register(actor_id)`` (what a (re)started rollout actor calls
+first) voids the permits of that actor's previous life, so a killed actor leaks none. The buffer also
+remembers, per actor, the next row sequence number (rows carry the id ``(actor_id, seq)``) and the
+newest published weights (an object-store ref), which a restarted actor loads before it generates.
+``interrupt()`` wakes a waiting ``get`` with None, so a learner blocked on a buffer that no actor fills
+any more can be stopped.
 """
 
 from __future__ import annotations
@@ -25,23 +32,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
+from actors.spill import SpillWriter, replay  # noqa: F401 -- re-exported: the buffer's spill files
 from coordexp_rl.rollout_schema import check_schema, concat_batches
 
 log = logging.getLogger(__name__)
-
-SPILL_PATTERN = re.compile(r"rollouts-(\d{6})\.parquet")
 
 
 @dataclass
@@ -59,48 +61,6 @@ class BufferStats:
     spill_files: int = 0
 
 
-class SpillWriter:
-    """Appends handed-out rows to ``rollouts-NNNNNN.parquet`` files; numbering continues after old files.
-
-    ``rows_per_file=0`` writes one file per batch; otherwise rows collect until a file holds that many
-    (``flush`` writes the rest). Files appear atomically (written under a temporary name, then renamed).
-    """
-
-    def __init__(self, spill_dir: str | os.PathLike, rows_per_file: int = 0):
-        self.dir = Path(spill_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rows_per_file = rows_per_file
-        self._pending: list[pa.RecordBatch] = []
-        self._next = 1 + max((int(m.group(1)) for p in self.dir.iterdir()
-                              if (m := SPILL_PATTERN.fullmatch(p.name))), default=-1)
-
-    def write(self, batch: pa.RecordBatch) -> int:
-        """Queue ``batch``; returns the number of files written now."""
-        self._pending.append(batch)
-        pending_rows = sum(b.num_rows for b in self._pending)
-        return self.flush() if pending_rows >= max(1, self.rows_per_file) else 0
-
-    def flush(self) -> int:
-        if not self._pending:
-            return 0
-        path = self.dir / f"rollouts-{self._next:06d}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_batches(self._pending), tmp)
-        os.replace(tmp, path)
-        self._next += 1
-        self._pending = []
-        return 1
-
-
-def replay(spill_dir: str | os.PathLike) -> Iterator[pa.RecordBatch]:
-    """Read spilled rows back in the order they were handed out: one checked batch per file."""
-    paths = sorted(p for p in Path(spill_dir).iterdir() if SPILL_PATTERN.fullmatch(p.name))
-    for path in paths:
-        table = pq.read_table(path)
-        check_schema(table.schema, where=str(path))
-        yield concat_batches(table.to_batches())
-
-
 class BufferCore:
     """Bounded FIFO of rollout rows with staleness admission and optional spill; non-blocking.
 
@@ -114,7 +74,8 @@ class BufferCore:
 
     def __init__(self, capacity: int, max_staleness: int = 0, rows_per_version: int | None = None,
                  spill_dir: str | os.PathLike | None = None, spill_rows_per_file: int = 0,
-                 version: int = 0):
+                 version: int = 0, next_seq: dict[str, int] | None = None):
+        """``next_seq``: per actor, the seq of its next row (a resumed run continues the ids)."""
         if capacity <= 0:
             raise ValueError(f"buffer capacity must be positive, got {capacity}")
         if max_staleness < 0:
@@ -128,7 +89,8 @@ class BufferCore:
         self.stats_ = BufferStats()
         self._queue: deque[pa.RecordBatch] = deque()
         self._size = 0
-        self._outstanding = 0  # permits granted whose rows have not been put yet
+        self._permits: dict[str, int] = {}  # per actor: permits granted whose rows have not been put yet
+        self._next_seq: dict[str, int] = dict(next_seq or {})  # per actor: the seq its next row gets
         self._taken_at_version = 0  # rows handed out since the last set_version
         self._spill = SpillWriter(spill_dir, spill_rows_per_file) if spill_dir else None
 
@@ -154,7 +116,7 @@ class BufferCore:
         check_schema(batch.schema, where="batch put into the rollout buffer")
         if not self.can_put(batch):
             return False
-        stale = self._stale_count(batch)
+        stale, original = self._stale_count(batch), batch
         if stale:
             batch = batch.filter(pc.greater_equal(batch.column("weight_version"), self.min_version))
             self.stats_.stale_dropped += stale
@@ -162,7 +124,7 @@ class BufferCore:
         if batch.num_rows:
             self._queue.append(batch)
             self._size += batch.num_rows
-        self._outstanding = max(0, self._outstanding - batch.num_rows - stale)
+        self._count_put(batch.num_rows + stale, original)
         self.stats_.puts += 1
         self.stats_.rows_in += batch.num_rows + stale
         return True
@@ -226,16 +188,33 @@ class BufferCore:
             budget = min(budget, demand - supply)
         return max(0, budget)
 
-    def grant(self, n: int, actor_version: int) -> int:
+    @property
+    def _outstanding(self) -> int:
+        return sum(self._permits.values())
+
+    def grant(self, n: int, actor_version: int, actor_id: str = "") -> int:
         """Permit up to ``n`` rows of generation at ``actor_version``; returns the rows permitted."""
         granted = min(n, self.budget(actor_version))
-        self._outstanding += granted
+        self._permits[actor_id] = self._permits.get(actor_id, 0) + granted
         self.stats_.permits_granted += granted
         return granted
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, actor_id: str = "") -> None:
         """Return permits that were not used (generation failed or was cut short)."""
-        self._outstanding = max(0, self._outstanding - n)
+        self._permits[actor_id] = max(0, self._permits.get(actor_id, 0) - n)
+
+    def register(self, actor_id: str) -> int:
+        """A rollout actor (re)starts: its earlier permits are void; returns the seq of its next row."""
+        self._permits.pop(actor_id, None)
+        return self._next_seq.get(actor_id, 0)
+
+    def _count_put(self, rows: int, batch: pa.RecordBatch) -> None:
+        """A put uses up its actor's permits and moves that actor's next seq past the batch."""
+        actors = set(batch.column("actor_id").to_pylist()) if batch.num_rows else set()
+        actor = actors.pop() if len(actors) == 1 else ""
+        self._permits[actor] = max(0, self._permits.get(actor, 0) - rows)
+        for a, seq in zip(batch.column("actor_id").to_pylist(), batch.column("seq").to_pylist()):
+            self._next_seq[a] = max(self._next_seq.get(a, 0), seq + 1)
 
     def snapshot(self) -> pa.RecordBatch:
         """The rows waiting now, oldest first, without taking them (for checkpoints; ``offer`` restores)."""
@@ -261,10 +240,13 @@ class AsyncRolloutBuffer:
     """``BufferCore`` plus waiting: ``put`` and ``get`` await (with timeouts) instead of failing."""
 
     def __init__(self, capacity: int, max_staleness: int = 0, rows_per_version: int | None = None,
-                 spill_dir: str | None = None, spill_rows_per_file: int = 0, version: int = 0):
+                 spill_dir: str | None = None, spill_rows_per_file: int = 0, version: int = 0,
+                 next_seq: dict[str, int] | None = None):
         self.core = BufferCore(capacity, max_staleness, rows_per_version, spill_dir, spill_rows_per_file,
-                               version)
+                               version, next_seq)
         self._changed = asyncio.Condition()  # notified on every change of size, version or permits
+        self._interrupted = False
+        self._weights: tuple[int, list] = (0, [])  # newest published (version, [object ref]); [] = none
 
     async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
         """Add a batch, waiting while the buffer is full; False if still full after ``timeout_s``."""
@@ -289,15 +271,15 @@ class AsyncRolloutBuffer:
         need = n if min_rows is None else max(1, min(min_rows, n))
         start = time.monotonic()
         async with self._changed:
-            ok = await self._wait(lambda: self.core.size >= need, timeout_s)
+            ok = await self._wait(lambda: self.core.size >= need or self._interrupted, timeout_s)
             self.core.stats_.get_wait_s += time.monotonic() - start
-            if not ok:
+            if not ok or self._interrupted:
                 return None
             out = self.core.take(n)
             self._changed.notify_all()
             return out
 
-    async def acquire(self, n: int, actor_version: int, timeout_s: float = 0.0) -> int:
+    async def acquire(self, n: int, actor_version: int, timeout_s: float = 0.0, actor_id: str = "") -> int:
         """Permits to generate up to ``n`` rows at ``actor_version``; waits up to ``timeout_s`` for any.
 
         0 means: not now (buffer full, or the learner cannot use more rows of this version) or, when
@@ -307,12 +289,33 @@ class AsyncRolloutBuffer:
             # A stale engine stops waiting at once: only a weight sync helps it.
             await self._wait(lambda: self.core.budget(actor_version) > 0
                              or actor_version < self.core.min_version, timeout_s)
-            return self.core.grant(n, actor_version)
+            return self.core.grant(n, actor_version, actor_id)
 
-    async def release(self, n: int) -> None:
+    async def release(self, n: int, actor_id: str = "") -> None:
         async with self._changed:
-            self.core.release(n)
+            self.core.release(n, actor_id)
             self._changed.notify_all()
+
+    async def register(self, actor_id: str) -> dict:
+        """A (re)started actor: its next seq and the newest published weights ``(version, [ref])``."""
+        async with self._changed:
+            seq = self.core.register(actor_id)
+            self._changed.notify_all()
+            return {"next_seq": seq, "weights": self._weights}
+
+    async def publish_weights(self, version: int, refs: list) -> None:
+        """Keep the newest weights (a list holding one object ref, so Ray passes the ref, not the value)."""
+        if version >= self._weights[0]:
+            self._weights = (version, list(refs))
+
+    async def interrupt(self) -> None:
+        """Wake a waiting ``get`` with None (the run is stopping); later gets return None at once."""
+        async with self._changed:
+            self._interrupted = True
+            self._changed.notify_all()
+
+    async def next_seq(self) -> dict[str, int]:
+        return dict(self.core._next_seq)
 
     async def may_generate(self, actor_version: int) -> bool:
         return self.core.budget(actor_version) > 0

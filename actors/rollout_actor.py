@@ -6,7 +6,13 @@ the same class as a Ray actor. Work items are ``(sample_id, image_path, image_re
 
 Flow per batch: (optionally) ask the buffer for permits -> load images -> ``engine.generate`` ->
 ``parse_ids`` on the actor -> ``rows_to_batch`` -> ``buffer.put``. Every row carries the engine's
-weight version, so the buffer can enforce staleness.
+weight version, so the buffer can enforce staleness, and the id ``(actor_id, seq)``: the actor's row
+counter, whose item is ``shard[seq % len(shard)]``.
+
+Faults: the actor is restarted by Ray when its process dies (``max_restarts``). Before it generates
+again (first ``step`` or ``predict`` of each life) it registers with the buffer, which voids the permits
+of its earlier life and tells it the seq after the last row it put (rows generated but never put are
+simply generated again, with the same ids), and it loads the newest weights the learner published.
 """
 
 from __future__ import annotations
@@ -74,36 +80,44 @@ class RolloutWorker:
         self.prompt_text, self.sampling, self.batch_size = prompt_text, sampling, batch_size
         self.actor_id, self.buffer, self.put_timeout_s = actor_id, buffer, put_timeout_s
         self.counters = ThroughputCounters()
-        self._cursor = 0
+        self._seq = 0  # the seq of the next row (and the shard position: seq % len(items))
+        self._registered = buffer is None  # registers with the buffer before it first generates
+        self._announced = False
         self._sha: dict[str, str] = {}
 
     # --- generation ---------------------------------------------------------------------------------
 
-    def next_items(self, n: int) -> list[WorkItem]:
-        out = [self.items[(self._cursor + i) % len(self.items)] for i in range(n)]
-        self._cursor = (self._cursor + n) % len(self.items)
+    def next_items(self, n: int) -> list[tuple[int, WorkItem]]:
+        """The next ``n`` (seq, item) pairs; the seq counter moves past them."""
+        out = [(self._seq + i, self.items[(self._seq + i) % len(self.items)]) for i in range(n)]
+        self._seq += n
         return out
 
     def generate_rows(self, n: int | None = None):
         """Generate and parse the next ``n`` (default batch_size) items -> list of RolloutRow."""
         from coordexp_rl.data.loader import image_sha256
 
+        start = self._seq
         items = self.next_items(n or self.batch_size)
-        requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
-        t0 = time.perf_counter()
-        results = self.engine.generate(requests, self.sampling)
+        try:
+            requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for _, it in items]
+            t0 = time.perf_counter()
+            results = self.engine.generate(requests, self.sampling)
+        except Exception:
+            self._seq = start  # nothing was produced: the same ids go to the next try
+            raise
         t_gen = (time.perf_counter() - t0) / len(items)
         rows = []
-        for item, res in zip(items, results):
+        for (seq, item), res in zip(items, results):
             sha = self._sha.get(item.image_path) or self._sha.setdefault(item.image_path, image_sha256(item.image_path))
-            rows.append(self._row(item, res, sha, t_gen))
+            rows.append(self._row(item, res, sha, t_gen, seq))
         self.counters.images += len(rows)
         self.counters.generated_tokens += sum(len(r.generated_ids) for r in rows)
         self.counters.valid_objects += sum(len(r.objects) for r in rows)
         self.counters.seconds += time.perf_counter() - t0
         return rows
 
-    def _row(self, item: WorkItem, res: GenerationResult, sha: str, t_gen: float):
+    def _row(self, item: WorkItem, res: GenerationResult, sha: str, t_gen: float, seq: int):
         from coordexp_rl.protocol import parse_ids
         from coordexp_rl.rollout_schema import RolloutRow
 
@@ -115,6 +129,7 @@ class RolloutWorker:
             parse_status=parsed.status, parse_reasons=parsed.reasons, stray_tokens=parsed.stray_tokens,
             finish_reason=res.finish_reason, weight_version=res.weight_version, engine=self.engine.name,
             actor_id=self.actor_id, t_generate_s=t_gen, t_parse_s=time.perf_counter() - t0, created_at=time.time(),
+            seq=seq,
         )
 
     def generate_batch(self, n: int | None = None) -> pa.RecordBatch:
@@ -128,16 +143,20 @@ class RolloutWorker:
         """Ask the buffer for permits, generate that many rows, put them; returns rows put (0 = not now)."""
         if self.buffer is None:
             raise RuntimeError(f"actor {self.actor_id}: no buffer given; use generate_batch() instead")
-        granted = ray.get(self.buffer.acquire.remote(self.batch_size, self.weight_version(), permit_timeout_s))
+        self.register()
+        granted = ray.get(self.buffer.acquire.remote(self.batch_size, self.weight_version(), permit_timeout_s,
+                                                     self.actor_id))
         if granted == 0:
+            self._registered = False  # no permits held now: look again for newer published weights next step
             return 0
         try:
             batch = self.generate_batch(granted)
         except Exception:
-            ray.get(self.buffer.release.remote(granted))
+            ray.get(self.buffer.release.remote(granted, self.actor_id))
             raise
         if not ray.get(self.buffer.put.remote(batch, self.put_timeout_s)):
-            ray.get(self.buffer.release.remote(granted))
+            ray.get(self.buffer.release.remote(granted, self.actor_id))
+            self._seq -= batch.num_rows  # never put: these ids are generated again
             log.warning("actor %s: buffer stayed full for %.0f s; %d rows dropped", self.actor_id,
                         self.put_timeout_s, batch.num_rows)
             return 0
@@ -149,6 +168,33 @@ class RolloutWorker:
         while done < max_rows and (deadline_s is None or time.monotonic() - start < deadline_s):
             done += self.step(permit_timeout_s)
         return done
+
+    def register(self) -> int:
+        """Once per life: void earlier permits, continue the row ids, load the newest published weights."""
+        if self._registered:
+            return self._seq
+        info = ray.get(self.buffer.register.remote(self.actor_id))
+        self._seq = info["next_seq"]
+        version, refs = info["weights"]
+        if refs and version > self.weight_version():
+            self.update_weights(ray.get(refs[0]))
+        self._registered = True
+        if self._announced:
+            return self._seq
+        self._announced = True
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        log.log(logging.WARNING if restarted else logging.INFO, "actor %s %s: next row seq %d, weight version %d",
+                self.actor_id, "restarted" if restarted else "registered", self._seq, self.weight_version())
+        return self._seq
+
+    def time_generate(self, n: int | None = None) -> float:
+        """Seconds of the bare ``engine.generate`` on the next ``n`` items (not used up): the baseline that
+        ``bench rollout`` compares ``step`` with (images are loaded before the clock starts)."""
+        items = [self.items[(self._seq + i) % len(self.items)] for i in range(n or self.batch_size)]
+        requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
+        t0 = time.perf_counter()
+        self.engine.generate(requests, self.sampling)
+        return time.perf_counter() - t0
 
     # --- weights and health --------------------------------------------------------------------------
 
@@ -184,12 +230,14 @@ class RolloutWorker:
         """Greedy prediction records (coordexp_rl.inference) for evaluation with the current weights."""
         from coordexp_rl.inference import predict
 
+        if self.buffer is not None:
+            self.register()  # a restarted actor evaluates with the newest weights, not its initial ones
         return list(predict(self.engine, list(samples), self.prompt_text, batch_size=self.batch_size,
                             max_new_tokens=max_new_tokens or self.sampling.max_new_tokens))
 
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "engine": self.engine.name, "weight_version": self.weight_version(),
-                "shard_size": len(self.items), **self.counters.as_dict()}
+                "shard_size": len(self.items), "next_seq": self._seq, **self.counters.as_dict()}
 
     def ping(self) -> bool:
         return bool(getattr(self.engine, "healthy", True))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +52,27 @@ def _keyed_dir(kind: str, params: dict) -> Path:
 
 
 def _build_once(target: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so an interrupted build is never mistaken for done."""
+    """Build ``target`` once, safely when several processes ask for it at the same moment.
+
+    Each process builds into its own temporary sibling (``mkdtemp``: two builders never share a folder)
+    and renames it onto ``target`` in one atomic step. A folder at ``target`` is therefore always a
+    finished build. The process that loses the race (the rename fails because another process put a
+    finished folder there first) throws its own copy away and uses the winner's.
+    """
     if target.exists():
         return target
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)  # atomic; refuses to replace a non-empty folder
+        except OSError:
+            if not target.is_dir():
+                raise
+            log.info("%s was built by another process meanwhile; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -148,6 +148,8 @@ class RolloutConfig(_Section):
     tensor_parallel_size: int = 1
     gpus_per_actor: float = 0.0  # 0 on CPU machines
     cpus_per_actor: float = 1.0
+    max_restarts: int = 3  # Ray restarts a dead rollout actor this often (it reloads the newest weights)
+    gone_timeout_s: float = 300.0  # every actor dead this long: the driver checkpoints and stops
 
 
 class BufferConfig(_Section):
@@ -182,7 +184,8 @@ class RunConfig(_Section):
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000  # 0 = only the final one
-    resume: str = ""  # a checkpoint folder to continue from
+    resume: str = ""  # a checkpoint folder to continue from; "auto" = the newest complete one in out_dir (if any)
+    keep_last: int = 3  # complete checkpoints kept on disk (oldest removed first); 0 = keep all
     ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
 
 

@@ -13,11 +13,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
+from coordexp_rl.run_control import RunStopped, flatten, stop_on_signals
 
 log = logging.getLogger("coordexp_rl.launch")
 
@@ -33,6 +35,10 @@ class Driver:
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
         self.results: dict[str, dict] = {}
+        self.step = 0  # the learner's step as the driver last saw it
+        self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
+        self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
+        self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -42,12 +48,13 @@ class Driver:
         assets = self.prepare()
         self.connect_ray()
         self.start_workers(assets, self.reserve_resources())
-        self.results["initial"] = self.evaluate("initial")
-        self.stage1()
-        self.sync_weights()
-        self.results["stage1"] = self.evaluate("stage1")
-        self.stage2()
-        self.results["stage2"] = self.evaluate("stage2")
+        with stop_on_signals(self):
+            self.evaluate_once("initial")
+            self.stage1()
+            self.end_stage1()
+            self.evaluate_once("stage1")
+            self.stage2()
+            self.evaluate_once("stage2")
         return self.finish()
 
     # ------------------------------------------------------------------------------------------------
@@ -56,11 +63,9 @@ class Driver:
 
     def prepare(self):
         from coordexp_rl.assets import prepare_assets
-        from coordexp_rl.run_log import RunLog
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
-        self.log = RunLog(self.out)
         self.assets = prepare_assets(self.cfg)
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
         return self.assets
@@ -117,9 +122,6 @@ class Driver:
         cfg, r = self.cfg, self.cfg.rollout
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
         spill = str(self.out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-        self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
-                                           rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
-                                           spill_dir=spill)
         lr = cfg.learner
         self.learner = LearnerGroup(
             cfg.model_dump(), str(assets.model_path), str(assets.train_path),
@@ -132,9 +134,16 @@ class Driver:
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
         engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
         self.sampling = rollout_sampling(cfg)
+        resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
+        if not resumed:
+            self.log.log("data", 0, self._data_counts)
+        self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
+                                           rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
+                                           spill_dir=spill, version=resumed.get("version", 0),
+                                           next_seq=resumed.get("consumed"))
         self.actors = [
             RolloutActor.options(scheduling_strategy=in_bundle(i), num_cpus=r.cpus_per_actor,
-                                 num_gpus=r.gpus_per_actor).remote(
+                                 num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts).remote(
                 engine, items, cfg.data.prompt, self.sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
                 num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
             for i in range(r.num_actors)]
@@ -142,10 +151,29 @@ class Driver:
         log.info("learner ready %s; %d rollout actors ready", ready[0], len(self.actors))
         if cfg.weight_sync.transport == "broadcast":
             self.join_weight_group()
-        if cfg.run.resume:
-            log.info("resumed from %s: %s", cfg.run.resume,
-                     ray.get(self.learner.load_checkpoint.remote(cfg.run.resume)))
-            self.sync_weights()
+        if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
+            self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
+
+    def resume(self) -> dict:
+        """Load ``run.resume`` (a folder, or ``auto``: the newest complete one here) and open the run log
+        rewound to it; {} on a fresh start. Returns the checkpoint's step, version, consumed ids, driver state."""
+        from coordexp_rl.run_control import Checkpoints, load_resume_point
+        from coordexp_rl.run_log import RunLog
+
+        self.checkpoints = Checkpoints(self.learner, self.out / "checkpoints", self.cfg.run.checkpoint_every,
+                                       self.cfg.run.keep_last)
+        resumed = load_resume_point(self.learner, self.cfg.run.resume, self.out / "checkpoints")
+        if not resumed:
+            self.log = RunLog(self.out)
+            return {}
+        self.step = self.checkpoints.last_step = resumed["step"]
+        self.checkpoints.last_path = resumed["path"]
+        self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
+        self.log = RunLog(self.out, resume_step=self.step)
+        self.results = self.log.evaluations()
+        log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"], self.step,
+                 resumed["version"], sorted(self.results) or "none")
+        return resumed
 
     def load_data(self, path, image_root, check_images: bool, train: bool) -> list:
         """Samples after the up-front checks (images once, prompt and target lengths); counts logged."""
@@ -157,7 +185,7 @@ class Driver:
         samples, counts = load_checked_samples(self.cfg, path, image_root, self._processor, check_images=check_images,
                                                train=train)
         if train:
-            self.log.log("data", 0, counts)
+            self._data_counts = counts  # logged once the run log is open (not again on a resume)
             if counts.get("data/truncated_samples"):
                 log.warning("%s: %d samples truncated to data.max_target_tokens (%d objects dropped)", path,
                             counts["data/truncated_samples"], counts["data/dropped_objects"])
@@ -172,55 +200,76 @@ class Driver:
         import ray
         from tqdm import tqdm
 
-        done = ray.get(self.learner.ready.remote())["step"]
+        done = self.step
         steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
         with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
+                self.check_stop()
                 n = min(chunk, steps - done)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
                     self.log.log(label, m["step"], m)
-                done += n
+                done = self.step = self.step + n
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
-                self.maybe_checkpoint(done)
+                self.checkpoints.maybe(self.step, self.driver_state())
         log.info("%s done: %d steps, loss %.4f", label, steps, m["loss/total"])
+
+    def end_stage1(self) -> None:
+        """Sync and checkpoint at the stage boundary (once), so a crash in Stage-2 never redoes Stage-1."""
+        if self.last_sync_step < self.cfg.stage1.steps:
+            self.sync_weights()
+        if self.checkpoints.last_step < self.cfg.stage1.steps:
+            self.checkpoints.save(self.step, self.driver_state())
 
     def stage2(self) -> None:
         """Actors generate continuously (one queued step each); the learner consumes; weights sync back."""
-        import ray
         from tqdm import tqdm
 
-        s1 = self.cfg.stage1.steps
+        from actors.supervisor import RolloutSupervisor
+
+        s1, total = self.cfg.stage1.steps, self.cfg.stage2.steps
         if self.cfg.stage2.method == "sft":  # the control arm: Stage-2's steps spent on more SFT
-            self.stage1(s1 + self.cfg.stage2.steps, label="stage2")
+            self.stage1(s1 + total, label="stage2")
             return self.sync_weights()  # evaluation reads the actors' weights (the EM loop syncs as it goes)
-        start = max(0, ray.get(self.learner.ready.remote())["step"] - s1)
-        pending = {a.step.remote(): a for a in self.actors}
-        with tqdm(total=self.cfg.stage2.steps, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
-            for k in range(start, self.cfg.stage2.steps):
-                step_ref = self.learner.stage2_step.remote(self.buffer)
-                while True:  # keep every actor busy until the learner's step returns
-                    ready, _ = ray.wait([step_ref, *pending], num_returns=1)
-                    if ready[0] == step_ref:
-                        break
-                    actor = pending.pop(ready[0])
-                    ray.get(ready[0])  # surfaces an actor failure here
-                    pending[actor.step.remote()] = actor
-                metrics = ray.get(step_ref)
-                if metrics is None:
-                    raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
-                                       f"{ray.get([a.stats.remote() for a in self.actors])}")
+        start = max(0, self.step - s1)
+        self.supervisor = RolloutSupervisor(self.actors, self.cfg.rollout.gone_timeout_s)
+        self.supervisor.start()
+        with tqdm(total=total, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
+            for k in range(start, total):
+                metrics = self.stage2_step(k)
+                self.step = s1 + k + 1
                 self.log.log("stage2", metrics["step"], metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", iou=f"{metrics['match/mean_iou']:.3f}")
                 if (k + 1) % self.cfg.stage2.sync_every == 0:
                     self.sync_weights()
-                self.maybe_checkpoint(s1 + k + 1)
-        ray.get(list(pending))
-        stats = {"buffer": ray.get(self.buffer.stats.remote()), "actors": ray.get([a.stats.remote() for a in self.actors])}
-        self.log.log("rollout", s1 + self.cfg.stage2.steps, _flatten(stats))
-        log.info("stage-2 done; rollout stats %s", stats)
+                self.checkpoints.maybe(self.step, self.driver_state())
+        self.supervisor.drain()
+        self.log_rollout_stats()
+        log.info("stage-2 done; %s", self.supervisor.stats())
+
+    def stage2_step(self, k: int) -> dict:
+        """One learner step while the supervisor keeps the actors busy; stops the run when all are gone."""
+        import ray
+
+        self.check_stop()
+        step_ref = self.learner.stage2_step.remote(self.buffer)
+        if not self.supervisor.wait_for(step_ref):
+            ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
+            ray.get(step_ref)
+            raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
+        metrics = ray.get(step_ref)
+        if metrics is None:
+            raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
+                               f"{ray.get([a.stats.remote() for a in self.actors])}")
+        return metrics
+
+    def log_rollout_stats(self) -> None:
+        """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""
+        from actors.supervisor import rollout_stats
+
+        self.log.log("rollout", self.step, flatten(rollout_stats(self.actors, self.buffer, self.supervisor)))
 
     # ------------------------------------------------------------------------------------------------
     # Weights, evaluation, checkpoints
@@ -239,17 +288,20 @@ class Driver:
                  for i, a in enumerate(self.actors)], timeout=ws.timeout_s + 30)
         log.info("weight group: %d ranks over %s at %s:%d", world, backend, addr, port)
 
-    def sync_weights(self) -> None:
-        """One control call per actor; the buffer's version moves only when every actor has loaded."""
+    def sync_weights(self, bump: bool = True, label: str = "sync") -> None:
+        """One control call per actor. An actor that fails (dead mid-transfer, timed out) keeps its old
+        weights; the others and the buffer move on, and the buffer's admission stops the laggard until it
+        catches up (at the next sync, or at its restart, from the weights kept in the buffer)."""
         import ray
 
         t0 = time.perf_counter()
         bucket_mb = self.cfg.weight_sync.bucket_mb
         if self.cfg.weight_sync.transport == "broadcast":
             calls = {a.receive_broadcast_weights.remote(): i for i, a in enumerate(self.actors)}
-            version = ray.get(self.learner.broadcast_weights.remote(bucket_mb))
+            version = ray.get(self.learner.broadcast_weights.remote(bucket_mb, bump))
         else:
-            version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb))
+            version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
+            ray.get(self.buffer.publish_weights.remote(version, [payload_ref]))  # for restarted actors
             calls = {a.update_weights.remote(payload_ref): i for i, a in enumerate(self.actors)}
         ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.cfg.weight_sync.timeout_s)
         failed = [f"rollout-{calls[r]}: timed out after {self.cfg.weight_sync.timeout_s} s" for r in late]
@@ -261,10 +313,12 @@ class Driver:
         seconds = time.perf_counter() - t0
         if failed:
             log.error("weight sync v%d failed on %d actors: %s", version, len(failed), failed)
-        else:
-            ray.get(self.buffer.set_version.remote(version))
-        self.log.log("sync", version, {"version": version, "seconds": seconds, "failed_actors": len(failed)})
+        ray.get(self.buffer.set_version.remote(version))
+        self.last_sync_step = self.step
+        self.log.log(label, self.step, {"version": version, "seconds": seconds, "failed_actors": len(failed)})
         log.info("weight sync v%d to %d actors in %.3f s", version, len(self.actors) - len(failed), seconds)
+        if label == "sync":
+            self.log_rollout_stats()
 
     def evaluate(self, label: str) -> dict:
         """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
@@ -300,20 +354,35 @@ class Driver:
                                                                      "mean_iou", "parse_failure_rate")})
         return headline
 
-    def maybe_checkpoint(self, step: int) -> None:
+    def evaluate_once(self, label: str) -> None:
+        """Evaluate unless a resumed run already did (its rows and files stay as they were)."""
+        if label in self.results:
+            log.info("eval %s: kept from before the resume", label)
+            return
+        self.results[label] = self.evaluate(label)
+
+    def driver_state(self) -> dict:
+        return {"last_sync_step": self.last_sync_step}
+
+    def check_stop(self) -> None:
+        if self.stop_signal:
+            raise self.stopped(f"stopped by {signal.Signals(self.stop_signal).name}", 128 + self.stop_signal)
+
+    def stopped(self, why: str, exit_code: int) -> RunStopped:
+        """A final checkpoint, the buffer closed (spilled), the log closed: the error to raise."""
         import ray
 
-        every = self.cfg.run.checkpoint_every
-        if every and step % every == 0:
-            path = ray.get(self.learner.save_checkpoint.remote(str(self.out / "checkpoints" / f"step-{step:06d}")))
-            log.info("checkpoint %s", path)
+        path = self.checkpoints.ensure(self.step, self.driver_state())
+        ray.get(self.buffer.close.remote())
+        self.log.close()
+        return RunStopped(why, path, exit_code)
 
     def finish(self) -> str:
         import ray
 
         from coordexp_rl.evaluation.plots import plot_training_curves
 
-        ray.get(self.learner.save_checkpoint.remote(str(self.out / "checkpoints" / "final")))
+        self.checkpoints.save(self.step, self.driver_state(), "final")
         ray.get(self.learner.export.remote(str(self.out / "final_model")))
         ray.get(self.buffer.close.remote())
         self.log.close()
@@ -347,18 +416,6 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, list):
-            value = {str(i): v for i, v in enumerate(value)}
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)):
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded tiny CPU default)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=3e-4")
@@ -380,6 +437,11 @@ def run(args: argparse.Namespace) -> int:
     except ResourceError as e:
         print(f"resource error: {e}", file=sys.stderr)
         return 3
+    except RunStopped as e:
+        print(f"run stopped: {e.why}.\nCheckpoint: {e.checkpoint}\nResume with: python -m coordexp_rl.launch "
+              f"{'--config ' + args.config + ' ' if args.config else ''}{' '.join(args.overrides)} "
+              f"run.resume={e.checkpoint}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

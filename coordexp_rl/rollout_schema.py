@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from coordexp_rl.protocol import ParsedObject
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the row id (actor_id, seq)
 VERSION_KEY = b"coordexp.rollout_schema_version"
 
 OBJECT_TYPE = pa.struct([
@@ -48,6 +48,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("t_generate_s", pa.float64()),
         ("t_parse_s", pa.float64()),
         ("created_at", pa.float64()),
+        ("seq", pa.int64()),
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -78,6 +79,7 @@ class RolloutRow:
     t_generate_s: float = 0.0
     t_parse_s: float = 0.0
     created_at: float = 0.0
+    seq: int = 0  # with actor_id the row's id: the actor's row counter, continued across restarts/resumes
 
 
 _ROW_FIELDS = [f.name for f in fields(RolloutRow)]

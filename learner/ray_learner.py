@@ -48,6 +48,8 @@ class LearnerWorker:
                                           check_images=False, train=True)
         self.samples = {s.sample_id: s for s in samples}
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
+        self.consumed: dict[str, int] = {}  # per rollout actor: the seq of the next row expected from it
+        self.resumed: dict = {}  # the data state of the checkpoint loaded last
 
     def ready(self) -> dict:
         return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
@@ -72,19 +74,36 @@ class LearnerWorker:
         if rows is None:
             return None
         wait_s = time.perf_counter() - t0
+        ids = self._check_row_ids(rows)
         metrics = self.learner.stage2_step(rows, self.samples)
-        metrics["buffer_wait_s"] = wait_s
+        metrics.update(buffer_wait_s=wait_s, **ids)
         return metrics
 
-    def publish_weights_ref(self, bucket_mb: int) -> tuple[int, ray.ObjectRef | None]:
+    def _check_row_ids(self, rows) -> dict:
+        """Each actor's rows arrive in seq order (FIFO): a seq below the expected one was consumed before
+        (a duplicate), one above means rows were skipped (e.g. dropped as stale). Counted, and logged."""
+        dup = skipped = 0
+        for r in rows:
+            expected = self.consumed.get(r.actor_id, 0)
+            if r.seq < expected:
+                dup += 1
+                log.error("row (%s, %d) consumed twice (expected seq %d)", r.actor_id, r.seq, expected)
+            skipped += max(0, r.seq - expected)
+            self.consumed[r.actor_id] = max(expected, r.seq + 1)
+        return {"rows/duplicate_ids": dup, "rows/skipped_ids": skipped,
+                "rows/ids": [[r.actor_id, r.seq, r.weight_version] for r in rows]}
+
+    def publish_weights_ref(self, bucket_mb: int, bump: bool = True) -> tuple[int, ray.ObjectRef | None]:
         """A new weight version, packed into buckets and put into the object store once for all actors.
+        ``bump=False`` re-publishes the current version (a resumed run whose checkpoint was taken right
+        after a sync, or a restarted actor on the broadcast transport).
 
         Sharded: tensors are gathered one by one while rank 0 packs them (other ranks only take part in the
         gathers and return (version, None)).
         """
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        version = self.learner.new_version()
+        version = self.learner.new_version() if bump else self.learner.version
         named = self.learner.named_weights()
         if not self.learner.dist.is_main:
             for _ in named:  # the gathers
@@ -110,9 +129,9 @@ class LearnerWorker:
                                                                    timeout_s))
         return rank
 
-    def broadcast_weights(self, bucket_mb: int) -> int:
+    def broadcast_weights(self, bucket_mb: int, bump: bool = True) -> int:
         """A new weight version, broadcast bucket by bucket to every rollout actor (gathered when sharded)."""
-        version = self.learner.new_version()
+        version = self.learner.new_version() if bump else self.learner.version
         named = self.learner.named_weights()
         if not self.learner.dist.is_main:
             for _ in named:  # the gathers
@@ -122,14 +141,35 @@ class LearnerWorker:
         self._broadcast.send(version, named)
         return version
 
-    def save_checkpoint(self, path: str) -> str:
-        return str(self.learner.save(Path(path), {"stream": self.stream.state()}))
+    def save_checkpoint(self, path: str, keep_last: int = 0, driver: dict | None = None) -> str:
+        """Save (data stream, consumed row ids and the driver's own state go along); keep the newest
+        ``keep_last`` complete checkpoints of the folder (0 = all)."""
+        from learner.checkpoint import prune_checkpoints
+
+        data = {"stream": self.stream.state(), "consumed": dict(self.consumed), "driver": driver or {}}
+        out = self.learner.save(Path(path), data)
+        if self.learner.dist.is_main and keep_last:
+            prune_checkpoints(Path(path).parent, keep_last)
+        return str(out)
+
+    def latest_checkpoint(self, folder: str) -> str | None:
+        """The newest complete checkpoint in ``folder`` (incomplete ones are skipped with a message)."""
+        from learner.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(Path(folder))
+        return str(found) if found else None
 
     def load_checkpoint(self, path: str) -> dict:
         data = self.learner.load(Path(path))
         if "stream" in data:
             self.stream.load_state(data["stream"])
+        self.consumed = dict(data.get("consumed", {}))
+        self.resumed = data
         return {"step": self.learner.step, "version": self.learner.version}
+
+    def resumed_state(self) -> dict:
+        """What the last loaded checkpoint carried besides the learner: consumed row ids, driver state."""
+        return {"consumed": self.resumed.get("consumed", {}), "driver": self.resumed.get("driver", {})}
 
     def export(self, path: str) -> str:
         return str(self.learner.export_pretrained(Path(path)))

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-object", type=int, default=15)
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (Qwen3-VL-2B: 2048)")
     parser.add_argument("--vocab", type=int, default=QWEN3_VL_VOCAB)
-    parser.add_argument("--chunk-size", type=int, default=64, help="positions per CE chunk (ours)")
+    parser.add_argument("--chunk-size", type=int, default=_shipped_chunk_size(),
+                        help="positions per CE chunk (ours); default: loss.ce_chunk_size of the shipped configs")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median), after one warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -66,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
             res[m].update(res["time"][m])  # time_s, times_s
         settings.append({
             "objects": n, "seq_len": n * args.tokens_per_object,
-            "memory_ratio": round(ours["peak_transient_bytes"] / naive["peak_transient_bytes"], 4),
             "memory_ratio_raw": round(ours["peak_bytes"] / naive["peak_bytes"], 4),
+            "memory_ratio": round(ours["peak_transient_bytes"] / naive["peak_transient_bytes"], 4),
             "time_ratio": round(ours["time_s"] / naive["time_s"], 4),
-            "ours": ours, "naive": naive,
+            "agreement": res["time"]["agreement"], "ours": ours, "naive": naive,
         })
     report = {
         "benchmark": "stage2_loss_path", "device": args.device, "dtype": args.dtype, "hidden": args.hidden,
@@ -177,8 +178,34 @@ def time_both(args: argparse.Namespace) -> dict:
             sync()
             if rep:  # the first round is the warm-up
                 times[m].append(time.perf_counter() - t0)
-    return {m: {"time_s": round(statistics.median(t), 4), "times_s": [round(v, 4) for v in t]}
-            for m, t in times.items()}
+    out = {m: {"time_s": round(statistics.median(t), 4), "times_s": [round(v, 4) for v in t]}
+           for m, t in times.items()}
+    out["agreement"] = agreement(x, args.chunk_size)
+    return out
+
+
+def agreement(x: dict, chunk_size: int, rtol: float = 1e-4) -> dict:
+    """Both methods' loss and gradients on the same inputs; raises unless they agree to ``rtol``."""
+    got = {}
+    for m in ("naive", "ours"):
+        for key in ("hidden", "weight"):
+            x[key].grad = None
+        loss = _loss(x, m, chunk_size)
+        loss.backward()
+        got[m] = [loss.detach().float()] + [x[k].grad.float().clone() for k in ("hidden", "weight")
+                                             if x[k].grad is not None]
+    diffs = {}
+    for name, a, b in zip(("loss", "hidden_grad", "weight_grad"), got["naive"], got["ours"]):
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        assert rel <= rtol, f"{name}: naive and ours differ by {rel:.2e} (relative to its max), above {rtol:g}"
+        diffs[f"{name}_max_rel_diff"] = rel
+    return diffs
+
+
+def _shipped_chunk_size() -> int:
+    from coordexp_rl.config import LossConfig
+
+    return LossConfig().ce_chunk_size
 
 
 def _status_kib(field: str) -> int:

@@ -67,9 +67,9 @@ def test_permits_on_policy():
     # learner takes 4 rows per update; on-policy: only rows of the current version are usable
     core = BufferCore(capacity=8, max_staleness=0, rows_per_version=4)
     assert core.budget(0) == 4  # min(8 - 0, 1 * 4 - 0)
-    assert core.grant(3, actor_version=0) == 3
-    assert core.grant(3, actor_version=0) == 1  # 4 - 3 outstanding
-    assert core.grant(1, actor_version=0) == 0
+    assert core.grant(3, actor_version=0, actor_id="p") == 3
+    assert core.grant(3, actor_version=0, actor_id="p") == 1  # 4 - 3 outstanding
+    assert core.grant(1, actor_version=0, actor_id="p") == 0
     core.offer(batch("abcd", version=0))  # uses up the 4 permits
     assert core.stats()["outstanding_permits"] == 0 and core.budget(0) == 0
     core.take(4)
@@ -82,8 +82,8 @@ def test_permits_on_policy():
 def test_permits_with_staleness_and_release():
     core = BufferCore(capacity=6, max_staleness=1, rows_per_version=4)
     assert core.budget(0) == 6  # min(6 - 0, 2 * 4 - 0): capacity binds
-    assert core.grant(6, 0) == 6
-    core.release(2)
+    assert core.grant(6, 0, "p") == 6
+    core.release(2, "p")
     assert core.budget(0) == 2
     core.offer(batch("abcd"))  # 4 of the outstanding 4 permits used
     assert core.stats()["outstanding_permits"] == 0 and core.budget(0) == 2
@@ -92,6 +92,44 @@ def test_permits_with_staleness_and_release():
     core.set_version(1)
     assert core.budget(0) == 4  # version-0 rows usable while learner is at 1: min(6, 1 * 4 - 0)
     assert core.budget(1) == 6  # min(6, 2 * 4)
+
+
+def seq_batch(actor, seqs, version=0):
+    return rows_to_batch([RolloutRow(sample_id=f"{actor}{q}", weight_version=version, actor_id=actor, seq=q)
+                          for q in seqs])
+
+
+def test_a_restarted_actor_gets_its_next_seq_and_its_old_permits_are_void():
+    core = BufferCore(capacity=8, next_seq={"a": 5})  # a resumed run: actor a's rows 0..4 were consumed
+    assert core.register("a") == 5 and core.register("b") == 0
+    core.offer(seq_batch("a", [5, 6]))
+    assert core.grant(4, 0, "a") == 4 and core.grant(2, 0, "b") == 2
+    assert core.budget(0) == 0  # 8 - 2 rows - 6 permits
+    # actor a dies after its grant (rows never put); Ray restarts it and it registers again
+    assert core.register("a") == 7  # continues after the last row the buffer accepted
+    assert core.stats()["outstanding_permits"] == 2 and core.budget(0) == 4  # a's 4 permits are void
+    core.offer(seq_batch("b", [0, 1]))
+    assert core.stats()["outstanding_permits"] == 0
+
+
+def test_ray_interrupt_wakes_a_waiting_get_with_none(buffer_actor):
+    buf = buffer_actor(capacity=4)
+    waiting = buf.get.remote(2, timeout_s=60.0)
+    ready, _ = ray.wait([waiting], timeout=0.3)
+    assert not ready
+    start = time.monotonic()
+    ray.get(buf.interrupt.remote())
+    assert ray.get(waiting) is None and time.monotonic() - start < 5.0
+    assert ray.get(buf.get.remote(1, timeout_s=60.0)) is None  # at once, not after 60 s
+
+
+def test_ray_register_hands_out_the_newest_weights_ref(buffer_actor):
+    buf = buffer_actor(capacity=4)
+    assert ray.get(buf.register.remote("a")) == {"next_seq": 0, "weights": (0, [])}
+    for v in (1, 2):
+        ray.get(buf.publish_weights.remote(v, [ray.put({"version": v})]))
+    version, refs = ray.get(buf.register.remote("a"))["weights"]
+    assert version == 2 and ray.get(refs[0]) == {"version": 2}
 
 
 def test_snapshot_keeps_rows_and_restores():
@@ -214,11 +252,11 @@ def test_ray_exactly_once_two_producers_one_consumer(buffer_actor):
 def test_ray_staleness_admission(buffer_actor):
     buf = buffer_actor(capacity=8, max_staleness=1, rows_per_version=2)
     ray.get(buf.set_version.remote(3))  # usable versions: 2 and 3
-    assert ray.get(buf.acquire.remote(5, actor_version=1)) == 0  # stale engine: sync first
+    assert ray.get(buf.acquire.remote(5, actor_version=1, actor_id="p")) == 0  # stale engine: sync first
     assert not ray.get(buf.may_generate.remote(1))
-    assert ray.get(buf.acquire.remote(5, actor_version=2)) == 2  # usable while learner at 3: 1 * 2 rows
+    assert ray.get(buf.acquire.remote(5, actor_version=2, actor_id="p")) == 2  # usable while learner at 3: 1 * 2 rows
     assert ray.get(buf.put.remote(batch("ab", version=2)))
-    waiting = buf.acquire.remote(2, actor_version=2, timeout_s=10.0)
+    waiting = buf.acquire.remote(2, actor_version=2, timeout_s=10.0, actor_id="p")
     ready, _ = ray.wait([waiting], timeout=0.3)
     assert not ready  # the learner cannot use more version-2 rows: no permit yet
     assert ray.get(buf.put.remote(batch("xyz", version=[1, 3, 0]))) is True
@@ -227,7 +265,7 @@ def test_ray_staleness_admission(buffer_actor):
     start = time.monotonic()
     assert ray.get(waiting) == 0
     assert time.monotonic() - start < 5.0
-    assert ray.get(buf.acquire.remote(4, actor_version=4)) == 4
+    assert ray.get(buf.acquire.remote(4, actor_version=4, actor_id="p")) == 4
     stats = ray.get(buf.stats.remote())
     assert stats["stale_dropped"] == 2 and stats["version"] == 4
 

@@ -58,8 +58,8 @@ def test_mismatched_logprobs_rejected():
 
 def test_other_version_rejected_with_clear_message():
     batch = rows_to_batch([make_row()])
-    future = batch.replace_schema_metadata({VERSION_KEY: b"2"})
-    with pytest.raises(SchemaError, match="rollout schema version 2, this code reads version 1"):
+    future = batch.replace_schema_metadata({VERSION_KEY: b"3"})
+    with pytest.raises(SchemaError, match="rollout schema version 3, this code reads version 2"):
         batch_to_rows(future)
     with pytest.raises(SchemaError, match="no rollout schema version"):
         check_schema(batch.replace_schema_metadata(None).schema)

@@ -1,0 +1,118 @@
+"""Keep every rollout actor busy during Stage-2 and survive actors that die.
+
+Each actor has one ``step`` call queued at all times; when it returns, the next is queued. An actor whose
+process died (SIGKILL, OOM, a lost node) makes its call fail with an actor error: it is marked down and
+called again after ``retry_s``. Ray restarts it (``max_restarts``), and calls queued meanwhile run in the
+new process, which registers with the buffer and loads the newest weights first (see rollout_actor).
+Its first successful call marks it up again. An actor that raises from its own code (a bug, a bad
+row) is not a death: that error reaches the caller.
+
+``wait_for(ref)`` blocks until ``ref`` (the learner's step) is ready and returns False if meanwhile every
+actor has been down for more than ``gone_timeout_s`` (then nobody fills the buffer: stop, do not hang).
+
+>>> sup = RolloutSupervisor(actors, gone_timeout_s=300)  # doctest: +SKIP
+>>> sup.start(); sup.wait_for(learner.stage2_step.remote(buffer))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+log = logging.getLogger(__name__)
+
+ACTOR_GONE = (RayActorError, ActorUnavailableError)  # RayActorError covers ActorDiedError
+
+
+class RolloutSupervisor:
+    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic):
+        self.actors, self.gone_timeout_s, self.retry_s, self.clock = actors, gone_timeout_s, retry_s, clock
+        self.pending: dict[ray.ObjectRef, int] = {}
+        self.down: dict[int, float] = {}  # actor index -> when its last call failed
+        self.last_up = clock()  # the last time any actor was known to be up
+        self.deaths = 0  # calls that failed because an actor was gone
+        self.recoveries = 0  # actors that came back after being down
+        self.rows = 0  # rows put by all actors' steps
+
+    def start(self) -> None:
+        for i in range(len(self.actors)):
+            self._submit(i)
+
+    def _submit(self, i: int) -> None:
+        self.pending[self.actors[i].step.remote()] = i
+
+    def wait_for(self, ref: ray.ObjectRef, poll_s: float = 1.0) -> bool:
+        """Until ``ref`` is ready (True), keeping actors busy; False when every actor is gone too long."""
+        while True:
+            ready, _ = ray.wait([ref, *self.pending], num_returns=1, timeout=poll_s)
+            if ready and ready[0] == ref:
+                return True
+            if ready:
+                self._collect(ready[0])
+            self._retry_down()
+            if self.gone_for() > self.gone_timeout_s:
+                return False
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        i = self.pending.pop(ref)
+        try:
+            self.rows += ray.get(ref)
+        except ACTOR_GONE as exc:
+            if i not in self.down:
+                log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left",
+                            i, type(exc).__name__)
+            self.deaths += 1
+            self.down[i] = self.clock()
+            return  # called again by _retry_down after retry_s
+        if self.down.pop(i, None) is not None:
+            self.recoveries += 1
+            log.warning("rollout-%d is back (restarted by Ray) and generating again", i)
+        self.last_up = self.clock()
+        self._submit(i)
+
+    def _retry_down(self) -> None:
+        now = self.clock()
+        for i, since in list(self.down.items()):
+            if now - since >= self.retry_s and i not in self.pending.values():
+                self.down[i] = now
+                self._submit(i)
+
+    def gone_for(self) -> float:
+        """Seconds since the last moment any actor was up, while all are down; 0 otherwise."""
+        if len(self.down) < len(self.actors):
+            return 0.0
+        return self.clock() - self.last_up
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait for the queued calls (end of the stage); calls of gone actors are ignored."""
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ACTOR_GONE:
+                pass
+        self.pending.clear()
+
+    def stats(self) -> dict:
+        return {"actor_deaths": self.deaths, "actor_recoveries": self.recoveries, "actors_down": len(self.down)}
+
+    def gone_message(self, max_restarts: int) -> str:
+        return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
+                f"(restarts used up: rollout.max_restarts={max_restarts})")
+
+
+def rollout_stats(actors: list, buffer, supervisor: RolloutSupervisor | None = None) -> dict:
+    """Each actor's counters (``{"gone": 1}`` for one that does not answer), the buffer's, the supervisor's."""
+    stats = []
+    for a in actors:
+        try:
+            stats.append(ray.get(a.stats.remote(), timeout=30))
+        except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
+            stats.append({"gone": 1})
+    out = {"buffer": ray.get(buffer.stats.remote()), "actors": stats}
+    if supervisor is not None:
+        out["supervisor"] = supervisor.stats()
+    return out

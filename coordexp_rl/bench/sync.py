@@ -1,0 +1,185 @@
+"""Weight sync: seconds per sync by transport, against the in-process copy floor. `coordexp-rl bench sync`.
+
+For each model size (random Qwen3-VL configs, about 1 M to a few hundred M parameters) the learner side
+(this process) holds the model's tensors and a receiver Ray actor (another process, like a rollout
+actor) holds a model of the same architecture. Three ways to put the learner's tensors into it:
+
+- floor: ``load_state_dict`` of tensors that are already in the receiver's process (the copy that any
+  sync ends with; no transport at all);
+- object_store: ``ObjectStoreTransport`` (pack buckets, ``ray.put`` once) + one control call, in which
+  the receiver gets the payload, unpacks it and loads it (what the launcher does);
+- broadcast: ``BroadcastTransport`` over a gloo weight group of 2 ranks + one control call, in which the
+  receiver receives every bucket and loads it.
+
+``bandwidth_ratio`` = floor seconds / transport seconds (1.0 = the transport costs nothing on top of the
+copy). Times are medians of ``--repeats`` syncs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+# name -> (hidden, layers, intermediate, vocab): random Qwen3-VL text sizes (the small vision tower is fixed)
+SIZES = {
+    "1m": (128, 2, 256, 2048),
+    "25m": (512, 6, 1536, 16384),
+    "100m": (768, 12, 2688, 32768),
+    "250m": (1024, 16, 3584, 65536),
+    "500m": (1280, 20, 4480, 100352),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", nargs="+", default=["1m", "25m", "100m", "250m"], choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=int, default=64, help="weight_sync.bucket_mb (the shipped default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def model_config(size: str):
+    from transformers import Qwen3VLConfig
+
+    hidden, layers, inter, vocab = SIZES[size]
+    heads = hidden // 64
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10],
+                                 "mrope_interleaved": True}, tie_word_embeddings=True)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=256,
+                  deepstack_visual_indexes=[0, 1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                         image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                         vision_end_token_id=vocab - 1)
+
+
+def build_model(size: str, dtype: str, seed: int = 0):
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(model_config(size)).to(getattr(torch, dtype)).eval()
+
+
+class Receiver:
+    """The rollout side: a model of the same architecture and the two transports' receive paths."""
+
+    def __init__(self, size: str, dtype: str):
+        from coordexp_rl.runtime import prepare_runtime
+
+        prepare_runtime()
+        self.model = build_model(size, dtype, seed=1)  # other values than the sender's
+
+    def floor(self, payload) -> float:
+        from coordexp_rl.weight_sync import ObjectStoreTransport
+
+        _, named = ObjectStoreTransport().receive(payload)
+        state = dict(named)
+        t0 = time.perf_counter()
+        self.model.load_state_dict(state, strict=False)
+        return time.perf_counter() - t0
+
+    def load_object_store(self, payload) -> int:
+        from coordexp_rl.weight_sync import ObjectStoreTransport
+
+        version, named = ObjectStoreTransport().receive(payload)
+        self.model.load_state_dict(dict(named), strict=False)
+        return version
+
+    def join(self, addr: str, port: int) -> int:
+        from coordexp_rl.weight_sync import BroadcastTransport, init_weight_group
+
+        self.broadcast = BroadcastTransport(init_weight_group(addr, port, 1, 2, "gloo", 300))
+        return 1
+
+    def load_broadcast(self) -> int:
+        version, named = self.broadcast.receive()
+        self.model.load_state_dict(dict(named), strict=False)
+        return version
+
+    def checksum(self) -> float:
+        return float(sum(p.double().sum() for p in self.model.state_dict().values()))
+
+
+def measure_size(size: str, args: argparse.Namespace, receiver_cls) -> dict:
+    import ray
+    import torch
+
+    from coordexp_rl.weight_sync import BroadcastTransport, ObjectStoreTransport, init_weight_group
+    from learner.distributed import free_port
+
+    model = build_model(size, args.dtype)
+    named = list(model.state_dict().items())
+    nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    receiver = receiver_cls.remote(size, args.dtype)
+    port = free_port()
+    joined = receiver.join.remote("127.0.0.1", port)
+    sender = BroadcastTransport(init_weight_group("127.0.0.1", port, 0, 2, "gloo", 300), args.bucket_mb << 20)
+    ray.get(joined)
+    times: dict[str, list[float]] = {"floor": [], "object_store": [], "broadcast": []}
+    for rep in range(args.repeats + 1):
+        version = rep + 1
+        payload_ref = ray.put(ObjectStoreTransport(args.bucket_mb << 20).send(version, named))
+        floor = ray.get(receiver.floor.remote(payload_ref))
+        del payload_ref
+        t0 = time.perf_counter()
+        payload_ref = ray.put(ObjectStoreTransport(args.bucket_mb << 20).send(version, named))
+        assert ray.get(receiver.load_object_store.remote(payload_ref)) == version
+        t_obj = time.perf_counter() - t0
+        del payload_ref
+        t0 = time.perf_counter()
+        call = receiver.load_broadcast.remote()
+        sender.send(version, named)
+        assert ray.get(call) == version
+        t_bc = time.perf_counter() - t0
+        if rep:  # the first round is the warm-up
+            for key, value in (("floor", floor), ("object_store", t_obj), ("broadcast", t_bc)):
+                times[key].append(value)
+    expected = float(sum(t.double().sum() for _, t in named))
+    got = ray.get(receiver.checksum.remote())
+    assert abs(got - expected) <= 1e-6 * max(1.0, abs(expected)), f"receiver weights differ: {got} vs {expected}"
+    ray.kill(receiver)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    del model, named
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"size": size, "parameters": _params(size), "bytes": nbytes,
+            "seconds": {k: round(v, 4) for k, v in med.items()},
+            "times_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+            "bandwidth_ratio": {k: round(med["floor"] / med[k], 4) for k in ("object_store", "broadcast")},
+            "gb_per_s": {k: round(nbytes / med[k] / 1e9, 3) for k in med}}
+
+
+def _params(size: str) -> int:
+    from transformers import Qwen3VLForConditionalGeneration
+
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen3VLForConditionalGeneration(model_config(size)).parameters())
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+    import torch
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    receiver_cls = ray.remote(num_cpus=1)(Receiver)
+    try:
+        results = [measure_size(size, args, receiver_cls) for size in args.sizes]
+    finally:
+        ray.shutdown()
+    print(json.dumps({
+        "benchmark": "weight_sync", "dtype": args.dtype, "bucket_mb": args.bucket_mb, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "method": "median seconds per sync after 1 warm-up; object_store = pack + ray.put + one call (get, unpack, "
+                  "load_state_dict); broadcast = one call (receive every bucket over gloo, load_state_dict) while "
+                  "this process packs and sends; floor = load_state_dict of tensors already in the receiver",
+        "sizes": results}, indent=2))
+    return 0

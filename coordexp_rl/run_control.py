@@ -1,0 +1,94 @@
+"""Run control for the launcher: resume points, stopping on signals, the early-stop error.
+
+Kept apart from ``launch.Driver`` so the driver's main flow stays on one screen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+log = logging.getLogger("coordexp_rl.launch")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early (a signal, or every rollout actor gone); a checkpoint to resume from exists."""
+
+    def __init__(self, why: str, checkpoint: str, exit_code: int):
+        super().__init__(f"{why}; checkpoint {checkpoint}")
+        self.why, self.checkpoint, self.exit_code = why, checkpoint, exit_code
+
+
+class Checkpoints:
+    """The run's checkpoint folder: periodic saves (``run.checkpoint_every``), keep_last, the last step saved."""
+
+    def __init__(self, learner, folder: Path, every: int, keep_last: int):
+        self.learner, self.folder, self.every, self.keep_last = learner, folder, every, keep_last
+        self.last_step, self.last_path = -1, ""
+
+    def maybe(self, step: int, driver_state: dict) -> None:
+        if self.every and step % self.every == 0:
+            self.save(step, driver_state)
+
+    def save(self, step: int, driver_state: dict, name: str | None = None) -> str:
+        import ray
+
+        target = self.folder / (name or f"step-{step:06d}")
+        path = ray.get(self.learner.save_checkpoint.remote(str(target), self.keep_last, driver_state))
+        self.last_step, self.last_path = step, path
+        log.info("checkpoint %s", path)
+        return path
+
+    def ensure(self, step: int, driver_state: dict) -> str:
+        """A checkpoint of ``step``: the one just saved, or a new one."""
+        if self.last_step == step:
+            return self.last_path
+        return self.save(step, driver_state)
+
+
+def load_resume_point(learner, resume: str, checkpoints: Path) -> dict:
+    """Load ``resume`` (a checkpoint folder, ``auto`` = the newest complete one in ``checkpoints``, or ""
+    = none) into the learner; returns {path, step, version, consumed, driver}, or {} for a fresh start."""
+    import ray
+
+    path = resume
+    if path == "auto":
+        path = ray.get(learner.latest_checkpoint.remote(str(checkpoints)))
+        if not path:
+            log.info("run.resume=auto: no complete checkpoint in %s; starting fresh", checkpoints)
+    if not path:
+        return {}
+    info = ray.get(learner.load_checkpoint.remote(path))
+    return {"path": path, **info, **ray.get(learner.resumed_state.remote())}
+
+
+@contextlib.contextmanager
+def stop_on_signals(driver):
+    """SIGINT / SIGTERM (Ctrl-C, `ray job stop`) ask the driver to stop after the learner call in flight:
+    it then checkpoints, closes the buffer and raises RunStopped (see Driver.check_stop)."""
+    def ask(signum, _frame):
+        log.warning("%s received: stopping after the current step (checkpoint, then exit)",
+                    signal.Signals(signum).name)
+        driver.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    driver.check_stop()  # a signal during the last step still stops before finishing
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, list):
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,71 @@
+"""SIGKILL a rollout actor's process during Stage-2 of the real launcher (vLLM engine, real Ray).
+
+With restarts (the default rollout.max_restarts) Ray restarts it, it loads the newest published weights
+from the buffer before generating again, and the run completes: every row id (actor, seq) is consumed
+exactly once, none skipped, each with a weight version within the staleness bound. Without restarts
+(max_restarts=0, i.e. the restart code removed) the driver stops after rollout.gone_timeout_s with a
+clear message and a checkpoint instead of hanging.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import psutil
+import pytest
+
+from learner.checkpoint import is_complete
+from tests.distributed import launcher
+
+pytestmark = pytest.mark.integration
+
+
+def rollout_actor_process(proc) -> psutil.Process:
+    """The rollout actor's worker process among the launcher's own descendants (its local Ray)."""
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RolloutWorker" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no RolloutWorker process under the launcher")
+
+
+def kill_actor_in_stage2(proc, out) -> None:
+    launcher.wait_for_record(proc, out, "stage2")
+    rollout_actor_process(proc).send_signal(signal.SIGKILL)  # a crash, not a polite ray.kill
+
+
+def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path):
+    out = tmp_path / "run"
+    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.gone_timeout_s=300")
+    kill_actor_in_stage2(proc, out)
+    rc = launcher.finish(proc, out)
+    text = launcher.output(out)
+    assert rc == 0, text[-4000:]
+    assert "rollout-0 is gone" in text and "rollout-0 is back" in text
+    assert "actor rollout-0 restarted" in text  # the new process registered (and loaded weights) first
+
+    steps = launcher.records(out, "stage2")
+    assert [r["step"] for r in steps] == list(range(3, 11))  # 2 Stage-1 steps, then all 8 Stage-2 steps
+    ids = [(actor, seq) for r in steps for actor, seq, _ in r["rows/ids"]]
+    assert len(ids) == len(set(ids)) == 8 * 2  # none twice
+    assert sorted(seq for _, seq in ids) == list(range(16))  # none skipped
+    assert all(r["rows/duplicate_ids"] == 0 and r["rows/skipped_ids"] == 0 for r in steps)
+    assert max(r["weight_version_lag"] for r in steps) <= 0  # buffer.max_staleness=0 in the small run
+    final = launcher.records(out, "rollout")[-1]
+    assert final["supervisor/actor_deaths"] >= 1 and final["supervisor/actor_recoveries"] >= 1
+    assert final["buffer/stale_dropped"] == 0
+
+
+def test_without_restarts_the_driver_stops_with_a_checkpoint_instead_of_hanging(tmp_path):
+    out = tmp_path / "run"
+    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.max_restarts=0",
+                          "rollout.gone_timeout_s=5")
+    kill_actor_in_stage2(proc, out)
+    rc = launcher.finish(proc, out, timeout_s=300)
+    text = launcher.output(out)
+    assert rc == 4, text[-4000:]
+    assert "every rollout actor has been gone for more than rollout.gone_timeout_s=5 s" in text
+    checkpoint = text.split("Checkpoint: ")[1].split()[0]
+    assert is_complete(checkpoint) and "run.resume=" in text
