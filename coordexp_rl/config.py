@@ -117,7 +117,7 @@ class OptimConfig(_Section):
 
 
 class Stage1Config(_Section):
-    steps: int = 5700  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
+    steps: int = 7500  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
     order: Literal["canonical", "random"] = "canonical"
 
 
