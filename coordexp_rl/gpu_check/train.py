@@ -45,12 +45,12 @@ def load_data(work: Path):
 def run(work: Path, p: Profile) -> dict:
     require_cuda(p)
     require("pydantic", why="coordexp_rl.config and the data contract are pydantic models")
+    samples = load_data(work)  # before the heavy imports: a missing or broken set fails in seconds
     from actors.engine import EngineConfig
     from actors.hf_engine import HFEngine
     from coordexp_rl.config import load_config
     from learner.learner import Learner
 
-    samples = load_data(work)
     cfg = load_config(None, learner_overrides(p))
     out: dict = {"device": p.device, "autocast_bf16": p.device == "cuda", "batch_size": p.batch_size}
     with Timer() as t:

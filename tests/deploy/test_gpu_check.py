@@ -79,15 +79,14 @@ def test_without_cuda_the_gpu_steps_are_skipped_with_the_reason(tmp_path):
 
 def test_a_failing_step_is_recorded_and_the_next_step_still_runs(tmp_path):
     work = tmp_path / "work"
-    (work / "model").mkdir(parents=True)
-    (work / "model" / "config.json").write_text("{}")  # not a Qwen3-VL folder
-    (work / "data" / "images").mkdir(parents=True)
-    (work / "data" / "images" / "a.png").write_bytes(b"")
-    code, lines = gpu_check(tmp_path / "out", "--cpu-dry-run", "--work-dir", str(work), "--steps", "generate", "env")
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "train.jsonl").write_text("not json\n")  # breaks the data contract
+    code, lines = gpu_check(tmp_path / "out", "--cpu-dry-run", "--work-dir", str(work), "--steps", "train",
+                            "bench_loss")
     by = {s["step"]: s for s in lines}
-    assert by["generate"]["status"] == "failed" and by["generate"]["error"]
-    assert "Traceback" in by["generate"]["traceback"]
-    assert by["env"]["status"] == "ok"  # after the failure
+    assert by["train"]["status"] == "failed" and "train.jsonl:1" in by["train"]["error"]
+    assert "Traceback" in by["train"]["traceback"]
+    assert by["bench_loss"]["status"] == "ok"  # the step after the failure
     assert code == 1 and by["summary"]["status"] == "failed" and by["summary"]["counts"] == {"failed": 1, "ok": 1}
 
 
