@@ -135,8 +135,8 @@ class Driver:
         engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
         self.sampling = rollout_sampling(cfg)
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
-        if not resumed:
-            self.log.log("data", 0, self._data_counts)
+        if not resumed:  # a resumed run logged them before
+            self.log_data_counts()
         self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
                                            rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
                                            spill_dir=spill, version=resumed.get("version", 0),
@@ -174,6 +174,9 @@ class Driver:
         log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"], self.step,
                  resumed["version"], sorted(self.results) or "none")
         return resumed
+
+    def log_data_counts(self) -> None:
+        self.log.log("data", 0, self._data_counts)
 
     def load_data(self, path, image_root, check_images: bool, train: bool) -> list:
         """Samples after the up-front checks (images once, prompt and target lengths); counts logged."""

@@ -109,9 +109,13 @@ def test_driver_logs_the_truncation_count_in_metrics(tiny_model_dir, tmp_path):
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", f"data.val={path}",
                              "data.max_target_tokens=40", "data.too_many_objects=truncate",
                              f"run.out_dir={tmp_path / 'run'}"])
+    from coordexp_rl.run_log import RunLog
+
     driver = Driver(cfg)
     driver.prepare()
     train = driver.load_data(driver.assets.train_path, driver.assets.train_image_root, True, train=True)
+    driver.log = RunLog(tmp_path / "run")  # what a fresh (not resumed) run opens once the learner is up
+    driver.log_data_counts()
     driver.log.close()
     assert len(train[0].objects) < 9 and len(train[1].objects) == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
