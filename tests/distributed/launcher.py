@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # learner step trains on rows generated with the weights of the step before (deterministic, greedy).
 SMALL_RUN = ["stage1.steps=2", "stage2.steps=5", "stage2.sync_every=1", "buffer.max_staleness=0",
              "data.synth_train=32", "data.synth_val=4", "eval.max_samples=4", "rollout.max_new_tokens=24",
+             "data.max_target_tokens=48",  # GT sequences of up to 3 objects; rollouts stay short
              "optim.batch_size=2", "optim.warmup_steps=1", "run.checkpoint_every=2", "run.log_every=1",
              "buffer.spill_dir=spill"]
 

@@ -96,7 +96,7 @@ def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path,
     env, dashboard = ray_head
     out = tmp_path / "run"
     logs = submit(env, dashboard, f"run.out_dir={out}", *overrides)
-    for line in ("stage-1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
+    for line in ("stage1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
         assert line in logs, line
     assert (out / "report.md").read_text().count("| stage2 |") == 1
     for label in ("initial", "stage1", "stage2"):  # each evaluation leaves something to look at
