@@ -39,3 +39,13 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     make_synthetic_set(out, n_train=32, n_val=8, seed=0, image_size=128, min_objects=1, max_objects=3)
     return out
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Full fp32 on the GPU for CUDA-vs-CPU comparisons: cuDNN convolutions (the patch embedding) and
+    matmuls may default to TF32's 10-bit mantissa."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

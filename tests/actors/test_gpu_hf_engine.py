@@ -11,14 +11,8 @@ import torch
 from actors.engine import EngineConfig, SamplingConfig, make_engine
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]  # fixture: tests/conftest.py
 
-
-@pytest.fixture(autouse=True)
-def no_tf32(monkeypatch):
-    """Full fp32 on the GPU: cuDNN convolutions (the patch embedding) default to TF32's 10-bit mantissa."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 GREEDY = SamplingConfig(max_new_tokens=12)
 
 

@@ -9,14 +9,8 @@ import torch
 from coordexp_rl.coordexp import coord_expectation, coordexp
 from coordexp_rl.losses import geo_loss, giou_loss, weighted_token_ce
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]  # fixture: tests/conftest.py
 
-
-@pytest.fixture(autouse=True)
-def no_tf32(monkeypatch):
-    """Full fp32 on the GPU: cuDNN convolutions (the patch embedding) default to TF32's 10-bit mantissa."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 T, H, V, K = 300, 256, 8192, 1000
 COORD_START = V - 1006  # coord ids one contiguous range near the end, as in a real vocabulary
