@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -96,12 +97,35 @@ class Learner:
 
     def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
         """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
-        t0 = time.perf_counter()
-        local, loss_cfg = self._share(samples), self.cfg.loss
+        return self._stage1_train(self._agree(lambda: self._stage1_sequences(samples, self.step)))
+
+    def stage1_steps(self, next_batch: Callable[[], list[Sample]], n: int) -> list[dict[str, float]]:
+        """``n`` Stage-1 steps on ``next_batch()``'s batches, each equal to ``stage1_step``.
+
+        Why a thread: building a batch's sequences (image decode, processor, tokens) needs no model and is
+        about 30 % of a CPU step; here the next batch is built while the current one trains. Only the
+        batches of these ``n`` steps are drawn, so the stream's state stays exact for checkpoints.
+        """
+        out: list[dict[str, float]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-data") as pool:
+            pending = pool.submit(self._stage1_sequences, next_batch(), self.step)
+            for i in range(n):
+                seqs = self._agree(pending.result)  # collectives stay on this thread
+                if i + 1 < n:
+                    pending = pool.submit(self._stage1_sequences, next_batch(), self.step + 1)
+                out.append(self._stage1_train(seqs))
+        return out
+
+    def _stage1_sequences(self, samples: list[Sample], step: int) -> list[Sequence]:
+        """This rank's GT sequences of a Stage-1 batch at optimizer step ``step`` (pure: no model)."""
+        loss_cfg = self.cfg.loss
         geometric = any((loss_cfg.lambda_l1, loss_cfg.lambda_giou, loss_cfg.lambda_soft_ce, loss_cfg.lambda_w1))
-        seqs = self._agree(lambda: [
-            self._gt_sequence(s, self._stage1_order(s), eos_weight=loss_cfg.eos_weight, with_coords=geometric)
-            for s in local])
+        return [self._gt_sequence(s, self._stage1_order(s, step), eos_weight=loss_cfg.eos_weight, with_coords=geometric)
+                for s in self._share(samples)]
+
+    def _stage1_train(self, seqs: list[Sequence]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss_cfg = self.cfg.loss
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
             # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
@@ -222,10 +246,10 @@ class Learner:
     # Sequences
     # ------------------------------------------------------------------------------------------------
 
-    def _stage1_order(self, sample: Sample) -> list[BoxObject]:
+    def _stage1_order(self, sample: Sample, step: int) -> list[BoxObject]:
         if self.cfg.stage1.order == "random":
             # A stable seed (not hash(), which changes per process) so resumed runs see the same orders.
-            seed = zlib.crc32(f"{self.cfg.run.seed}:{self.step}:{sample.sample_id}".encode())
+            seed = zlib.crc32(f"{self.cfg.run.seed}:{step}:{sample.sample_id}".encode())
             return random_order(sample.objects, seed=seed)
         return canonical_order(sample.objects)
 

@@ -57,7 +57,7 @@ class LearnerWorker:
 
     def stage1_steps(self, n: int) -> list[dict]:
         """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
-        return [self.learner.stage1_step(self.stream.next_batch()) for _ in range(n)]
+        return self.learner.stage1_steps(self.stream.next_batch, n)
 
     def stage2_step(self, buffer, timeout_s: float = 600.0) -> dict | None:
         """One Stage-2 step on the next batch of rollout rows; None if none came within ``timeout_s``."""

@@ -51,18 +51,19 @@ def run(args: argparse.Namespace) -> int:
     losses: list[float] = []
     train_s = 0.0  # training time only; evaluations are not counted
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(cfg.stage1.steps):
+        done = 0
+        while done < cfg.stage1.steps:
+            n = min(args.every, cfg.stage1.steps - done)
             t0 = time.perf_counter()
-            losses.append(learner.stage1_step(stream.next_batch())["loss/total"])
+            losses += [m["loss/total"] for m in learner.stage1_steps(stream.next_batch, n)]  # as the launcher's learner
             train_s += time.perf_counter() - t0
-            if (i + 1) % args.every and i + 1 < cfg.stage1.steps:
-                continue
+            done += n
             engine = HFEngine(EngineConfig(model_path=str(learner.export_pretrained(Path(tmp) / "model")), kind="hf"))
             preds = list(predict(engine, val, cfg.data.prompt, batch_size=16, max_new_tokens=cfg.rollout.max_new_tokens))
             head = summary(evaluate(gts, preds, score_modes=("constant", "coord_prob", "object_prob")))
             recent = losses[-min(len(losses), 100):]
             print(json.dumps({
-                "step": i + 1, "train_s": round(train_s, 1), "s_per_step": round(train_s / (i + 1), 4),
+                "step": done, "train_s": round(train_s, 1), "s_per_step": round(train_s / done, 4),
                 "loss": round(sum(recent) / len(recent), 4),
                 **{k: None if head.get(k) is None else round(head[k], 4) for k in (
                     "constant/AP50", "coord_prob/AP50", "object_prob/AP50", "constant/mAP", "object_prob/mAP",

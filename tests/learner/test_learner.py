@@ -40,6 +40,22 @@ def test_stage1_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, samples):
     assert learner.step == 6
 
 
+def test_prefetching_stage1_steps_equal_one_step_at_a_time(tiny_model_dir, synth_dir):
+    """``stage1_steps`` builds the next batch on a thread: same batches, orders, weights and stream state."""
+    from coordexp_rl.data.stream import BatchStream
+
+    train = load_samples(synth_dir / "train.jsonl")[:12]
+    overrides = ("stage1.order=random", "optim.batch_size=3")  # random order: the step number reaches the data
+    a, b = make_learner(tiny_model_dir, *overrides), make_learner(tiny_model_dir, *overrides)
+    stream_a, stream_b = BatchStream(train, 3, seed=1), BatchStream(train, 3, seed=1)
+    losses_a = [a.stage1_step(stream_a.next_batch())["loss/total"] for _ in range(5)]
+    losses_b = [m["loss/total"] for m in b.stage1_steps(stream_b.next_batch, 5)]
+    assert losses_a == losses_b and b.step == 5
+    assert stream_a.state() == stream_b.state()  # no batch drawn beyond the n steps
+    for (name, wa), (_, wb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(wa, wb), name
+
+
 def test_stage1_terms_are_sums_over_the_batch_ce_weight(tiny_model_dir, samples):
     """Every Stage-1 term is summed over the batch and divided by one number, its CE weight W."""
     learner = make_learner(tiny_model_dir, "loss.lambda_l1=0", "loss.lambda_giou=1.0", "loss.lambda_w1=0.5",
