@@ -108,7 +108,7 @@ class MatchingConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
     schedule: Literal["constant", "cosine"] = "cosine"
