@@ -50,6 +50,7 @@ class Question:
 QUESTIONS = (
     Question("Stage-2 EM vs the same number of extra SFT steps from the same Stage-1 state", "stage2_sft", "default"),
     Question("CE only vs CE + CoordExp L1/GIoU (both stages, full budget)", "ce_only", "default"),
+    Question("Stage-2 lr 2e-4 vs 1e-4 (where Stage-1's cosine ends)", "stage2_lr_high", "default"),
     Question("Stage-2 without vs with the coord-CE term", "no_coord_ce_stage2", "default"),
     Question("CoordExp expectation over all bins vs top-k", "default", "topk_expectation"),
     Question("Stage-2 gate relaxed (default) vs held strict", "gate_held", "default"),

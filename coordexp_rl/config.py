@@ -123,7 +123,7 @@ class Stage1Config(_Section):
 
 class Stage2Config(_Section):
     steps: int = 300
-    lr: float = 2e-4  # Stage-2's own learning rate, constant (Stage-1's cosine ends at 10 % of optim.lr)
+    lr: float = 1e-4  # Stage-2's own learning rate, constant (where Stage-1's cosine ends: 10 % of optim.lr)
     # "em" = SPEC 6-8; "sft" = the control arm: the same steps, lr and data stream as Stage-1 SFT on the
     # canonical GT, from the same Stage-1 state (answers "does the EM loop beat more SFT?")
     method: Literal["em", "sft"] = "em"
