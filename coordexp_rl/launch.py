@@ -303,9 +303,11 @@ class Driver:
             calls = {a.receive_broadcast_weights.remote(): i for i, a in enumerate(self.actors)}
             version = ray.get(self.learner.broadcast_weights.remote(bucket_mb, bump))
         else:
-            version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
-            ray.get(self.buffer.publish_weights.remote(version, [payload_ref]))  # for restarted actors
-            calls = {a.update_weights.remote(payload_ref): i for i, a in enumerate(self.actors)}
+            version, payload_ref, frozen_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
+            refs = [payload_ref] + ([frozen_ref] if frozen_ref is not None else [])
+            ray.get(self.buffer.publish_weights.remote(version, refs))  # for restarted actors
+            # The frozen ref goes nested in a list: only an actor that lacks those tensors fetches it.
+            calls = {a.update_weights.remote(payload_ref, refs[1:]): i for i, a in enumerate(self.actors)}
         ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.cfg.weight_sync.timeout_s)
         failed = [f"rollout-{calls[r]}: timed out after {self.cfg.weight_sync.timeout_s} s" for r in late]
         for r in ready:
