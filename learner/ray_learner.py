@@ -50,7 +50,8 @@ class LearnerWorker:
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
         self.consumed: dict[str, int] = {}  # per rollout actor: the seq of the next row expected from it
         self.resumed: dict = {}  # the data state of the checkpoint loaded last
-        self._frozen_ref = None  # the frozen parameters' payload (object store), built at the first sync
+        self._frozen_ref = None  # the frozen parameters' payload (object store; rank 0), built at the first sync
+        self._frozen_published = False
         self._group_has_frozen = False  # broadcast: the current weight group got the frozen parameters
 
     def ready(self) -> dict:
@@ -109,8 +110,9 @@ class LearnerWorker:
         """
         version = self.learner.new_version() if bump else self.learner.version
         frozen = self.learner.frozen_names()
-        if frozen and self._frozen_ref is None:
+        if frozen and not self._frozen_published:  # decided alike on every rank: the gathers are collectives
             self._frozen_ref = self._put_payload(version, self.learner.named_weights(frozen=True), (), bucket_mb)
+            self._frozen_published = True
         payload = self._put_payload(version, self.learner.named_weights(frozen=False if frozen else None),
                                     frozen, bucket_mb)
         return version, payload, self._frozen_ref
