@@ -103,31 +103,35 @@ class WeightLoadError(RuntimeError):
 
 
 def validate_payload(names_shapes: Sequence[tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]],
-                     optional: frozenset[str] = frozenset()) -> None:
-    """Raise ValueError unless the payload names exactly the checkpoint's tensors with its shapes.
+                     optional: frozenset[str] = frozenset(), omitted: Iterable[str] = ()) -> None:
+    """Raise ValueError, naming the offending tensors, unless the payload names exactly the checkpoint's
+    tensors with its shapes.
 
     ``optional`` names may be present or absent (e.g. a tied ``lm_head.weight``: the learner's
-    state_dict carries it, the checkpoint does not).
+    state_dict carries it, the checkpoint does not). ``omitted``: names the sender left out on purpose
+    (frozen tensors the engine already holds); they must be checkpoint names and must not be sent.
     """
     seen: dict[str, tuple[int, ...]] = {}
     for name, shape in names_shapes:
         if name in seen:
             raise ValueError(f"weight payload names {name!r} twice")
         seen[name] = tuple(shape)
-    unknown = sorted(n for n in seen if n not in expected and n not in optional)
-    missing = sorted(n for n in expected if n not in seen and n not in optional)
+    omitted = set(omitted)
+    unknown = sorted(n for n in seen.keys() | omitted if n not in expected and n not in optional)
+    missing = sorted(n for n in expected if n not in seen and n not in optional and n not in omitted)
+    both = sorted(n for n in omitted if n in seen)
     wrong = sorted(f"{n}: got {seen[n]}, checkpoint has {expected[n]}"
                    for n in seen if n in expected and seen[n] != expected[n])
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} unknown names (first: {unknown[:3]})")
-    if missing:
-        problems.append(f"{len(missing)} missing names (first: {missing[:3]})")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shapes (first: {wrong[:3]})")
+    problems = [f"{len(names)} {what}: {_listed(names)}" for what, names in (
+        ("unknown names", unknown), ("missing names", missing), ("names both sent and omitted", both),
+        ("wrong shapes", wrong)) if names]
     if problems:
         raise ValueError("weight payload rejected, model unchanged: " + "; ".join(problems)
                          + ". Send the full HF-layout state_dict of the same architecture.")
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
 @runtime_checkable
@@ -140,8 +144,10 @@ class RolloutEngine(Protocol):
         """Results in request order."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Replace weights (checkpoint names, HF layout) and set ``weight_version``; raise on failure."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                     omitted: Sequence[str] = ()) -> None:
+        """Replace weights (checkpoint names, HF layout) and set ``weight_version``; raise on failure.
+        ``omitted``: names left out on purpose (frozen: the engine keeps its own)."""
         ...
 
     @property

@@ -114,14 +114,15 @@ class HFEngine:
         return [self.model.device] if self.model.device.type == "cuda" else []
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                     omitted: Sequence[str] = ()) -> None:
         """Copy HF-named tensors into the model after checking names and shapes (WeightLoadError if not)."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         payload = list(named_tensors)
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         try:
             validate_payload([(n, tuple(t.shape)) for n, t in payload],
-                             {n: tuple(p.shape) for n, p in params.items()}, frozenset(tied))
+                             {n: tuple(p.shape) for n, p in params.items()}, frozenset(tied), omitted)
         except ValueError as exc:
             raise WeightLoadError(f"weight version {version} rejected: {exc}") from exc
         t0 = time.perf_counter()

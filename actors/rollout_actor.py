@@ -83,6 +83,7 @@ class RolloutWorker:
         self._seq = 0  # the seq of the next row (and the shard position: seq % len(items))
         self._registered = buffer is None  # registers with the buffer before it first generates
         self._announced = False
+        self._has_frozen = False  # frozen parameters loaded from the learner since this (re)start
         self._sha: dict[str, str] = {}
 
     # --- generation ---------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class RolloutWorker:
         self._seq = info["next_seq"]
         version, refs = info["weights"]
         if refs and version > self.weight_version():
-            self.update_weights(ray.get(refs[0]))
+            self.update_weights(ray.get(refs[0]), refs[1:])
         self._registered = True
         if self._announced:
             return self._seq
@@ -198,16 +199,28 @@ class RolloutWorker:
 
     # --- weights and health --------------------------------------------------------------------------
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        self.engine.load_weights(named_tensors, version)
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                     omitted: Sequence[str] = ()) -> int:
+        self.engine.load_weights(named_tensors, version, omitted)
         return self.engine.weight_version
 
-    def update_weights(self, payload) -> int:
-        """The one control call of a sync: unpack the learner's buckets (a WeightPayload) and load them."""
+    def update_weights(self, payload, frozen_refs: Sequence = ()) -> int:
+        """The one control call of a sync: fetch the learner's buckets (a WeightPayload) and load them.
+
+        ``frozen_refs``: [ref to the frozen-parameter payload] (nested in a list, so Ray does not fetch
+        it; or the payload itself in-process): fetched only on this actor's first load since its
+        (re)start, when the payload omits them.
+        """
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        version, named = ObjectStoreTransport().receive(payload)
-        return self.load_weights(named, version)
+        transport = ObjectStoreTransport()
+        version, named, omitted = transport.receive(payload, get=_get_all)
+        if omitted and frozen_refs and not self._has_frozen:
+            _, frozen, _ = transport.receive(_get_all(frozen_refs[:1])[0], get=_get_all)
+            named, omitted = named + frozen, ()
+        loaded = self.load_weights(named, version, omitted)
+        self._has_frozen = self._has_frozen or not omitted
+        return loaded
 
     def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
@@ -220,8 +233,8 @@ class RolloutWorker:
 
     def receive_broadcast_weights(self) -> int:
         """The one control call of a broadcast sync: receive every bucket, then load (never half-loaded)."""
-        version, named = self._broadcast.receive()
-        return self.load_weights(named, version)
+        version, named, omitted = self._broadcast.receive()
+        return self.load_weights(named, version, omitted)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
@@ -244,6 +257,11 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _get_all(items: list) -> list:
+    """Bucket refs (what the learner put) or buckets themselves (in-process callers)."""
+    return [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in items]
 
 
 def _load_rgb(path: str) -> Image.Image:

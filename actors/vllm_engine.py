@@ -141,8 +141,10 @@ class VLLMEngine:
                                 generated_ids=ids, logprobs=logprobs, finish_reason=reason,
                                 weight_version=self._version)
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                     omitted: Sequence[str] = ()) -> None:
         """One control call: validate + reload in the worker, then drop every cache of old weights.
+        ``omitted``: names left out on purpose (frozen); the engine keeps its own values of them.
 
         Raises WeightLoadError (version unchanged, model untouched) when the worker rejects the
         payload; RuntimeError (engine marked unhealthy: restart it) when the reload itself failed.
@@ -150,7 +152,7 @@ class VLLMEngine:
         payload = [(name, t.detach()) for name, t in named_tensors]
         t0 = time.perf_counter()
         try:
-            self.llm.collective_rpc("reload_weights_from", args=(payload,))
+            self.llm.collective_rpc("reload_weights_from", args=(payload, list(omitted)))
         except Exception as exc:
             if "weight payload rejected" in str(exc):  # the worker's validation: model untouched
                 raise WeightLoadError(f"weight version {version} rejected: {exc}") from exc
@@ -164,9 +166,6 @@ class VLLMEngine:
         self._version = int(version)
         log.info("vLLM engine: weight version %d (%d tensors) in %.3f s", version, len(payload),
                  time.perf_counter() - t0)
-
-    def weight_checksum(self) -> float:
-        return float(self.llm.collective_rpc("weight_checksum")[0])
 
     def close(self) -> None:
         """Free the engine (in-process: drop references; vLLM has no explicit shutdown on LLM)."""

@@ -2,7 +2,7 @@
 
 Named by string in ``LLM(worker_extension_cls="actors.vllm_worker_ext.WeightLoaderExtension")``; vLLM
 mixes the class into its worker, so ``self`` is the worker (``self.model_runner``, ``self.reload_weights``).
-Called as ``llm.collective_rpc("reload_weights_from", args=(named_tensors,))``.
+Called as ``llm.collective_rpc("reload_weights_from", args=(named_tensors, omitted_names))``.
 
 Why ``reload_weights`` and not ``model.load_weights``: the CPU backend repacks linear weights after the
 first load, so a second ``load_weights`` fails (shared/CPU_STACK.md). ``reload_weights`` restores the
@@ -17,6 +17,7 @@ safetensors headers before touching the model makes a bad payload a clean reject
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +43,28 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class _DropOmittedLayerWarnings(logging.Filter):
+    """vLLM warns once per layer that received no weights; for declared omissions that is the intent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Failed to load weights" not in msg and "were not loaded from checkpoint" not in msg
+
+
+@contextmanager
+def _quiet_reload_of_omitted(active: bool):
+    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
+               logging.getLogger("vllm.model_executor.model_loader.reload.inplace")]
+    filt = _DropOmittedLayerWarnings()
+    for lg in loggers if active else []:
+        lg.addFilter(filt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(filt)
+
+
 class WeightLoaderExtension:
     """Mixed into vLLM's worker; methods run on every worker via ``collective_rpc``."""
 
@@ -58,20 +81,24 @@ class WeightLoaderExtension:
         tied = getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
         return frozenset({"lm_head.weight"}) if tied else frozenset()
 
-    def reload_weights_from(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
+    def reload_weights_from(self, named_tensors: Sequence[tuple[str, torch.Tensor]],
+                            omitted: Sequence[str] = ()) -> int:
         """Validate then load HF-checkpoint-named tensors in place; returns the number loaded.
 
-        Raises ValueError (model untouched) on a payload that does not match the checkpoint.
+        ``omitted``: names left out on purpose (frozen); their layers keep their current kernel tensors
+        (vLLM's reload puts back the tensors of a layer that received nothing). Raises ValueError (model
+        untouched) on a payload that does not match the checkpoint.
         """
         optional = self._tied_optional()
         pairs = [(n, t if isinstance(t, torch.Tensor) else torch.as_tensor(t)) for n, t in named_tensors]
-        validate_payload([(n, tuple(t.shape)) for n, t in pairs], self._checkpoint_shapes(), optional)
+        validate_payload([(n, tuple(t.shape)) for n, t in pairs], self._checkpoint_shapes(), optional, omitted)
         expected = self._checkpoint_shapes()
         pairs = [(n, t) for n, t in pairs if n in expected]  # drop a tied lm_head the checkpoint lacks
-        self.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
+        with _quiet_reload_of_omitted(bool(omitted)):
+            self.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
         if optional:
             self._refresh_tied_lm_head()
-        log.info("reloaded %d tensors in place", len(pairs))
+        log.info("reloaded %d tensors in place (%d omitted)", len(pairs), len(omitted))
         return len(pairs)
 
     def _refresh_tied_lm_head(self) -> None:
@@ -89,9 +116,3 @@ class WeightLoaderExtension:
             method = getattr(module, "quant_method", None)
             if name.endswith("lm_head") and isinstance(method, UnquantizedEmbeddingMethod):
                 method.process_weights_after_loading(module)
-
-    def weight_checksum(self) -> float:
-        """Sum of all parameters (float64): a cheap probe that a reload changed the weights."""
-        model = self.model_runner.get_model()
-        return float(sum(p.detach().double().sum().item() for p in model.parameters()))
-

@@ -146,6 +146,9 @@ class RolloutConfig(_Section):
     max_num_seqs: int = 8
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
+    # vLLM without CUDA graphs / compile: right on CPU (no graphs; a cold compile costs 10-15 s per start);
+    # GPU configs set false, since graphs speed up decoding of small batches.
+    enforce_eager: bool = True
     gpus_per_actor: float = 0.0  # 0 on CPU machines
     cpus_per_actor: float = 1.0
     max_restarts: int = 3  # Ray restarts a dead rollout actor this often (it reloads the newest weights)

@@ -299,7 +299,8 @@ def engine_config(cfg, model_path):
     return EngineConfig(model_path=str(model_path), kind=r.engine, dtype=cfg.model.dtype,
                         device="cuda" if r.gpus_per_actor else "cpu", seed=r.seed, max_model_len=r.max_model_len,
                         max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
-                        tensor_parallel_size=r.tensor_parallel_size, max_pixels=cfg.data.max_pixels,
+                        tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                        max_pixels=cfg.data.max_pixels,
                         min_pixels=cfg.data.min_pixels)
 
 

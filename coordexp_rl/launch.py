@@ -77,6 +77,12 @@ class Driver:
         learner = {"CPU": lr.cpus, **({"GPU": lr.gpus} if lr.gpus else {})}
         return [dict(actor) for _ in range(r.num_actors)] + [dict(learner) for _ in range(lr.world_size)]
 
+    def placement_groups(self) -> dict[str, tuple[list[dict[str, float]], str]]:
+        """Rollout actors and learner ranks in separate placement groups, so neither takes the other's devices;
+        the learner's is STRICT_PACK (all ranks on one node: FSDP's all-gathers stay on NVLink)."""
+        b, n = self.bundles(), self.cfg.rollout.num_actors
+        return {"rollout": (b[:n], "PACK"), "learner": (b[n:], "STRICT_PACK")}
+
     def describe(self) -> str:
         return dump_config(self.cfg) + f"# placement bundles: {json.dumps(self.bundles())}\n"
 
@@ -106,11 +112,12 @@ class Driver:
                     f"{'gpus' if key == 'GPU' else 'cpus'}_per_actor + the learner's), the cluster has "
                     f"{have.get(key, 0):g}; lower rollout.num_actors / rollout.{key.lower()}s_per_actor / "
                     f"learner.{key.lower()}s or add nodes")
-        pg = placement_group(bundles, strategy="PACK")
-        ray.get(pg.ready(), timeout=600)
-        return pg
+        pgs = {role: placement_group(b, strategy=strategy) if b else None
+               for role, (b, strategy) in self.placement_groups().items()}
+        ray.get([pg.ready() for pg in pgs.values() if pg is not None], timeout=600)
+        return pgs
 
-    def start_workers(self, assets, pg) -> None:
+    def start_workers(self, assets, pgs) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -120,13 +127,13 @@ class Driver:
         from learner.group import LearnerGroup
 
         cfg, r = self.cfg, self.cfg.rollout
-        in_bundle = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
+        in_bundle = lambda i: PlacementGroupSchedulingStrategy(pgs["rollout"], placement_group_bundle_index=i)  # noqa: E731
         spill = str(self.out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
         lr = cfg.learner
         self.learner = LearnerGroup(
             cfg.model_dump(), str(assets.model_path), str(assets.train_path),
-            str(assets.train_image_root) if assets.train_image_root else None, world_size=lr.world_size, placement_group=pg,
-            bundle_indices=list(range(r.num_actors, r.num_actors + lr.world_size)), num_cpus=lr.cpus,
+            str(assets.train_image_root) if assets.train_image_root else None, world_size=lr.world_size,
+            placement_group=pgs["learner"], bundle_indices=list(range(lr.world_size)), num_cpus=lr.cpus,
             num_gpus=lr.gpus, plan={"sharding": lr.sharding, "accum_steps": lr.accum_steps,
                                     "activation_checkpointing": lr.activation_checkpointing})
         train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
@@ -303,9 +310,11 @@ class Driver:
             calls = {a.receive_broadcast_weights.remote(): i for i, a in enumerate(self.actors)}
             version = ray.get(self.learner.broadcast_weights.remote(bucket_mb, bump))
         else:
-            version, payload_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
-            ray.get(self.buffer.publish_weights.remote(version, [payload_ref]))  # for restarted actors
-            calls = {a.update_weights.remote(payload_ref): i for i, a in enumerate(self.actors)}
+            version, payload_ref, frozen_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
+            refs = [payload_ref] + ([frozen_ref] if frozen_ref is not None else [])
+            ray.get(self.buffer.publish_weights.remote(version, refs))  # for restarted actors
+            # The frozen ref goes nested in a list: only an actor that lacks those tensors fetches it.
+            calls = {a.update_weights.remote(payload_ref, refs[1:]): i for i, a in enumerate(self.actors)}
         ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.cfg.weight_sync.timeout_s)
         failed = [f"rollout-{calls[r]}: timed out after {self.cfg.weight_sync.timeout_s} s" for r in late]
         for r in ready:

@@ -1,18 +1,26 @@
-"""Sending the learner's weights to the rollout engines: packed buckets and two transports.
+"""Sending the learner's weights to the rollout engines: streamed buckets and two transports.
 
-Weight sync cost is dominated by per-tensor calls, not bytes (shared/LESSONS.md), so tensors travel in a
-few packed buckets: each bucket is one contiguous 1-D buffer of one dtype plus a manifest that says where
-each tensor lives in it. Two transports move the buckets (both pure torch; the Ray calls stay with the
-caller):
+Weight sync cost is dominated by per-tensor calls, not bytes (shared/LESSONS.md), so tensors travel in
+buckets: each bucket is a run of consecutive tensors of one dtype with a manifest that says where each
+tensor lives in the bucket's flat buffer. Buckets are STREAMED: ``iter_buckets`` fills one bucket, the
+transport ships it, the next one reuses nothing of it, so the sender holds about one bucket of extra
+memory however big the model (on a GPU: one bucket on the device, then one device-to-host copy).
+Tensors are cast to the engine's dtype while they are packed (bf16 engines get half the bytes).
+Two transports move the buckets (both pure torch; the Ray calls stay with the caller):
 
-- ``ObjectStoreTransport``: ``send`` returns a ``WeightPayload`` (version + buckets); the caller puts it in
-  Ray's object store once and makes ONE control call per engine actor, which calls ``receive(payload)``.
+- ``ObjectStoreTransport``: ``send(..., put=ray.put)`` puts each bucket in Ray's object store as soon as
+  it is full and returns a ``WeightPayload`` (version + bucket refs); the caller puts the payload once and
+  makes ONE control call per engine actor, which calls ``receive(payload, get=ray.get)``. A bucket
+  pickles as numpy views of its tensors, which Ray writes straight into shared memory (pickle protocol
+  5, out of band) and hands back zero-copy: one copy into the store, none out of it.
 - ``BroadcastTransport``: a dedicated torch.distributed process group (gloo on CPU, NCCL on GPU) that
   ``init_weight_group`` builds without touching the default group (vLLM may own that one). Rank 0 (the
-  learner) broadcasts a header (version + manifests), then each bucket; receivers allocate and receive.
+  learner) broadcasts each bucket (a JSON header, then the flat buffer), then an end header.
 
-Every collective has a timeout. A failed sync raises ``WeightSyncError`` and returns nothing: receivers
-collect every bucket before any tensor is handed out, so the caller keeps its old weights.
+A payload may leave out tensors on purpose (``omitted``: frozen parameters the engine already holds);
+engines accept an omission only when it is declared. Every collective has a timeout. A failed sync raises
+``WeightSyncError`` and returns nothing: receivers collect every bucket before any tensor is handed out,
+so the caller keeps its old weights.
 
 >>> buckets = pack_buckets([("w", torch.ones(2, 3)), ("b", torch.zeros(3))], bucket_bytes=1 << 20)
 >>> [(name, tuple(t.shape)) for name, t in unpack_bucket(buckets[0])]
@@ -23,10 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -43,7 +53,7 @@ class WeightSyncError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Where one tensor lives in its bucket: ``buffer[offset:offset + numel].view(shape)``."""
+    """Where one tensor lives in its bucket: ``flat[offset:offset + numel].view(shape)``."""
 
     name: str
     shape: tuple[int, ...]
@@ -54,21 +64,51 @@ class TensorSpec:
 
 @dataclass
 class Bucket:
+    """Consecutive tensors of one dtype: ``tensors[i]`` is ``manifest[i]`` (contiguous, on the CPU once
+    shipped). The tensors are views of one packed buffer, or the sender's own tensors when they needed no
+    cast and no device copy (then nothing is copied until the object store writes them)."""
+
     dtype: str
-    buffer: torch.Tensor  # (sum of numel,) contiguous, of ``dtype``
-    manifest: list[TensorSpec] = field(default_factory=list)
+    manifest: list[TensorSpec]
+    tensors: list[torch.Tensor]
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return sum(s.numel for s in self.manifest) * dtype_from_name(self.dtype).itemsize
+
+    def flat(self) -> torch.Tensor:
+        """The bucket as one 1-D buffer (what a broadcast sends)."""
+        if not self.tensors:
+            return torch.empty(0, dtype=dtype_from_name(self.dtype))
+        return torch.cat([t.reshape(-1) for t in self.tensors])
+
+    def __reduce__(self):
+        # numpy byte views pickle out of band (protocol 5): Ray copies them once into shared memory and
+        # the receiver gets views of it; a torch tensor would be copied into the pickle stream instead.
+        views = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for t in self.tensors]
+        return _rebuild_bucket, (self.dtype, [asdict(s) for s in self.manifest], views)
+
+
+def _rebuild_bucket(dtype: str, manifest: list[dict], views: list[np.ndarray]) -> Bucket:
+    specs = [_spec(s) for s in manifest]
+    with warnings.catch_warnings():  # shared-memory views are read-only; engines only read them
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = [torch.from_numpy(v).view(dtype_from_name(dtype)).view(s.shape) for v, s in zip(views, specs)]
+    return Bucket(dtype, specs, tensors)
+
+
+def _spec(s: dict) -> TensorSpec:
+    return TensorSpec(s["name"], tuple(s["shape"]), s["dtype"], s["offset"], s["numel"])
 
 
 @dataclass
 class WeightPayload:
-    """What the object-store transport ships: put it in the object store once, pass the ref to each engine."""
+    """What the object-store transport ships: the version, its buckets (or object refs to them, one per
+    bucket) and the names left out on purpose (frozen tensors the engines already hold)."""
 
     version: int
-    buckets: list[Bucket]
+    buckets: list
+    omitted: tuple[str, ...] = ()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -82,49 +122,70 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
-def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Bucket]:
-    """Flatten tensors into per-dtype buckets of at most ``bucket_bytes`` (a bigger tensor gets its own).
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dtype: str | torch.dtype | None = None) -> Iterator[Bucket]:
+    """Consecutive tensors -> buckets of at most ``bucket_bytes`` (a bigger tensor gets its own), one at a
+    time: the caller ships each before the next is built. A dtype change closes the bucket.
 
-    Input order is kept inside each dtype; buckets come out in the order they fill up, then the
-    partly filled ones in order of first dtype seen. Tensors are copied (detached) into the buffers.
+    ``dtype``: cast floating-point tensors to it (the engine's dtype); None keeps each tensor's own.
+    Every bucket comes out on the CPU.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    open_: dict[torch.dtype, tuple[list[torch.Tensor], list[TensorSpec], int]] = {}
-    done: list[Bucket] = []
-    seen: set[str] = set()
+    target = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    run: list[tuple[str, torch.Tensor]] = []
+    used, seen = 0, set()
     for name, tensor in named_tensors:
         if name in seen:
             raise ValueError(f"tensor name {name!r} appears twice in the weights to send")
         seen.add(name)
         tensor = tensor.detach()
-        parts, specs, used = open_.get(tensor.dtype, ([], [], 0))
-        nbytes = tensor.numel() * tensor.element_size()
-        if parts and used + nbytes > bucket_bytes:
-            done.append(_close(tensor.dtype, parts, specs))
-            parts, specs, used = [], [], 0
-        offset = sum(s.numel for s in specs)
-        specs.append(TensorSpec(name, tuple(tensor.shape), dtype_name(tensor.dtype), offset, tensor.numel()))
-        parts.append(tensor.reshape(-1))
-        open_[tensor.dtype] = (parts, specs, used + nbytes)
-    done += [_close(dtype, parts, specs) for dtype, (parts, specs, _) in open_.items() if specs]
-    return done
+        out_dtype = target if target is not None and tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * out_dtype.itemsize
+        if run and (used + nbytes > bucket_bytes or out_dtype != _out_dtype(run[0][1], target)):
+            yield _pack(run, target)
+            run, used = [], 0
+        run.append((name, tensor))
+        used += nbytes
+    if run:
+        yield _pack(run, target)
 
 
-def _close(dtype: torch.dtype, parts: list[torch.Tensor], specs: list[TensorSpec]) -> Bucket:
-    return Bucket(dtype_name(dtype), torch.cat(parts).contiguous(), list(specs))
+def _out_dtype(tensor: torch.Tensor, target: torch.dtype | None) -> torch.dtype:
+    return target if target is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def _pack(run: list[tuple[str, torch.Tensor]], target: torch.dtype | None) -> Bucket:
+    dtype = _out_dtype(run[0][1], target)
+    specs, offset = [], 0
+    for name, t in run:
+        specs.append(TensorSpec(name, tuple(t.shape), dtype_name(dtype), offset, t.numel()))
+        offset += t.numel()
+    if all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for _, t in run):
+        return Bucket(dtype_name(dtype), specs, [t for _, t in run])  # nothing to copy yet
+    # One buffer where the tensors live (the cast happens in copy_), then one copy to host memory.
+    flat = torch.empty(offset, dtype=dtype, device=run[0][1].device)
+    for s, (_, t) in zip(specs, run):
+        flat[s.offset:s.offset + s.numel].copy_(t.reshape(-1))
+    flat = flat.cpu()
+    return Bucket(dtype_name(dtype), specs, [flat[s.offset:s.offset + s.numel].view(s.shape) for s in specs])
+
+
+def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dtype: str | torch.dtype | None = None) -> list[Bucket]:
+    """All of ``iter_buckets`` at once (small models and tests)."""
+    return list(iter_buckets(named_tensors, bucket_bytes, dtype))
 
 
 def unpack_bucket(bucket: Bucket) -> NamedTensors:
-    """Bucket -> [(name, tensor)] in manifest order. The tensors are views of ``bucket.buffer``."""
-    total = sum(s.numel for s in bucket.manifest)
-    if bucket.buffer.dim() != 1 or bucket.buffer.numel() != total:
-        raise WeightSyncError(f"bucket buffer has shape {tuple(bucket.buffer.shape)}, its manifest needs "
-                              f"({total},)")
-    if dtype_name(bucket.buffer.dtype) != bucket.dtype:
-        raise WeightSyncError(f"bucket buffer is {bucket.buffer.dtype}, its manifest says {bucket.dtype}")
-    return [(s.name, bucket.buffer[s.offset:s.offset + s.numel].view(s.shape)) for s in bucket.manifest]
+    """Bucket -> [(name, tensor)] in manifest order, checked against the manifest."""
+    if len(bucket.tensors) != len(bucket.manifest):
+        raise WeightSyncError(f"bucket has {len(bucket.tensors)} tensors, its manifest {len(bucket.manifest)}")
+    for s, t in zip(bucket.manifest, bucket.tensors):
+        if tuple(t.shape) != s.shape or dtype_name(t.dtype) != bucket.dtype:
+            raise WeightSyncError(f"{s.name}: got {dtype_name(t.dtype)} {tuple(t.shape)}, its manifest says "
+                                  f"{bucket.dtype} {s.shape}")
+    return [(s.name, t) for s, t in zip(bucket.manifest, bucket.tensors)]
 
 
 def unpack_all(buckets: Iterable[Bucket]) -> NamedTensors:
@@ -132,35 +193,41 @@ def unpack_all(buckets: Iterable[Bucket]) -> NamedTensors:
 
 
 class WeightTransport(Protocol):
-    """Learner side ``send``; engine side ``receive`` -> (version, [(name, tensor)]) or WeightSyncError."""
+    """Learner side ``send``; engine side ``receive`` -> (version, [(name, tensor)], omitted names)."""
 
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightPayload | None:
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype=None,
+             omitted: Iterable[str] = ()) -> WeightPayload | None:
         ...
 
-    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors]:
+    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors, tuple[str, ...]]:
         ...
 
 
 class ObjectStoreTransport:
-    """Buckets through Ray's object store: ``send`` packs, the caller ``ray.put``s, engines ``receive``.
+    """Buckets through Ray's object store: ``send`` packs and ``put``s bucket by bucket, engines ``receive``.
 
-    Buckets are packed where the tensors live (one ``cat`` per bucket on the GPU), then each bucket
-    buffer moves to host memory, which is what the object store holds: one device-to-host copy per bucket.
+    ``put``/``get`` are ``ray.put``/``ray.get`` in Ray processes; the identity (default) keeps the buckets
+    themselves in the payload (tests, one process).
     """
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: str | torch.device = "cpu"):
         self.bucket_bytes = bucket_bytes
         self.device = torch.device(device)  # where receive() puts the tensors
 
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightPayload:
-        buckets = pack_buckets(named_tensors, self.bucket_bytes)
-        return WeightPayload(int(version), [Bucket(b.dtype, b.buffer.cpu(), b.manifest) for b in buckets])
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+             dtype: str | torch.dtype | None = None, omitted: Iterable[str] = (),
+             put: Callable[[Bucket], object] = lambda b: b) -> WeightPayload:
+        buckets = [put(b) for b in iter_buckets(named_tensors, self.bucket_bytes, dtype)]
+        return WeightPayload(int(version), buckets, tuple(omitted))
 
-    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors]:
+    def receive(self, payload: WeightPayload | None = None,
+                get: Callable[[list], list] = lambda refs: refs) -> tuple[int, NamedTensors, tuple[str, ...]]:
         if not isinstance(payload, WeightPayload):
             raise WeightSyncError(f"object-store receive needs a WeightPayload, got {type(payload).__name__}")
-        named = unpack_all(Bucket(b.dtype, b.buffer.to(self.device), b.manifest) for b in payload.buckets)
-        return payload.version, named
+        named = unpack_all(get(list(payload.buckets)))
+        if self.device.type != "cpu":
+            named = [(n, t.to(self.device)) for n, t in named]
+        return payload.version, named, tuple(payload.omitted)
 
 
 @dataclass
@@ -233,50 +300,63 @@ def init_weight_group(master_addr: str, port: int, rank: int, world_size: int, b
 
 
 class BroadcastTransport:
-    """Buckets by broadcast over a ``WeightGroup``: rank 0 sends, every other rank receives."""
+    """Buckets by broadcast over a ``WeightGroup``: rank 0 sends, every other rank receives.
+
+    On the wire, per bucket: header length, JSON header (version, dtype, manifest), the flat buffer; then
+    an end header (version, omitted names) with no buffer. Only one bucket exists at a time on rank 0.
+    """
 
     def __init__(self, group: WeightGroup, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.group = group
         self.bucket_bytes = bucket_bytes
 
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+             dtype: str | torch.dtype | None = None, omitted: Iterable[str] = ()) -> None:
         if self.group.rank != 0:
             raise WeightSyncError(f"rank {self.group.rank} cannot send weights; only rank 0 (the learner)")
-        buckets = pack_buckets(named_tensors, self.bucket_bytes)
-        self.send_header(version, buckets)
-        for i, bucket in enumerate(buckets):
-            self.send_bucket(i, bucket)
+        for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes, dtype)):
+            self.send_bucket(version, i, bucket)
+        self.send_header({"version": int(version), "end": True, "omitted": list(omitted)}, "end header")
 
-    def send_header(self, version: int, buckets: list[Bucket]) -> None:
-        """Broadcast the header's byte length, then the JSON header (version and manifests)."""
-        header = {"version": int(version),
-                  "buckets": [{"dtype": b.dtype, "manifest": [asdict(s) for s in b.manifest]} for b in buckets]}
+    def send_header(self, header: dict, what: str) -> None:
         data = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
         self.group.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.group.device),
-                             "header length")
-        self.group.broadcast(data.to(self.group.device), "header")
+                             f"{what} length")
+        self.group.broadcast(data.to(self.group.device), what)
 
-    def send_bucket(self, index: int, bucket: Bucket) -> None:
-        self.group.broadcast(bucket.buffer.to(self.group.device), f"bucket {index}")
+    def send_bucket(self, version: int, index: int, bucket: Bucket) -> None:
+        self.send_header({"version": int(version), "dtype": bucket.dtype,
+                          "manifest": [asdict(s) for s in bucket.manifest]}, f"bucket {index} header")
+        self.group.broadcast(bucket.flat().to(self.group.device), f"bucket {index}")
 
-    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors]:
+    def _receive_header(self, what: str) -> dict:
+        device = self.group.device
+        length = torch.zeros(1, dtype=torch.int64, device=device)
+        self.group.broadcast(length, f"{what} length")
+        data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        self.group.broadcast(data, what)
+        try:
+            return json.loads(bytes(data.cpu().numpy()).decode())
+        except ValueError as exc:
+            self.group.broken = f"bad header: {exc}"
+            raise WeightSyncError(f"weight header could not be read ({exc}); weights unchanged") from exc
+
+    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors, tuple[str, ...]]:
         """Receive one full sync; every bucket arrives before any tensor is returned."""
         if self.group.rank == 0:
             raise WeightSyncError("rank 0 is the sender; receive() runs on engine ranks")
-        device = self.group.device
-        length = torch.zeros(1, dtype=torch.int64, device=device)
-        self.group.broadcast(length, "header length")
-        data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-        self.group.broadcast(data, "header")
-        try:
-            header = json.loads(bytes(data.cpu().numpy()).decode())
-            buckets = [Bucket(b["dtype"], torch.empty(sum(s["numel"] for s in b["manifest"]),
-                                                      dtype=dtype_from_name(b["dtype"]), device=device),
-                              [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"], s["offset"], s["numel"])
-                               for s in b["manifest"]]) for b in header["buckets"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            self.group.broken = f"bad header: {exc}"
-            raise WeightSyncError(f"weight header could not be read ({exc}); weights unchanged") from exc
-        for i, bucket in enumerate(buckets):
-            self.group.broadcast(bucket.buffer, f"bucket {i} of version {header['version']}")
-        return int(header["version"]), unpack_all(buckets)
+        buckets: list[Bucket] = []
+        while True:
+            header = self._receive_header(f"bucket {len(buckets)} header")
+            if header.get("end"):
+                return int(header["version"]), unpack_all(buckets), tuple(header.get("omitted", ()))
+            try:
+                specs = [_spec(s) for s in header["manifest"]]
+                flat = torch.empty(sum(s.numel for s in specs), dtype=dtype_from_name(header["dtype"]),
+                                   device=self.group.device)
+            except (KeyError, TypeError) as exc:
+                self.group.broken = f"bad header: {exc}"
+                raise WeightSyncError(f"weight header could not be read ({exc}); weights unchanged") from exc
+            self.group.broadcast(flat, f"bucket {len(buckets)} of version {header['version']}")
+            buckets.append(Bucket(header["dtype"], specs,
+                                  [flat[s.offset:s.offset + s.numel].view(s.shape) for s in specs]))

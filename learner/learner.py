@@ -355,16 +355,24 @@ class Learner:
     # Weights and checkpoints
     # ------------------------------------------------------------------------------------------------
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, frozen: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Weights in checkpoint (save_pretrained) naming, detached, for the rollout engines.
 
+        ``frozen``: None = all; True = only frozen parameters (model.freeze_vision); False = all but them.
         Sharded: each tensor is gathered whole in turn (a collective: every rank must run this generator to
         the end), and only rank 0 yields; a consumer that packs as it goes holds one tensor + one bucket.
         """
+        skip = set() if frozen is None else set(self.frozen_names())
         for name, tensor in self.model.state_dict().items():
+            if frozen is not None and (name in skip) != frozen:
+                continue
             whole = full_tensor(tensor.detach())
             if self.dist.is_main:
                 yield name, whole
+
+    def frozen_names(self) -> list[str]:
+        """State-dict names of the parameters that never train (they need sending once per engine life)."""
+        return [n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad]
 
     def new_version(self) -> int:
         self.version += 1

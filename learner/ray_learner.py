@@ -50,6 +50,9 @@ class LearnerWorker:
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
         self.consumed: dict[str, int] = {}  # per rollout actor: the seq of the next row expected from it
         self.resumed: dict = {}  # the data state of the checkpoint loaded last
+        self._frozen_ref = None  # the frozen parameters' payload (object store; rank 0), built at the first sync
+        self._frozen_published = False
+        self._group_has_frozen = False  # broadcast: the current weight group got the frozen parameters
 
     def ready(self) -> dict:
         return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
@@ -93,24 +96,37 @@ class LearnerWorker:
         return {"rows/duplicate_ids": dup, "rows/skipped_ids": skipped,
                 "rows/ids": [[r.actor_id, r.seq, r.weight_version] for r in rows]}
 
-    def publish_weights_ref(self, bucket_mb: int, bump: bool = True) -> tuple[int, ray.ObjectRef | None]:
-        """A new weight version, packed into buckets and put into the object store once for all actors.
+    def publish_weights_ref(self, bucket_mb: int, bump: bool = True
+                            ) -> tuple[int, ray.ObjectRef | None, ray.ObjectRef | None]:
+        """A new weight version in the engines' dtype, bucket by bucket into the object store (one bucket
+        held here at a time): ``(version, payload ref, frozen ref)``. The payload leaves out frozen
+        parameters (declared in it); ``frozen ref`` is a payload of only those, built once per learner life
+        (they never change) for actors that have not loaded them since their start; None when none.
         ``bump=False`` re-publishes the current version (a resumed run whose checkpoint was taken right
         after a sync, or a restarted actor on the broadcast transport).
 
         Sharded: tensors are gathered one by one while rank 0 packs them (other ranks only take part in the
-        gathers and return (version, None)).
+        gathers and return (version, None, None)).
         """
+        version = self.learner.new_version() if bump else self.learner.version
+        frozen = self.learner.frozen_names()
+        if frozen and not self._frozen_published:  # decided alike on every rank: the gathers are collectives
+            self._frozen_ref = self._put_payload(version, self.learner.named_weights(frozen=True), (), bucket_mb)
+            self._frozen_published = True
+        payload = self._put_payload(version, self.learner.named_weights(frozen=False if frozen else None),
+                                    frozen, bucket_mb)
+        return version, payload, self._frozen_ref
+
+    def _put_payload(self, version: int, named, omitted, bucket_mb: int) -> ray.ObjectRef | None:
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        version = self.learner.new_version() if bump else self.learner.version
-        named = self.learner.named_weights()
         if not self.learner.dist.is_main:
             for _ in named:  # the gathers
                 pass
-            return version, None
-        payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(version, named)
-        return version, ray.put(payload)
+            return None
+        payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(
+            version, named, dtype=self.cfg.model.dtype, omitted=omitted, put=ray.put)
+        return ray.put(payload)
 
     # --- the `broadcast` weight transport: rank 0 of the learner is rank 0 of the weight group ----------
 
@@ -127,18 +143,22 @@ class LearnerWorker:
         if self.learner.dist.is_main:
             self._broadcast = BroadcastTransport(init_weight_group(master_addr, port, rank, world_size, backend,
                                                                    timeout_s))
+        self._group_has_frozen = False  # a new group has (re)started actors: send frozen tensors once
         return rank
 
     def broadcast_weights(self, bucket_mb: int, bump: bool = True) -> int:
-        """A new weight version, broadcast bucket by bucket to every rollout actor (gathered when sharded)."""
+        """A new weight version in the engines' dtype, broadcast bucket by bucket to every rollout actor
+        (gathered when sharded); frozen parameters only in the first broadcast of a new group."""
         version = self.learner.new_version() if bump else self.learner.version
-        named = self.learner.named_weights()
+        frozen = [] if not self._group_has_frozen else self.learner.frozen_names()
+        named = self.learner.named_weights(frozen=False if frozen else None)
+        self._group_has_frozen = True
         if not self.learner.dist.is_main:
             for _ in named:  # the gathers
                 pass
             return version
         self._broadcast.bucket_bytes = bucket_mb << 20
-        self._broadcast.send(version, named)
+        self._broadcast.send(version, named, dtype=self.cfg.model.dtype, omitted=frozen)
         return version
 
     def save_checkpoint(self, path: str, keep_last: int = 0, driver: dict | None = None) -> str:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from coordexp_rl.config import Config, load_config
+from coordexp_rl.launch import Driver
 from tests.deploy.packing import CONFIGS, GPU_CONFIGS, ROOT, all_config_files, bundles, config, pack
 
 COCO_TRAIN_IMAGES = 118_287  # instances_train2017.json
@@ -71,14 +72,22 @@ def test_gpu_configs_fill_their_nodes(name, gpus, nodes):
     cfg = config(name)
     b = bundles(cfg)
     assert sum(x.get("GPU", 0) for x in b) == gpus
-    assert len(b) == cfg.rollout.num_actors + 1
-    assert pack(b, [NODE_8GPU] * nodes) is not None
-    assert pack(b, [NODE_8GPU] * (nodes - 1)) is None  # it really needs that many nodes
+    assert len(b) == cfg.rollout.num_actors + cfg.learner.world_size  # one bundle per actor and per learner rank
+    assert pack(strict_packed(cfg), [NODE_8GPU] * nodes) is not None
+    assert pack(strict_packed(cfg), [NODE_8GPU] * (nodes - 1)) is None  # it really needs that many nodes
+
+
+def strict_packed(cfg) -> list[dict]:
+    """The rollout bundles, then the learner's STRICT_PACK group as the one node-sized piece it must be."""
+    groups = Driver(cfg).placement_groups()
+    (actors, a_strategy), (ranks, l_strategy) = groups["rollout"], groups["learner"]
+    assert (a_strategy, l_strategy) == ("PACK", "STRICT_PACK")
+    return actors + [{k: sum(r.get(k, 0) for r in ranks) for k in ranks[0]}]
 
 
 def test_two_node_config_puts_the_learner_on_a_node_of_its_own():
-    b = bundles(config("qwen3vl_8b_2nodes.yaml"))
-    where = pack(b, [NODE_8GPU, NODE_8GPU])
+    cfg = config("qwen3vl_8b_2nodes.yaml")
+    where = pack(strict_packed(cfg), [NODE_8GPU, NODE_8GPU])
     learner_node = where[-1]
     assert [w for w in where[:-1] if w == learner_node] == []
 

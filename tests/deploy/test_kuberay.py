@@ -59,7 +59,7 @@ def test_worker_pods_cover_the_configs_bundles():
     cfg = _config_of(job)
     pods = _pods(job)
     b = bundles(cfg)
-    want_gpu = cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.learner.gpus
+    want_gpu = cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.learner.gpus * cfg.learner.world_size
     assert sum(r["GPU"] for _, r in pods) >= want_gpu == 8
     assert pack(b, [r for _, r in pods]) is not None
     # GPU requests equal limits (Kubernetes requires it for extended resources).

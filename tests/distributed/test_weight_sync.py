@@ -5,12 +5,13 @@ import pickle
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from coordexp_rl.weight_sync import (
     Bucket, BroadcastTransport, ObjectStoreTransport, TensorSpec, WeightPayload, WeightSyncError,
-    init_weight_group, pack_buckets, unpack_all, unpack_bucket,
+    init_weight_group, iter_buckets, pack_buckets, unpack_all, unpack_bucket,
 )
 
 CTX = mp.get_context("spawn")
@@ -40,11 +41,10 @@ def assert_same(got, expected):
 def test_pack_unpack_round_trip_exact():
     weights = sample_weights()
     buckets = pack_buckets(weights, bucket_bytes=1 << 20)
-    # one bucket per dtype, in order of first appearance: float32, bfloat16, int64
-    assert [b.dtype for b in buckets] == ["float32", "bfloat16", "int64"]
-    assert [b.buffer.numel() for b in buckets] == [35 + 24 + 1 + 0, 4 + 15, 2]
-    got = {n: t for n, t in unpack_all(buckets)}
-    assert_same([(n, got[n]) for n, _ in weights], weights)
+    # consecutive runs of one dtype: a dtype change closes the bucket
+    assert [b.dtype for b in buckets] == ["float32", "bfloat16", "float32", "int64", "bfloat16"]
+    assert [b.flat().numel() for b in buckets] == [35 + 24, 4, 1 + 0, 2, 15]
+    assert_same(unpack_all(buckets), weights)
     spec = buckets[0].manifest[1]
     assert spec == TensorSpec("layer.0.w_t", (4, 6), "float32", 35, 24)
 
@@ -58,24 +58,70 @@ def test_bucket_size_limit():
     assert_same(unpack_all(buckets), weights)
 
 
-def test_pack_rejects_duplicates_and_bad_buffers():
+def test_cast_to_the_engine_dtype_halves_the_bytes_and_keeps_integers():
+    weights = sample_weights()
+    buckets = pack_buckets(weights, bucket_bytes=1 << 20, dtype="bfloat16")
+    assert [b.dtype for b in buckets] == ["bfloat16", "int64", "bfloat16"]  # int64 stays int64
+    float_bytes = sum(t.numel() * 2 for _, t in weights if t.is_floating_point())
+    assert sum(b.nbytes for b in buckets) == float_bytes + 16
+    got = dict(unpack_all(buckets))
+    for name, t in weights:
+        expected = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert got[name].dtype == expected.dtype and torch.equal(got[name], expected), name
+
+
+def test_buckets_are_built_one_at_a_time():
+    """The generator packs bucket k+1 only when asked: the sender never holds two packed buckets."""
+    packed = []
+
+    def named():
+        for i in range(4):
+            packed.append(i)
+            yield f"w{i}", torch.ones(10, dtype=torch.float64)
+
+    stream = iter_buckets(named(), bucket_bytes=80, dtype="float32")  # 40 bytes each as float32: 2 per bucket
+    first = next(stream)
+    assert [s.name for s in first.manifest] == ["w0", "w1"] and packed == [0, 1, 2]  # w2 opened bucket 2
+    assert [s.name for s in next(stream).manifest] == ["w2", "w3"]
+
+
+def test_pack_rejects_duplicates_and_bad_buckets():
     with pytest.raises(ValueError, match="'w' appears twice"):
         pack_buckets([("w", torch.ones(1)), ("w", torch.ones(1))])
     bucket = pack_buckets([("w", torch.ones(3))])[0]
-    with pytest.raises(WeightSyncError, match="needs \\(3,\\)"):
-        unpack_bucket(Bucket("float32", torch.ones(2), bucket.manifest))
+    with pytest.raises(WeightSyncError, match="manifest says float32 \\(3,\\)"):
+        unpack_bucket(Bucket("float32", bucket.manifest, [torch.ones(2)]))
 
 
 def test_object_store_transport_round_trip():
     weights = sample_weights()
     sender, receiver = ObjectStoreTransport(bucket_bytes=64), ObjectStoreTransport()
-    payload = sender.send(9, weights)
+    payload = sender.send(9, weights, omitted=["frozen.w"])
     assert isinstance(payload, WeightPayload) and len(payload.buckets) >= 4
-    shipped = pickle.loads(pickle.dumps(payload))  # what crossing the object store does
-    version, got = receiver.receive(shipped)
-    assert version == 9
+    shipped = pickle.loads(pickle.dumps(payload, protocol=5))  # what crossing the object store does
+    version, got, omitted = receiver.receive(shipped)
+    assert version == 9 and omitted == ("frozen.w",)
     got = dict(got)
     assert_same([(n, got[n]) for n, _ in weights], weights)
+
+
+def test_bucket_pickles_out_of_band_without_copying_into_the_stream():
+    """Protocol 5: the bytes travel as out-of-band buffers (Ray writes them into shared memory once) and
+    come back as views of those buffers."""
+    w = torch.arange(1000, dtype=torch.float32)
+    bucket = pack_buckets([("w", w)])[0]
+    buffers = []
+    stream = pickle.dumps(bucket, protocol=5, buffer_callback=buffers.append)
+    assert len(stream) < 1000 and sum(b.raw().nbytes for b in buffers) == 4000
+    back = pickle.loads(stream, buffers=buffers)
+    assert torch.equal(back.tensors[0], w)
+    assert back.tensors[0].data_ptr() == np.frombuffer(buffers[0].raw(), dtype=np.uint8).ctypes.data  # a view
+
+
+def test_object_store_send_puts_each_bucket_as_it_is_built():
+    put = []
+    payload = ObjectStoreTransport(bucket_bytes=64).send(1, sample_weights(), put=lambda b: put.append(b) or len(put))
+    assert payload.buckets == list(range(1, len(put) + 1))  # the payload holds what put returned
 
 
 def free_port() -> int:
@@ -90,12 +136,10 @@ def peer(role: str, port: int, out_path: str, release) -> None:
     group = init_weight_group("127.0.0.1", port, rank, 2, "gloo", timeout_s=60)
     transport = BroadcastTransport(group, bucket_bytes=128)
     if role == "receiver":
-        version, named = transport.receive()
-        torch.save({"version": version, "named": named}, out_path)
+        version, named, omitted = transport.receive()
+        torch.save({"version": version, "named": named, "omitted": omitted}, out_path)
     elif role == "partial_sender":
-        buckets = pack_buckets(sample_weights(), 128)
-        transport.send_header(5, buckets)
-        transport.send_bucket(0, buckets[0])
+        transport.send_bucket(5, 0, pack_buckets(sample_weights(), 128)[0])
     release.wait(60)  # idle until the parent is done with the group
 
 
@@ -111,12 +155,12 @@ def test_broadcast_two_processes_exact(tmp_path):
     proc, release = start_peer("receiver", port, out)
     group = init_weight_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=60)
     weights = sample_weights()
-    BroadcastTransport(group, bucket_bytes=128).send(4, weights)
+    BroadcastTransport(group, bucket_bytes=128).send(4, weights, omitted=["frozen.w"])
     release.set()
     proc.join(60)
     assert proc.exitcode == 0
     received = torch.load(out)
-    assert received["version"] == 4
+    assert received["version"] == 4 and received["omitted"] == ("frozen.w",)
     got = dict(received["named"])
     assert_same([(n, got[n]) for n, _ in weights], weights)
 
@@ -135,8 +179,8 @@ def test_receiver_times_out_and_keeps_nothing(role):
             result = transport.receive()
         assert time.monotonic() - start < 5.0
         assert result is None  # nothing half-received reaches the caller
-        if role == "partial_sender":  # header and bucket 0 arrived, bucket 1 did not
-            assert "bucket 1 of version 5" in str(err.value)
+        if role == "partial_sender":  # bucket 0 arrived, then neither bucket 1 nor the end header
+            assert "bucket 1 header" in str(err.value)
         with pytest.raises(WeightSyncError, match="group is broken"):
             transport.receive()
     finally:

@@ -48,9 +48,10 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     assert got[0]["loss/total"] == pytest.approx(want[0]["loss/total"], rel=1e-5)
 
     # Weight sync: one call, rank 0's ref holds every full tensor, equal to the one-rank learner's.
-    version, ref = ray.get(group.publish_weights_ref.remote(64))
+    version, ref, frozen_ref = ray.get(group.publish_weights_ref.remote(64))
     payload = ray.get(ref)
-    published = dict(unpack_all(payload.buckets))
+    published = dict(unpack_all(ray.get(payload.buckets)))
+    assert frozen_ref is None and payload.omitted == ()  # nothing frozen in this config
     reference = dict(one.learner.publish()[1])
     assert version == payload.version == 1 and list(published) == list(reference)
     for name, w in reference.items():
@@ -74,6 +75,6 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     # Export gathers the shards into one loadable folder, equal to what a sync would send now.
     model, _, _ = load_model_and_processor(ray.get(group.export.remote(str(tmp_path / "export"))))
     payload = ray.get(ray.get(group.publish_weights_ref.remote(64))[1])
-    for name, w in unpack_all(payload.buckets):
+    for name, w in unpack_all(ray.get(payload.buckets)):
         assert torch.equal(model.state_dict()[name], w), name
     group.kill()
