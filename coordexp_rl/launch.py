@@ -116,7 +116,7 @@ class Driver:
 
         from actors.buffer import RolloutBuffer
         from actors.rollout_actor import RolloutActor
-        from coordexp_rl.inference import engine_config
+        from coordexp_rl.engine import EngineConfig, SamplingConfig
         from learner.group import LearnerGroup
 
         cfg, r = self.cfg, self.cfg.rollout
@@ -132,8 +132,8 @@ class Driver:
         train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
         self._val = self.load_data(assets.val_path, assets.val_image_root, cfg.data.check_images, train=False)
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
-        engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
-        self.sampling = rollout_sampling(cfg)
+        engine = EngineConfig.from_config(cfg, assets.model_path)  # `coordexp-rl infer --config` uses it too
+        self.sampling = SamplingConfig.from_config(cfg.rollout)
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before
             self.log_data_counts()
@@ -396,15 +396,6 @@ class Driver:
             f"# Run {self.out}\n\n{table}\n\nTraining curves: `plots/`. Per evaluation (`eval/<label>/`): "
             "predictions, metrics.json, IoU and per-description plots, box overlays, report.md.\n")
         return table
-
-
-def rollout_sampling(cfg: Config):
-    """The rollout actors' decoding (config ``rollout``); equal to evaluation's by default."""
-    from actors.engine import SamplingConfig
-
-    r = cfg.rollout
-    return SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          repetition_penalty=r.repetition_penalty, seed=r.seed)
 
 
 def results_table(results: dict[str, dict]) -> str:

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from actors.engine import EngineConfig
+    from coordexp_rl.engine import EngineConfig
     from actors.hf_engine import HFEngine
     from coordexp_rl.assets import prepare_assets
     from coordexp_rl.config import load_config

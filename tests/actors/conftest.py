@@ -55,7 +55,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="session")
 def requests_(images):
-    from actors.engine import GenerationRequest
+    from coordexp_rl.engine import GenerationRequest
 
     return [GenerationRequest(im, PROMPT, f"s{i}") for i, im in enumerate(images)]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError, make_engine
+from actors.engine import make_engine
+
+from coordexp_rl.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 
 GREEDY = SamplingConfig(max_new_tokens=12)

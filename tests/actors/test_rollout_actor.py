@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from actors.engine import EngineConfig, SamplingConfig
+from coordexp_rl.engine import EngineConfig, SamplingConfig
 from actors.rollout_actor import RolloutWorker, shard
 from coordexp_rl.protocol import parse_ids
 from coordexp_rl.rollout_schema import batch_to_rows

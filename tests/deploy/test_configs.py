@@ -143,9 +143,8 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
     """Stage-2 learns from rollouts; they must be what evaluation measures (greedy, no penalty)."""
     import dataclasses
 
-    from coordexp_rl.inference import evaluation_sampling
-    from coordexp_rl.launch import rollout_sampling
+    from coordexp_rl.engine import SamplingConfig, evaluation_sampling
 
     cfg = load_config(CONFIGS / name if name else None)
-    rollout = dataclasses.replace(rollout_sampling(cfg), seed=None)  # a seed does not change greedy decoding
+    rollout = dataclasses.replace(SamplingConfig.from_config(cfg.rollout), seed=None)  # a seed does not change greedy decoding
     assert rollout == evaluation_sampling(cfg.rollout.max_new_tokens)

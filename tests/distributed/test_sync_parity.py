@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from actors.engine import EngineConfig, SamplingConfig
+from coordexp_rl.engine import EngineConfig, SamplingConfig
 from actors.rollout_actor import RolloutWorker
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_image, load_samples

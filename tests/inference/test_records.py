@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.engine import GenerationResult
+from coordexp_rl.engine import GenerationResult
 from coordexp_rl.coords import CoordVocab
 from coordexp_rl.data.loader import Sample
 from coordexp_rl.evaluation.records import to_image_record

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from actors.engine import EngineConfig, GenerationRequest, SamplingConfig
+from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
 from actors.hf_engine import HFEngine
 from coordexp_rl.config import load_config
 from coordexp_rl.coords import bin_to_unit
