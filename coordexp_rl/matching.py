@@ -49,28 +49,31 @@ class MatchParams:
 @dataclass(frozen=True)
 class MatchCurriculum:
     """SPEC 11 / 14.1: geometry-only and strict until ``start_step``, then linear relaxation over
-    ``ramp_steps`` to the end values (semantic term switched in, looser gates)."""
+    ``ramp_steps`` to the end values (semantic term switched in, looser gates). No defaults here: a run
+    builds it with ``from_config`` (the values' one home is ``coordexp_rl.config.MatchingConfig``)."""
 
+    ramp_steps: int
+    lambda_sem_start: float
+    lambda_sem_end: float
+    iou_thr_start: float
+    iou_thr_end: float
+    l1_thr_start: float
+    l1_thr_end: float
     start_step: int = 0
-    ramp_steps: int = 1000
-    lambda_sem_start: float = 0.0
-    lambda_sem_end: float = 0.5
-    iou_thr_start: float = 0.5
-    iou_thr_end: float = 0.1
-    l1_thr_start: float = 0.02
-    l1_thr_end: float = 0.1
 
     @classmethod
     def from_config(cls, m) -> "MatchCurriculum":
         """From the config's ``matching`` section (coordexp_rl.config.MatchingConfig), the one home of defaults."""
-        return cls(start_step=0, ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
+        return cls(ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
                    lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
                    l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
 
     def at(self, step: int) -> MatchParams:
         """Parameters at ``step``.
 
-        >>> round(MatchCurriculum(start_step=10, ramp_steps=10).at(15).iou_thr, 6)
+        >>> c = MatchCurriculum(ramp_steps=10, lambda_sem_start=0.0, lambda_sem_end=0.5, iou_thr_start=0.5,
+        ...                     iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1, start_step=10)
+        >>> round(c.at(15).iou_thr, 6)  # half way from 0.5 to 0.1
         0.3
         """
         if self.ramp_steps <= 0:
