@@ -1,11 +1,16 @@
-"""Every default has one home, the config model: a default Config reaches every component unchanged."""
+"""The config model: every default has one home (a default Config reaches every component unchanged), and
+the loader refuses a key that does nothing."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from pathlib import Path
 
-from coordexp_rl.config import Config
+import pytest
+
+from coordexp_rl.config import Config, ConfigError, load_config
 from coordexp_rl.engine import EngineConfig, SamplingConfig
 from coordexp_rl.matching import MatchCurriculum
 
@@ -63,3 +68,26 @@ def test_learner_takes_matching_and_loss_values_from_the_config(tiny_model_dir):
         cfg.loss.extra_eos_weight)
     group = learner.optimizer.param_groups[0]
     assert (group["initial_lr"], group["weight_decay"]) == (cfg.optim.lr, cfg.optim.weight_decay)
+
+
+@pytest.mark.parametrize("key", ["eval.every=5", "eval.engine=vllm", "rollout.num_gpus=8", "nosection.x=1"])
+def test_the_loader_refuses_a_key_that_does_nothing(key, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(key.split("=")[0].split(".")[-1])):
+        load_config(None, [key])
+    section, rest = key.split(".", 1)
+    name, value = rest.split("=")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{path}.*{name}"):
+        load_config(path)
+
+
+def test_every_config_field_is_read_by_the_code():
+    """A knob that no code reads is a silent no-op (eval.every and eval.engine once were): each field's name
+    must appear as an attribute access somewhere outside the config module."""
+    root = Path(__file__).resolve().parents[2]
+    source = "".join(p.read_text() for d in ("coordexp_rl", "actors", "learner") for p in (root / d).rglob("*.py")
+                     if p.name != "config.py")
+    unread = [f"{section}.{name}" for section, field in Config.model_fields.items()
+              for name in field.annotation.model_fields if not re.search(rf"\.{name}\b", source)]
+    assert unread == []
