@@ -105,7 +105,13 @@ def cost_matrix(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
                 gt_descs: Sequence[str] | None = None, *, lambda_geo: float = 1.0, lambda_sem: float = 0.0,
                 overlap: str = "iou", semantic: SemanticDistance = text_distance_matrix) -> np.ndarray:
     """(N, M) matching cost (see the module docstring). ``overlap``: ``"iou"`` or ``"giou"``."""
-    l1, iou, giou = geometry_terms(pred_boxes, gt_boxes)
+    return _cost(geometry_terms(pred_boxes, gt_boxes), pred_descs, gt_descs, lambda_geo=lambda_geo,
+                 lambda_sem=lambda_sem, overlap=overlap, semantic=semantic)
+
+
+def _cost(terms: tuple[np.ndarray, np.ndarray, np.ndarray], pred_descs, gt_descs, *, lambda_geo: float,
+          lambda_sem: float, overlap: str, semantic: SemanticDistance) -> np.ndarray:
+    l1, iou, giou = terms
     if overlap not in ("iou", "giou"):
         raise ValueError(f"overlap must be 'iou' or 'giou', got {overlap!r}")
     cost = lambda_geo * (l1 + 1.0 - (iou if overlap == "iou" else giou))
@@ -128,10 +134,11 @@ def match_objects(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
     """
     n, m = len(pred_boxes), len(gt_boxes)
     result = MatchResult(num_pred=n, num_gt=m)
-    l1, iou, _ = geometry_terms(pred_boxes, gt_boxes)
+    terms = geometry_terms(pred_boxes, gt_boxes)  # once: the cost and the gate both read it
+    l1, iou, _ = terms
     if n and m:
-        cost = cost_matrix(pred_boxes, gt_boxes, pred_descs, gt_descs, lambda_geo=lambda_geo,
-                           lambda_sem=lambda_sem, overlap=overlap, semantic=semantic)
+        cost = _cost(terms, pred_descs, gt_descs, lambda_geo=lambda_geo, lambda_sem=lambda_sem, overlap=overlap,
+                     semantic=semantic)
         rows, cols = linear_sum_assignment(cost)
         for i, j in sorted(zip(rows.tolist(), cols.tolist())):
             if iou[i, j] > iou_thr or l1[i, j] < l1_thr:
