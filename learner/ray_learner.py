@@ -24,6 +24,13 @@ from coordexp_rl.runtime import prepare_runtime
 log = logging.getLogger(__name__)
 
 
+def node_address() -> tuple[str, int]:
+    """This node's IP and a TCP port free on it now (a rendezvous binds it moments later)."""
+    from learner.distributed import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
 class LearnerWorker:
     def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
                  rank: int = 0, world_size: int = 1, master_addr: str = "", master_port: int = 0,
@@ -51,7 +58,8 @@ class LearnerWorker:
         self.consumed: dict[str, int] = {}  # per rollout actor: the seq of the next row expected from it
         self.resumed: dict = {}  # the data state of the checkpoint loaded last
 
-    def ready(self) -> dict:
+    def status(self) -> dict:
+        """Where the learner stands (its first answer also tells the driver the actor is up)."""
         return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
                 "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size}
 
@@ -103,22 +111,27 @@ class LearnerWorker:
         """
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        version = self.learner.new_version() if bump else self.learner.version
-        named = self.learner.named_weights()
-        if not self.learner.dist.is_main:
-            for _ in named:  # the gathers
-                pass
+        version, named = self._outgoing_weights(bump)
+        if named is None:
             return version, None
         payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(version, named)
         return version, ray.put(payload)
+
+    def _outgoing_weights(self, bump: bool):
+        """(version, named tensors) to send; on ranks > 0 the gathers run and the tensors are (version, None)."""
+        version = self.learner.new_version() if bump else self.learner.version
+        named = self.learner.named_weights()
+        if self.learner.dist.is_main:
+            return version, named
+        for _ in named:  # the gathers
+            pass
+        return version, None
 
     # --- the `broadcast` weight transport: rank 0 of the learner is rank 0 of the weight group ----------
 
     def weight_group_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it, for the weight group's rendezvous."""
-        from learner.distributed import free_port
-
-        return ray.util.get_node_ip_address(), free_port()
+        return node_address()
 
     def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
@@ -131,11 +144,8 @@ class LearnerWorker:
 
     def broadcast_weights(self, bucket_mb: int, bump: bool = True) -> int:
         """A new weight version, broadcast bucket by bucket to every rollout actor (gathered when sharded)."""
-        version = self.learner.new_version() if bump else self.learner.version
-        named = self.learner.named_weights()
-        if not self.learner.dist.is_main:
-            for _ in named:  # the gathers
-                pass
+        version, named = self._outgoing_weights(bump)
+        if named is None:
             return version
         self._broadcast.bucket_bytes = bucket_mb << 20
         self._broadcast.send(version, named)
