@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from actors.engine import make_engine
-
 from coordexp_rl.engine import EngineConfig, SamplingConfig
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 

@@ -91,7 +91,7 @@ def test_gpu_config_arithmetic(name):
     assert cfg.rollout.engine == "vllm" and cfg.rollout.gpus_per_actor == 1.0
     assert cfg.rollout.tensor_parallel_size == 1
     assert cfg.rollout.repetition_penalty == 1.0  # rollouts decode as evaluation does
-    assert cfg.data.train == "/data/coco/train2017.jsonl" and cfg.data.val == "/data/coco/val2017.jsonl"
+    assert cfg.data.train.startswith("/") and cfg.data.val.startswith("/")  # every node resolves them alike
     assert cfg.run.out_dir.startswith("/shared/runs/")  # a filesystem all nodes see
     # ~60 objects x ~14 tokens fit in the generation budget; prompt (<= 400 image + ~40) + budget in the context.
     assert cfg.rollout.max_new_tokens >= 60 * 14
@@ -107,9 +107,10 @@ def test_gpu_config_arithmetic(name):
 
 
 def test_learning_rates_follow_model_size():
-    assert config("qwen3vl_2b_1node.yaml").optim.lr == 1e-5
-    assert config("qwen3vl_8b_1node.yaml").optim.lr == 5e-6
-    assert config("qwen3vl_8b_2nodes.yaml").optim.lr == 5e-6
+    """The larger model takes the smaller rate; one model gets one rate however many nodes it runs on."""
+    lr = {name: config(name).optim.lr for name in GPU_CONFIGS}
+    assert lr["qwen3vl_8b_1node.yaml"] == lr["qwen3vl_8b_2nodes.yaml"] < lr["qwen3vl_2b_1node.yaml"]
+    assert {config(name).data.train for name in GPU_CONFIGS} == {config(GPU_CONFIGS[0]).data.train}
 
 
 def test_model_path_override_reaches_the_config():

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from actors.engine import make_engine
-
-from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
 from coordexp_rl.data.loader import load_image, load_samples
-from coordexp_rl.inference import DecoderModel, predict
+from coordexp_rl.engine import DecoderModel, EngineConfig, GenerationRequest, SamplingConfig
+from coordexp_rl.inference import predict
 from coordexp_rl.protocol import parse_ids
 from tests.inference.conftest import PROMPT, TAUGHT
 
