@@ -216,10 +216,6 @@ class BufferCore:
         for a, seq in zip(batch.column("actor_id").to_pylist(), batch.column("seq").to_pylist()):
             self._next_seq[a] = max(self._next_seq.get(a, 0), seq + 1)
 
-    def snapshot(self) -> pa.RecordBatch:
-        """The rows waiting now, oldest first, without taking them (for checkpoints; ``offer`` restores)."""
-        return concat_batches(list(self._queue))
-
     def close(self) -> None:
         if self._spill is not None:
             self.stats_.spill_files += self._spill.flush()
@@ -317,23 +313,14 @@ class AsyncRolloutBuffer:
     async def next_seq(self) -> dict[str, int]:
         return dict(self.core._next_seq)
 
-    async def may_generate(self, actor_version: int) -> bool:
-        return self.core.budget(actor_version) > 0
-
     async def set_version(self, version: int) -> int:
         async with self._changed:
             dropped = self.core.set_version(version)
             self._changed.notify_all()
             return dropped
 
-    async def version(self) -> int:
-        return self.core.version
-
     async def stats(self) -> dict:
         return self.core.stats()
-
-    async def snapshot(self) -> pa.RecordBatch:
-        return self.core.snapshot()
 
     async def close(self) -> dict:
         """Flush the spill files; returns the final stats."""

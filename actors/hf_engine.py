@@ -20,8 +20,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from actors.engine import (EngineConfig, GenerationRequest, GenerationResult, SamplingConfig, WeightLoadError,
-                           validate_payload)
+from actors.engine import (DecoderModel, EngineConfig, GenerationRequest, GenerationResult, SamplingConfig,
+                           WeightLoadError, validate_payload)
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class HFEngine:
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def own_decoder(self) -> DecoderModel:
+        """The model it generates with: ``decode="coordexp"`` reuses it (no second copy)."""
+        return DecoderModel(self.model, self.processor, self.vocab)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[GenerationResult]:

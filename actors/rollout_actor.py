@@ -25,9 +25,9 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 import ray
 import torch
-from PIL import Image
 
 from actors.engine import EngineConfig, GenerationRequest, GenerationResult, SamplingConfig, make_engine
+from coordexp_rl.data.loader import load_rgb
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class RolloutWorker:
         start = self._seq
         items = self.next_items(n or self.batch_size)
         try:
-            requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for _, it in items]
+            requests = [GenerationRequest(load_rgb(it.image_path), self.prompt_text, it.sample_id) for _, it in items]
             t0 = time.perf_counter()
             results = self.engine.generate(requests, self.sampling)
         except Exception:
@@ -192,7 +192,7 @@ class RolloutWorker:
         """Seconds of the bare ``engine.generate`` on the next ``n`` items (not used up): the baseline that
         ``bench rollout`` compares ``step`` with (images are loaded before the clock starts)."""
         items = [self.items[(self._seq + i) % len(self.items)] for i in range(n or self.batch_size)]
-        requests = [GenerationRequest(_load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
+        requests = [GenerationRequest(load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
         t0 = time.perf_counter()
         self.engine.generate(requests, self.sampling)
         return time.perf_counter() - t0
@@ -252,9 +252,6 @@ class RolloutWorker:
         return {"actor_id": self.actor_id, "engine": self.engine.name, "weight_version": self.weight_version(),
                 "shard_size": len(self.items), "next_seq": self._seq, **self.counters.as_dict()}
 
-    def ping(self) -> bool:
-        return bool(getattr(self.engine, "healthy", True))
-
     def close(self) -> None:
         self.engine.close()
 
@@ -262,11 +259,6 @@ class RolloutWorker:
 def _get_all(items: list) -> list:
     """Bucket refs (what the learner put) or buckets themselves (in-process callers)."""
     return [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in items]
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 RolloutActor = ray.remote(RolloutWorker)

@@ -10,7 +10,7 @@ the tests check that they equal ``encode_prompt``'s (the learner checks the same
 
 Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob under
 ``logprobs_mode="raw_logprobs"`` (vLLM's default, set explicitly here): log-softmax of the raw logits,
-before temperature / top-k / top-p / penalties. See ``actors.engine``.
+before temperature / top-k / top-p / penalties. See ``coordexp_rl.engine``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ class VLLMEngine:
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def own_decoder(self) -> None:
+        """None: the model lives inside vLLM; ``decode="coordexp"`` needs an HF copy of the weights."""
+        return None
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[GenerationResult]:
         from coordexp_rl.modeling.inputs import render_prompt

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("coordexp_rl.data.validate", "check a JSONL file against the data contract"),
     "convert": ("coordexp_rl.data.convert", "convert COCO / Pascal VOC / RefCOCO annotations to contract JSONL"),
     "launch": ("coordexp_rl.launch", "run Stage-1 and the Stage-2 EM loop on Ray (the main job)"),
-    "infer": ("coordexp_rl.inference", "generate, parse and write predictions for a JSONL file"),
+    "infer": ("coordexp_rl.infer_cli", "generate, parse and write predictions for a JSONL file"),
     "eval": ("coordexp_rl.evaluation.cli", "score predictions against ground truth (COCO mAP, F1, IoU)"),
     "bench": ("coordexp_rl.bench", "benchmarks that print JSON"),
     "ablate": ("coordexp_rl.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),

@@ -177,9 +177,9 @@ class LearnerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = 0  # learner steps between evaluations; 0 = only before/after each stage
-    max_samples: int = 256
-    engine: Literal["vllm", "hf"] = "hf"
+    # Evaluation runs before Stage-1, after Stage-1 and after Stage-2, through the rollout actors (their
+    # engine, rollout.engine, with the current weights), greedy with rollout.max_new_tokens.
+    max_samples: int = 256  # the first N validation samples
 
 
 class RunConfig(_Section):

@@ -37,17 +37,29 @@ def coord_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     Equals ``(hidden @ W.T)[:, coord_ids]`` without building the (P, V) full-vocab logits. When the ids
     are one contiguous range (they are, once added to a tokenizer) the rows are a view, not a copy.
     """
-    rows = _coord_rows(lm_head_weight, coord_ids)  # (K, H)
+    rows = coord_rows(lm_head_weight, coord_ids)  # (K, H)
     logits = hidden @ rows.T
     if bias is not None:
-        logits = logits + _coord_rows(bias, coord_ids)
+        logits = logits + coord_rows(bias, coord_ids)
     return logits
 
 
-def _coord_rows(table: torch.Tensor, coord_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    ids = torch.as_tensor(coord_ids, dtype=torch.long)
+def contiguous_start(ids: torch.Tensor) -> int | None:
+    """The first id when ``ids`` are one ascending contiguous range, else None."""
     if ids.numel() and bool((ids[1:] - ids[:-1] == 1).all()):
-        start = int(ids[0])
+        return int(ids[0])
+    return None
+
+
+def coord_rows(table: torch.Tensor, coord_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``table[coord_ids]``: a view when the ids are one contiguous range (the coord tokens are), else a copy.
+
+    >>> coord_rows(torch.arange(10.0), [3, 4, 5]).tolist(), coord_rows(torch.arange(10.0), [5, 3]).tolist()
+    ([3.0, 4.0, 5.0], [5.0, 3.0])
+    """
+    ids = torch.as_tensor(coord_ids, dtype=torch.long)
+    start = contiguous_start(ids)
+    if start is not None:
         return table[start:start + ids.numel()]
     return table.index_select(0, ids.to(table.device))
 

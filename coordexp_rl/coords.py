@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 NUM_BINS = 1000
 COORD_TOKEN_RE = re.compile(r"^<\|coord_(\d{1,3})\|>$")
@@ -67,10 +67,6 @@ def box_to_bins(box_unit: Sequence[float]) -> tuple[int, int, int, int]:
 def bins_to_pixels(bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = bins
     return (bin_to_unit(x1) * width, bin_to_unit(y1) * height, bin_to_unit(x2) * width, bin_to_unit(y2) * height)
-
-
-class _TokenLookup(Protocol):
-    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]: ...
 
 
 @dataclass(frozen=True)

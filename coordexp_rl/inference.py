@@ -1,4 +1,4 @@
-"""Inference (SPEC 9): `coordexp-rl infer --model DIR --data FILE.jsonl --out preds.jsonl`.
+"""Inference (SPEC 9), the library behind `coordexp-rl infer` (``coordexp_rl.infer_cli``) and evaluation.
 
 Greedy generation for every record, parsing of the generated ids, coord bins -> pixel boxes, one
 prediction line per input record (an unparseable output is a line with empty ``objects``, never dropped).
@@ -18,36 +18,28 @@ probability of the token it chose). ``--score constant`` writes 1.0 for all thre
 Decodes: ``discrete`` reads the bins (``k / 1000``); ``coordexp`` runs one teacher-forced forward of the
 HF model on prompt + generated ids and takes the CoordExp expectation at each coord position.
 
-This module is a driver: it imports the engines (inside functions) but never Ray.
+Engines come in through the interface in ``coordexp_rl.engine``; this module never imports ``actors/``
+(the engines) or Ray.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from coordexp_rl.coords import CoordVocab, bins_to_pixels
 from coordexp_rl.data.loader import Sample, load_image
+from coordexp_rl.engine import DecoderModel, GenerationRequest, RolloutEngine, evaluation_sampling
 from coordexp_rl.protocol import ParsedObject, ParseResult, parse_ids
 
 log = logging.getLogger(__name__)
 
 DECODES = ("discrete", "coordexp")
 SCORE_MODES = ("prob", "constant")
-
-
-class DecoderModel(NamedTuple):
-    """The HF model used by ``decode="coordexp"``: ``DecoderModel(*load_model_and_processor(DIR))``."""
-
-    model: object  # Qwen3VLForConditionalGeneration
-    processor: object
-    vocab: CoordVocab
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def mean_prob(logprobs: Sequence[float], positions: Iterable[int]) -> float | No
 def joint_prob(logprobs: Sequence[float], positions: Iterable[int]) -> float | None:
     """``exp(sum logprobs[t])`` over ``positions``: the probability of all those tokens together.
 
-    >>> joint_prob([math.log(0.5), 0.0, math.log(0.25)], [0, 2])
+    >>> round(joint_prob([math.log(0.5), 0.0, math.log(0.25)], [0, 2]), 6)
     0.125
     """
     positions = list(positions)
@@ -160,48 +152,26 @@ def coordexp_unit_boxes(decoder: DecoderModel, images: Sequence, prompt: str, re
 # Library API
 # ----------------------------------------------------------------------------------------------------
 
-def engine_tokenizer(engine, decoder_model: DecoderModel | None = None):
-    """The tokenizer used to parse: the decoder's, else the engine's processor's."""
-    processor = decoder_model.processor if decoder_model is not None else getattr(engine, "processor", None)
-    if processor is None:
-        raise ValueError(f"engine {getattr(engine, 'name', engine)!r} has no .processor; pass decoder_model")
-    return processor.tokenizer
-
-
-def default_decoder(engine) -> DecoderModel:
-    """The HF engine's own model, for ``decode="coordexp"``; other engines need an explicit decoder."""
-    if getattr(engine, "name", None) == "hf":
-        return DecoderModel(engine.model, engine.processor, engine.vocab)
-    raise ValueError(f"decode='coordexp' with the {getattr(engine, 'name', '?')!r} engine needs decoder_model="
-                     "DecoderModel(*load_model_and_processor(DIR)) (the HF model of the same weights)")
-
-
-def evaluation_sampling(max_new_tokens: int):
-    """How evaluation decodes: greedy, no penalty (rollouts decode the same way by default)."""
-    from actors.engine import SamplingConfig
-
-    return SamplingConfig(max_new_tokens=max_new_tokens)
-
-
-def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, max_new_tokens: int = 256,
+def predict(engine: RolloutEngine, samples: list[Sample], prompt: str, *, batch_size: int, max_new_tokens: int,
             decode: str = "discrete", decoder_model: DecoderModel | None = None,
             score_mode: str = "prob") -> Iterator[dict]:
     """Greedy predictions for ``samples``: yields one prediction record per sample, in order.
 
-    ``engine``: a RolloutEngine (``actors.engine``) with a ``.processor``. ``decode="coordexp"`` needs
-    an HF model (``decoder_model``, or the HF engine's own model). Arguments are checked at the call,
-    before any generation; the work happens batch by batch as the records are consumed.
+    ``engine``: a ``coordexp_rl.engine.RolloutEngine``. ``decode="coordexp"`` needs an HF model
+    (``decoder_model``, or the engine's ``own_decoder()``). Arguments are checked at the call, before any
+    generation; the work happens batch by batch as the records are consumed.
     """
-    from actors.engine import SamplingConfig
-
     if decode not in DECODES:
         raise ValueError(f"decode={decode!r}: choose one of {DECODES}")
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode={score_mode!r}: choose one of {SCORE_MODES}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    decoder = (decoder_model or default_decoder(engine)) if decode == "coordexp" else None
-    tokenizer = engine_tokenizer(engine, decoder_model)
+    decoder = (decoder_model or engine.own_decoder()) if decode == "coordexp" else None
+    if decode == "coordexp" and decoder is None:
+        raise ValueError(f"decode='coordexp' with the {engine.name!r} engine needs decoder_model="
+                         "DecoderModel(*load_model_and_processor(DIR)) (the HF model of the same weights)")
+    tokenizer = (decoder_model or engine).processor.tokenizer
     vocab = CoordVocab.from_tokenizer(tokenizer)
     sampling = evaluation_sampling(max_new_tokens)
     batches = (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
@@ -211,8 +181,6 @@ def predict(engine, samples: list[Sample], prompt: str, *, batch_size: int = 8, 
 
 def _predict_batch(engine, chunk: list[Sample], prompt: str, sampling, tokenizer, vocab: CoordVocab,
                    decoder: DecoderModel | None, score_mode: str) -> list[dict]:
-    from actors.engine import GenerationRequest
-
     images = [load_image(s) for s in chunk]
     requests = [GenerationRequest(im, prompt, s.sample_id) for im, s in zip(images, chunk)]
     results = engine.generate(requests, sampling)
@@ -265,150 +233,3 @@ def resume_done_ids(path: str | Path) -> set[str]:
     if "".join(kept) != "".join(lines):
         path.write_text("".join(kept), encoding="utf-8")
     return done
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
-# Settings that `--config FILE` supplies (the in-run evaluation's), else these built-in defaults; a flag
-# given on the command line wins over both. flag dest -> (default without a config, value from a Config)
-_SETTINGS = {
-    "engine": ("vllm", lambda c: c.rollout.engine),
-    "batch_size": (8, lambda c: c.rollout.batch_size),
-    "max_new_tokens": (256, lambda c: c.rollout.max_new_tokens),
-    "prompt": (None, lambda c: c.data.prompt),
-    "skip_bbox_norm": (False, lambda c: c.data.skip_bbox_norm),
-    "dtype": ("float32", lambda c: c.model.dtype),
-    "device": ("cpu", lambda c: "cuda" if c.rollout.gpus_per_actor else "cpu"),
-    "max_model_len": (2048, lambda c: c.rollout.max_model_len),
-    "max_num_seqs": (None, lambda c: c.rollout.max_num_seqs),
-    "gpu_memory_utilization": (0.5, lambda c: c.rollout.gpu_memory_utilization),
-    "tensor_parallel_size": (1, lambda c: c.rollout.tensor_parallel_size),
-    "max_pixels": (None, lambda c: c.data.max_pixels),
-    "min_pixels": (None, lambda c: c.data.min_pixels),
-    "image_root": (None, lambda c: (c.data.val_image_root or c.data.image_root or None)),
-}
-
-
-def engine_config(cfg, model_path):
-    """The rollout engine a run's ``Config`` describes: the launcher's actors and `infer --config` use it."""
-    from actors.engine import EngineConfig
-
-    r = cfg.rollout
-    return EngineConfig(model_path=str(model_path), kind=r.engine, dtype=cfg.model.dtype,
-                        device="cuda" if r.gpus_per_actor else "cpu", seed=r.seed, max_model_len=r.max_model_len,
-                        max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
-                        tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-                        max_pixels=cfg.data.max_pixels,
-                        min_pixels=cfg.data.min_pixels)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL folder with coord tokens")
-    parser.add_argument("--data", required=True, type=Path, help="contract JSONL to predict on")
-    parser.add_argument("--out", required=True, type=Path, help="predictions JSONL (appended; reruns resume)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="a run's config.yaml: decoding settings as in that run's evaluation (rollout.engine, "
-                             "batch_size, max_new_tokens, max_model_len, max_num_seqs, gpu_memory_utilization, "
-                             "tensor_parallel_size, model.dtype, data.prompt/max_pixels/min_pixels/val_image_root); "
-                             "flags given here override it")
-    parser.add_argument("--engine", choices=("vllm", "hf"), help="generation engine (default vllm)")
-    parser.add_argument("--decode", choices=DECODES, default="discrete",
-                        help="discrete: bins k/1000; coordexp: expectation over the coord logits")
-    parser.add_argument("--score", choices=SCORE_MODES, default="prob",
-                        help="prob: mean token probability; constant: 1.0")
-    parser.add_argument("--batch-size", type=int, help="requests per engine call (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, help="generation length limit (default 256)")
-    parser.add_argument("--prompt", help="the user instruction (default: the training default)")
-    parser.add_argument("--image-root", type=Path, help="image folder (default: the data file's)")
-    parser.add_argument("--skip-bbox-norm", action="store_const", const=True,
-                        help="the data file holds '<|coord_k|>' coordinates (as in the training config)")
-    parser.add_argument("--dtype", help="torch dtype name (default float32; bfloat16 on GPUs)")
-    parser.add_argument("--device", help="HF engine / coordexp decoder device (default cpu)")
-    parser.add_argument("--max-model-len", type=int, help="vLLM: prompt + generated tokens (default 2048)")
-    parser.add_argument("--max-num-seqs", type=int, help="vLLM: sequences decoded together (default: --batch-size)")
-    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM on GPUs: share of device memory (0.5)")
-    parser.add_argument("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default 1)")
-    parser.add_argument("--max-pixels", type=int, help="image resize upper bound (default: the model folder's)")
-    parser.add_argument("--min-pixels", type=int, help="image resize lower bound (default: the model folder's)")
-
-
-def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every unset flag from ``--config`` (if given), else from the built-in default; in place."""
-    from coordexp_rl.config import DEFAULT_PROMPT, load_config
-
-    cfg = load_config(args.config) if args.config is not None else None
-    for name, (default, from_cfg) in _SETTINGS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, from_cfg(cfg) if cfg is not None else default)
-    args.prompt = args.prompt or DEFAULT_PROMPT
-    args.max_num_seqs = args.max_num_seqs or args.batch_size
-    args.image_root = Path(args.image_root) if args.image_root else None
-    return args
-
-
-def run(args: argparse.Namespace) -> int:
-    from coordexp_rl.data.loader import DataError, load_samples
-
-    try:
-        resolve_settings(args)
-        samples = load_samples(args.data, args.image_root, skip_bbox_norm=args.skip_bbox_norm)
-        if args.engine == "vllm":  # a prompt + max_new_tokens over max_model_len fails mid-run in vLLM: check now
-            _check_lengths(args, samples)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        done = resume_done_ids(args.out)
-    except (OSError, ValueError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    todo = [s for s in samples if s.sample_id not in done]
-    foreign = done - {s.sample_id for s in samples}
-    if foreign:
-        print(f"warning: {args.out} holds {len(foreign)} lines of samples not in {args.data} (first "
-              f"{sorted(foreign)[0]!r}); `coordexp-rl eval` will reject them: use a fresh --out", file=sys.stderr)
-    print(f"{len(samples)} records, {len(samples) - len(todo)} already in {args.out}, {len(todo)} to predict",
-          file=sys.stderr)
-    counts = _predict_to_file(args, todo) if todo else Counter()
-    print(json.dumps({"out": str(args.out), "written": sum(counts.values()), "skipped": len(samples) - len(todo),
-                      "parse_status": dict(counts)}))
-    return 0
-
-
-def _check_lengths(args: argparse.Namespace, samples: list[Sample]) -> None:
-    from coordexp_rl.data.limits import check_prompt_budget
-    from coordexp_rl.modeling.load import load_processor
-
-    from coordexp_rl.data.loader import DataError
-
-    processor = load_processor(args.model, args.max_pixels, args.min_pixels)
-    try:
-        check_prompt_budget(samples, processor, args.prompt, args.max_new_tokens, args.max_model_len, args.data)
-    except DataError as exc:
-        raise DataError(f"{exc} (here: --max-new-tokens, --max-model-len, --max-pixels, or the --config's)") from None
-
-
-def _predict_to_file(args: argparse.Namespace, todo: list[Sample]) -> Counter:
-    from tqdm import tqdm
-
-    from actors.engine import EngineConfig, make_engine
-
-    engine = make_engine(EngineConfig(str(args.model), kind=args.engine, dtype=args.dtype, device=args.device,
-                                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                      gpu_memory_utilization=args.gpu_memory_utilization,
-                                      tensor_parallel_size=args.tensor_parallel_size, max_pixels=args.max_pixels,
-                                      min_pixels=args.min_pixels))
-    try:
-        decoder = None
-        if args.decode == "coordexp" and args.engine != "hf":
-            from coordexp_rl.modeling.load import load_model_and_processor
-
-            decoder = DecoderModel(*load_model_and_processor(args.model, args.dtype, args.device,
-                                                             max_pixels=args.max_pixels, min_pixels=args.min_pixels))
-            decoder.model.eval()
-        records = predict(engine, todo, args.prompt, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, decode=args.decode, decoder_model=decoder,
-                          score_mode=args.score)
-        with tqdm(total=len(todo), desc="infer", unit="img") as bar:
-            return write_predictions(records, args.out, progress=bar)
-    finally:
-        engine.close()

@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
+from coordexp_rl.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.run_control import RunStopped, flatten, stop_on_signals
+from coordexp_rl.run_eval import results_table
 
 log = logging.getLogger("coordexp_rl.launch")
-
-
-class ResourceError(RuntimeError):
-    """The config asks for more than the cluster has."""
 
 
 class Driver:
@@ -46,8 +43,8 @@ class Driver:
 
     def run(self) -> str:
         assets = self.prepare()
-        self.connect_ray()
-        self.start_workers(assets, self.reserve_resources())
+        connect_ray(self.cfg)
+        self.start_workers(assets, reserve_resources(self.cfg))
         with stop_on_signals(self):
             self.evaluate_once("initial")
             self.stage1()
@@ -70,52 +67,8 @@ class Driver:
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
         return self.assets
 
-    def bundles(self) -> list[dict[str, float]]:
-        """One bundle per rollout actor, then one per learner rank (dedicated devices for each)."""
-        r, lr = self.cfg.rollout, self.cfg.learner
-        actor = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
-        learner = {"CPU": lr.cpus, **({"GPU": lr.gpus} if lr.gpus else {})}
-        return [dict(actor) for _ in range(r.num_actors)] + [dict(learner) for _ in range(lr.world_size)]
-
-    def placement_groups(self) -> dict[str, tuple[list[dict[str, float]], str]]:
-        """Rollout actors and learner ranks in separate placement groups, so neither takes the other's devices;
-        the learner's is STRICT_PACK (all ranks on one node: FSDP's all-gathers stay on NVLink)."""
-        b, n = self.bundles(), self.cfg.rollout.num_actors
-        return {"rollout": (b[:n], "PACK"), "learner": (b[n:], "STRICT_PACK")}
-
     def describe(self) -> str:
-        return dump_config(self.cfg) + f"# placement bundles: {json.dumps(self.bundles())}\n"
-
-    def connect_ray(self) -> None:
-        import ray
-
-        address = self.cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:  # inside `ray job submit`, or a cluster named in the config
-            ray.init(address=address, log_to_driver=True)
-        else:
-            need = sum(b.get("CPU", 0) for b in self.bundles())
-            ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                     include_dashboard=False, _node_ip_address="127.0.0.1")
-        log.info("ray: %s", ray.cluster_resources())
-
-    def reserve_resources(self):
-        import ray
-        from ray.util.placement_group import placement_group
-
-        bundles = self.bundles()
-        have = ray.cluster_resources()
-        for key in ("CPU", "GPU"):
-            want = sum(b.get(key, 0) for b in bundles)
-            if want > have.get(key, 0):
-                raise ResourceError(
-                    f"the config asks for {want:g} {key} ({self.cfg.rollout.num_actors} rollout actors x "
-                    f"{'gpus' if key == 'GPU' else 'cpus'}_per_actor + the learner's), the cluster has "
-                    f"{have.get(key, 0):g}; lower rollout.num_actors / rollout.{key.lower()}s_per_actor / "
-                    f"learner.{key.lower()}s or add nodes")
-        pgs = {role: placement_group(b, strategy=strategy) if b else None
-               for role, (b, strategy) in self.placement_groups().items()}
-        ray.get([pg.ready() for pg in pgs.values() if pg is not None], timeout=600)
-        return pgs
+        return dump_config(self.cfg) + f"# placement bundles: {json.dumps(bundles(self.cfg))}\n"
 
     def start_workers(self, assets, pgs) -> None:
         import ray
@@ -123,24 +76,24 @@ class Driver:
 
         from actors.buffer import RolloutBuffer
         from actors.rollout_actor import RolloutActor
-        from coordexp_rl.inference import engine_config
+        from coordexp_rl.engine import EngineConfig, SamplingConfig
         from learner.group import LearnerGroup
 
         cfg, r = self.cfg, self.cfg.rollout
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(pgs["rollout"], placement_group_bundle_index=i)  # noqa: E731
         spill = str(self.out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-        lr = cfg.learner
+        ln = cfg.learner  # the learner section (not a learning rate: that is cfg.optim.lr)
         self.learner = LearnerGroup(
             cfg.model_dump(), str(assets.model_path), str(assets.train_path),
-            str(assets.train_image_root) if assets.train_image_root else None, world_size=lr.world_size,
-            placement_group=pgs["learner"], bundle_indices=list(range(lr.world_size)), num_cpus=lr.cpus,
-            num_gpus=lr.gpus, plan={"sharding": lr.sharding, "accum_steps": lr.accum_steps,
-                                    "activation_checkpointing": lr.activation_checkpointing})
+            str(assets.train_image_root) if assets.train_image_root else None, world_size=ln.world_size,
+            placement_group=pgs["learner"], bundle_indices=list(range(ln.world_size)), num_cpus=ln.cpus,
+            num_gpus=ln.gpus, plan={"sharding": ln.sharding, "accum_steps": ln.accum_steps,
+                                    "activation_checkpointing": ln.activation_checkpointing})
         train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
         self._val = self.load_data(assets.val_path, assets.val_image_root, cfg.data.check_images, train=False)
         items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
-        engine = engine_config(cfg, assets.model_path)  # the one used by `coordexp-rl infer --config` too
-        self.sampling = rollout_sampling(cfg)
+        engine = EngineConfig.from_config(cfg, assets.model_path)  # `coordexp-rl infer --config` uses it too
+        self.sampling = SamplingConfig.from_config(cfg.rollout)
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before
             self.log_data_counts()
@@ -154,8 +107,8 @@ class Driver:
                 engine, items, cfg.data.prompt, self.sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
                 num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
             for i in range(r.num_actors)]
-        ready = ray.get([self.learner.ready.remote()] + [a.weight_version.remote() for a in self.actors])
-        log.info("learner ready %s; %d rollout actors ready", ready[0], len(self.actors))
+        up = ray.get([self.learner.status.remote()] + [a.weight_version.remote() for a in self.actors])
+        log.info("learner up %s; %d rollout actors up", up[0], len(self.actors))
         if cfg.weight_sync.transport == "broadcast":
             self.join_weight_group()
         if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
@@ -336,31 +289,15 @@ class Driver:
         """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
         import ray
 
-        from coordexp_rl.evaluation.metrics import evaluate_paired
-        from coordexp_rl.evaluation.records import load_jsonl, pair_records
-        from coordexp_rl.evaluation.report import summary, write_outputs
+        from coordexp_rl.run_eval import evaluate_on_actors
 
-        n = self.cfg.eval.max_samples
         if getattr(self, "_val", None) is None:  # loaded (and checked) once per run
             self._val = self.load_data(self.assets.val_path, self.assets.val_image_root, self.cfg.data.check_images,
                                        train=False)
-        samples = self._val[:n]
-        gts = load_jsonl(self.assets.val_path)[: len(samples)]
-        shards = [samples[i::len(self.actors)] for i in range(len(self.actors))]
-        preds_by_id = {}
-        for shard_preds in ray.get([a.predict.remote(sh) for a, sh in zip(self.actors, shards) if sh]):
-            preds_by_id.update({p["sample_id"]: p for p in shard_preds})
-        preds = [preds_by_id[s.sample_id] for s in samples]
-        folder = self.out / "eval" / label
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-        gt_records, pred_records = pair_records(gts, preds)
-        metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob", "object_prob"))
-        # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
-        write_outputs(metrics, gt_records, pred_records, folder,
-                      self.assets.val_image_root or self.assets.val_path.parent)
-        headline = summary(metrics)
-        step = ray.get(self.learner.ready.remote())["step"]
+        headline = evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
+                                      self.assets.val_image_root or self.assets.val_path.parent,
+                                      self.out / "eval" / label)
+        step = ray.get(self.learner.status.remote())["step"]
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
@@ -405,27 +342,6 @@ class Driver:
             f"# Run {self.out}\n\n{table}\n\nTraining curves: `plots/`. Per evaluation (`eval/<label>/`): "
             "predictions, metrics.json, IoU and per-description plots, box overlays, report.md.\n")
         return table
-
-
-def rollout_sampling(cfg: Config):
-    """The rollout actors' decoding (config ``rollout``); equal to evaluation's by default."""
-    from actors.engine import SamplingConfig
-
-    r = cfg.rollout
-    return SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          repetition_penalty=r.repetition_penalty, seed=r.seed)
-
-
-def results_table(results: dict[str, dict]) -> str:
-    cols = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "object_prob/mAP"),
-            ("AP50 (constant)", "constant/AP50"), ("AP50 (coord prob)", "coord_prob/AP50"), ("F1@0.5", "f1@0.5/f1"),
-            ("mean IoU", "mean_iou"), ("mean IoU (class-agnostic)", "mean_iou_class_agnostic"),
-            ("parse failures", "parse_failure_rate")]
-    lines = ["| after | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label, r in results.items():
-        cells = (r.get(k) for _, k in cols)
-        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from coordexp_rl import coordexp  # coord-row gathering (the CoordExp decode's, one copy)
 from coordexp_rl.coords import NUM_BINS, CoordVocab
 
 # Guards divisions by a zero union/hull (degenerate boxes); clamp, not add, so normal boxes -- even one
@@ -95,7 +96,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             del logits, g
         coord_logits = None
         if coord_pos is not None:
-            coord_logits = _coord_logits(hidden[coord_pos], weight, bias, coord_ids)  # (P, K)
+            coord_logits = coordexp.coord_logits(hidden[coord_pos], weight, coord_ids, bias)  # (P, K)
         ctx.grads = [grad_h, grad_w, grad_b]
         ctx.save_for_backward(hidden, weight, coord_pos, coord_ids)
         ctx.mark_non_differentiable(nll)
@@ -114,7 +115,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         if grad_coord is not None:
             gc = grad_coord.to(hidden.dtype)  # (P, K)
             if grad_h is not None:
-                grad_h.index_add_(0, coord_pos, gc @ _rows(weight, coord_ids))
+                grad_h.index_add_(0, coord_pos, gc @ coordexp.coord_rows(weight, coord_ids))
             if grad_w is not None:
                 _rows_add(grad_w, coord_ids, gc.T @ hidden[coord_pos])
             if grad_b is not None:
@@ -122,30 +123,12 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _contiguous_start(ids: torch.Tensor) -> int | None:
-    if ids.numel() and bool((ids[1:] - ids[:-1] == 1).all()):
-        return int(ids[0])
-    return None
-
-
-def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """table[ids] as a view when ids are one contiguous range (the coord tokens are)."""
-    start = _contiguous_start(ids)
-    return table[start:start + ids.numel()] if start is not None else table.index_select(0, ids)
-
-
 def _rows_add(table: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
-    start = _contiguous_start(ids)
+    start = coordexp.contiguous_start(ids)
     if start is not None:
         table[start:start + ids.numel()] += values
     else:
         table.index_add_(0, ids, values)
-
-
-def _coord_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  coord_ids: torch.Tensor) -> torch.Tensor:
-    logits = h @ _rows(weight, coord_ids).T
-    return logits if bias is None else logits + _rows(bias, coord_ids)
 
 
 def weighted_token_ce(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,

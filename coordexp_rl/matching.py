@@ -49,28 +49,31 @@ class MatchParams:
 @dataclass(frozen=True)
 class MatchCurriculum:
     """SPEC 11 / 14.1: geometry-only and strict until ``start_step``, then linear relaxation over
-    ``ramp_steps`` to the end values (semantic term switched in, looser gates)."""
+    ``ramp_steps`` to the end values (semantic term switched in, looser gates). No defaults here: a run
+    builds it with ``from_config`` (the values' one home is ``coordexp_rl.config.MatchingConfig``)."""
 
+    ramp_steps: int
+    lambda_sem_start: float
+    lambda_sem_end: float
+    iou_thr_start: float
+    iou_thr_end: float
+    l1_thr_start: float
+    l1_thr_end: float
     start_step: int = 0
-    ramp_steps: int = 1000
-    lambda_sem_start: float = 0.0
-    lambda_sem_end: float = 0.5
-    iou_thr_start: float = 0.5
-    iou_thr_end: float = 0.1
-    l1_thr_start: float = 0.02
-    l1_thr_end: float = 0.1
 
     @classmethod
     def from_config(cls, m) -> "MatchCurriculum":
         """From the config's ``matching`` section (coordexp_rl.config.MatchingConfig), the one home of defaults."""
-        return cls(start_step=0, ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
+        return cls(ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
                    lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
                    l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
 
     def at(self, step: int) -> MatchParams:
         """Parameters at ``step``.
 
-        >>> round(MatchCurriculum(start_step=10, ramp_steps=10).at(15).iou_thr, 6)
+        >>> c = MatchCurriculum(ramp_steps=10, lambda_sem_start=0.0, lambda_sem_end=0.5, iou_thr_start=0.5,
+        ...                     iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1, start_step=10)
+        >>> round(c.at(15).iou_thr, 6)  # half way from 0.5 to 0.1
         0.3
         """
         if self.ramp_steps <= 0:
@@ -102,7 +105,13 @@ def cost_matrix(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
                 gt_descs: Sequence[str] | None = None, *, lambda_geo: float = 1.0, lambda_sem: float = 0.0,
                 overlap: str = "iou", semantic: SemanticDistance = text_distance_matrix) -> np.ndarray:
     """(N, M) matching cost (see the module docstring). ``overlap``: ``"iou"`` or ``"giou"``."""
-    l1, iou, giou = geometry_terms(pred_boxes, gt_boxes)
+    return _cost(geometry_terms(pred_boxes, gt_boxes), pred_descs, gt_descs, lambda_geo=lambda_geo,
+                 lambda_sem=lambda_sem, overlap=overlap, semantic=semantic)
+
+
+def _cost(terms: tuple[np.ndarray, np.ndarray, np.ndarray], pred_descs, gt_descs, *, lambda_geo: float,
+          lambda_sem: float, overlap: str, semantic: SemanticDistance) -> np.ndarray:
+    l1, iou, giou = terms
     if overlap not in ("iou", "giou"):
         raise ValueError(f"overlap must be 'iou' or 'giou', got {overlap!r}")
     cost = lambda_geo * (l1 + 1.0 - (iou if overlap == "iou" else giou))
@@ -125,10 +134,11 @@ def match_objects(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
     """
     n, m = len(pred_boxes), len(gt_boxes)
     result = MatchResult(num_pred=n, num_gt=m)
-    l1, iou, _ = geometry_terms(pred_boxes, gt_boxes)
+    terms = geometry_terms(pred_boxes, gt_boxes)  # once: the cost and the gate both read it
+    l1, iou, _ = terms
     if n and m:
-        cost = cost_matrix(pred_boxes, gt_boxes, pred_descs, gt_descs, lambda_geo=lambda_geo,
-                           lambda_sem=lambda_sem, overlap=overlap, semantic=semantic)
+        cost = _cost(terms, pred_descs, gt_descs, lambda_geo=lambda_geo, lambda_sem=lambda_sem, overlap=overlap,
+                     semantic=semantic)
         rows, cols = linear_sum_assignment(cost)
         for i, j in sorted(zip(rows.tolist(), cols.tolist())):
             if iou[i, j] > iou_thr or l1[i, j] < l1_thr:

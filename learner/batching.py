@@ -1,8 +1,9 @@
 """Sequences the learner trains on, and how they are padded into one batch.
 
-Padding into a batch is `coordexp_rl.modeling.inputs.collate`. A `Sequence` is one image + one token sequence (prompt + assistant turn) with its CE weights and the
-coord positions that get CoordExp supervision. Stage-1 builds GT sequences; Stage-2 builds a
-self-context sequence (the rollout) and a reordered-GT sequence per sample.
+Padding into a batch is `coordexp_rl.modeling.inputs.collate`. A `TrainSequence` is one image + one token
+sequence (prompt + assistant turn) with its CE weights and the coord positions that get CoordExp
+supervision. Stage-1 builds GT sequences; Stage-2 builds a self-context sequence (the rollout) and a
+reordered-GT sequence per sample.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 @dataclass
-class Sequence:
+class TrainSequence:
     enc: dict  # model inputs of one example (coordexp_rl.modeling.inputs): input_ids (L,), images, ...
     prompt_len: int
     ce_weights: torch.Tensor | None = None  # (T,) weight of predicting input_ids[t]; None = no CE
@@ -26,7 +27,7 @@ class Sequence:
         return self.enc["input_ids"]
 
 
-def gather_supervision(seqs: list[Sequence], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+def gather_supervision(seqs: list[TrainSequence], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     """Pick out of hidden (B, T, H) the states that predict supervised tokens.
 
     The state at t-1 predicts token t. Returns ce_hidden (N, H), ce_targets (N,), ce_weights (N,) for

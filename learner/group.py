@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learner.ray_learner import LearnerActor
+from learner.ray_learner import LearnerActor, node_address
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,7 @@ log = logging.getLogger(__name__)
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     """Rank 0's node address and a free port there (runs in rank 0's bundle)."""
-    from learner.distributed import free_port
-
-    return ray.util.get_node_ip_address(), free_port()
+    return node_address()
 
 
 @ray.remote(num_cpus=0)
@@ -49,8 +47,8 @@ class _FanOut:
 class LearnerGroup:
     """``world_size`` ``LearnerWorker`` ranks (rank i in ``bundle_indices[i]`` of ``placement_group``).
 
-    Methods are those of ``LearnerWorker`` (ready, stage1_steps, stage2_step, publish_weights_ref,
-    save_checkpoint, load_checkpoint, export), called as ``group.ready.remote()``.
+    Methods are those of ``LearnerWorker`` (status, stage1_steps, stage2_step, publish_weights_ref,
+    save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
     ``plan``: learner.distributed.ParallelPlan fields (sharding, accum_steps, activation_checkpointing).
     """
 

@@ -37,7 +37,7 @@ from coordexp_rl.protocol import BoxObject, build_assistant_ids, canonical_order
 from coordexp_rl.rollout_schema import RolloutRow
 from coordexp_rl.semantic import make_semantic_distance
 from coordexp_rl.stage2_targets import MatchSettings, stage2_targets
-from learner.batching import Sequence, gather_supervision
+from learner.batching import TrainSequence, gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
 
@@ -97,7 +97,7 @@ class Learner:
 
     def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
         """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
-        return self._stage1_train(self._agree(lambda: self._stage1_sequences(samples, self.step)))
+        return self._stage1_train(self._fail_together(lambda: self._stage1_sequences(samples, self.step)))
 
     def stage1_steps(self, next_batch: Callable[[], list[Sample]], n: int) -> list[dict[str, float]]:
         """``n`` Stage-1 steps on ``next_batch()``'s batches, each equal to ``stage1_step``.
@@ -110,20 +110,20 @@ class Learner:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage1-data") as pool:
             pending = pool.submit(self._stage1_sequences, next_batch(), self.step)
             for i in range(n):
-                seqs = self._agree(pending.result)  # collectives stay on this thread
+                seqs = self._fail_together(pending.result)  # collectives stay on this thread
                 if i + 1 < n:
                     pending = pool.submit(self._stage1_sequences, next_batch(), self.step + 1)
                 out.append(self._stage1_train(seqs))
         return out
 
-    def _stage1_sequences(self, samples: list[Sample], step: int) -> list[Sequence]:
+    def _stage1_sequences(self, samples: list[Sample], step: int) -> list[TrainSequence]:
         """This rank's GT sequences of a Stage-1 batch at optimizer step ``step`` (pure: no model)."""
         loss_cfg = self.cfg.loss
         geometric = any((loss_cfg.lambda_l1, loss_cfg.lambda_giou, loss_cfg.lambda_soft_ce, loss_cfg.lambda_w1))
         return [self._gt_sequence(s, self._stage1_order(s, step), eos_weight=loss_cfg.eos_weight, with_coords=geometric)
                 for s in self._share(samples)]
 
-    def _stage1_train(self, seqs: list[Sequence]) -> dict[str, float]:
+    def _stage1_train(self, seqs: list[TrainSequence]) -> dict[str, float]:
         t0 = time.perf_counter()
         loss_cfg = self.cfg.loss
 
@@ -157,7 +157,7 @@ class Learner:
         """SPEC 6-8 on a batch of rollout rows (their GT looked up by sample id)."""
         t0 = time.perf_counter()
         local = self._share(rows)
-        seqs, stats, ious = self._agree(lambda: self._stage2_sequences(local, samples))
+        seqs, stats, ious = self._fail_together(lambda: self._stage2_sequences(local, samples))
 
         def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
             # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
@@ -188,10 +188,10 @@ class Learner:
         return metrics
 
     def _stage2_sequences(self, rows: list[RolloutRow], samples: dict[str, Sample]
-                          ) -> tuple[list[Sequence], dict[str, float], list[float]]:
+                          ) -> tuple[list[TrainSequence], dict[str, float], list[float]]:
         """Per row: a self-context sequence and a reordered-GT sequence (or the GT fallback); match stats."""
         params = self.curriculum.at(self.stage2_steps)
-        seqs: list[Sequence] = []
+        seqs: list[TrainSequence] = []
         stats = {"matched": 0.0, "missed": 0.0, "extra": 0.0, "rejected": 0.0, "parse_failed": 0.0}
         ious: list[float] = []
         for row in rows:
@@ -209,8 +209,9 @@ class Learner:
             ious += targets.match.ious
             enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
             prompt_len = enc.pop("prompt_len")
-            seqs.append(Sequence(enc, prompt_len, coord_positions=[prompt_len + p for p in targets.coord_positions],
-                                 coord_targets=targets.coord_targets))
+            seqs.append(TrainSequence(enc, prompt_len,
+                                      coord_positions=[prompt_len + p for p in targets.coord_positions],
+                                      coord_targets=targets.coord_targets))
             seqs.append(self._gt_sequence(sample, targets.gt_objects, image=image, eos_weight=targets.eos_weight,
                                           stage2=True))
         return seqs, stats, ious
@@ -228,7 +229,7 @@ class Learner:
                              f"{self.plan.accum_steps} micro-batches; raise optim.batch_size to at least {parts}")
         return self.dist.shard(items)
 
-    def _agree(self, fn: Callable):
+    def _fail_together(self, fn: Callable):
         """``fn()`` on every rank; if it raises on any rank, every rank raises (none waits in a collective)."""
         try:
             result, error = fn(), None
@@ -254,7 +255,8 @@ class Learner:
         return canonical_order(sample.objects)
 
     def _gt_sequence(self, sample: Sample, objects: list[BoxObject], *, eos_weight: float,
-                     image: Image.Image | None = None, with_coords: bool = False, stage2: bool = False) -> Sequence:
+                     image: Image.Image | None = None, with_coords: bool = False,
+                     stage2: bool = False) -> TrainSequence:
         """A GT sequence with CE weights (SPEC 5.2 / 7.2); optionally its coord positions for L1/GIoU.
         ``stage2``: weigh the coord tokens with Stage-2's coord-CE weight instead of Stage-1's."""
         assistant = build_assistant_ids(objects, self.tokenizer, self.vocab)
@@ -264,7 +266,7 @@ class Learner:
         coord_ce = loss.lambda_coord_ce if not stage2 or loss.lambda_coord_ce_stage2 is None else loss.lambda_coord_ce_stage2
         weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
                                    eos_weight=eos_weight, desc_weight=loss.desc_weight)
-        seq = Sequence(enc, prompt_len, ce_weights=weights)
+        seq = TrainSequence(enc, prompt_len, ce_weights=weights)
         if with_coords:
             bins = [self.vocab.bin_of(t) for t in enc["input_ids"].tolist()]
             seq.coord_positions = [t for t in range(prompt_len, len(bins)) if bins[t] is not None]
@@ -289,7 +291,7 @@ class Learner:
     # Forward, losses, optimizer
     # ------------------------------------------------------------------------------------------------
 
-    def _forward_loss(self, seqs: list[Sequence], losses: LossFn, norm: dict[str, float]):
+    def _forward_loss(self, seqs: list[TrainSequence], losses: LossFn, norm: dict[str, float]):
         """One micro-batch: padded forward, supervision picked out, ``losses`` applied (inside the FSDP root's
         forward when sharded, so the LM head is whole while the losses read it)."""
         batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
@@ -320,7 +322,7 @@ class Learner:
         tau = tau_at(self.step, c.tau_start, c.tau_end, c.anneal_steps)
         return coordexp(hidden, self.lm_head_weight, self.vocab.coord_ids, tau=tau, top_k=c.top_k or None)
 
-    def _train_step(self, seqs: list[Sequence], losses: LossFn, stage: str) -> dict[str, float]:
+    def _train_step(self, seqs: list[TrainSequence], losses: LossFn, stage: str) -> dict[str, float]:
         """This rank's sequences in ``accum_steps`` micro-batches (backward each), then one optimizer step.
 
         Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.

@@ -24,6 +24,13 @@ from coordexp_rl.runtime import prepare_runtime
 log = logging.getLogger(__name__)
 
 
+def node_address() -> tuple[str, int]:
+    """This node's IP and a TCP port free on it now (a rendezvous binds it moments later)."""
+    from learner.distributed import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
 class LearnerWorker:
     def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
                  rank: int = 0, world_size: int = 1, master_addr: str = "", master_port: int = 0,
@@ -54,7 +61,8 @@ class LearnerWorker:
         self._frozen_published = False
         self._group_has_frozen = False  # broadcast: the current weight group got the frozen parameters
 
-    def ready(self) -> dict:
+    def status(self) -> dict:
+        """Where the learner stands (its first answer also tells the driver the actor is up)."""
         return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
                 "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size}
 
@@ -120,21 +128,25 @@ class LearnerWorker:
     def _put_payload(self, version: int, named, omitted, bucket_mb: int) -> ray.ObjectRef | None:
         from coordexp_rl.weight_sync import ObjectStoreTransport
 
-        if not self.learner.dist.is_main:
-            for _ in named:  # the gathers
-                pass
+        if not self._main_packs(named):
             return None
         payload = ObjectStoreTransport(bucket_bytes=bucket_mb << 20).send(
             version, named, dtype=self.cfg.model.dtype, omitted=omitted, put=ray.put)
         return ray.put(payload)
 
+    def _main_packs(self, named) -> bool:
+        """True on rank 0, which packs ``named``; ranks > 0 only run its gathers (collectives when sharded)."""
+        if self.learner.dist.is_main:
+            return True
+        for _ in named:
+            pass
+        return False
+
     # --- the `broadcast` weight transport: rank 0 of the learner is rank 0 of the weight group ----------
 
     def weight_group_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it, for the weight group's rendezvous."""
-        from learner.distributed import free_port
-
-        return ray.util.get_node_ip_address(), free_port()
+        return node_address()
 
     def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
@@ -153,9 +165,7 @@ class LearnerWorker:
         frozen = [] if not self._group_has_frozen else self.learner.frozen_names()
         named = self.learner.named_weights(frozen=False if frozen else None)
         self._group_has_frozen = True
-        if not self.learner.dist.is_main:
-            for _ in named:  # the gathers
-                pass
+        if not self._main_packs(named):
             return version
         self._broadcast.bucket_bytes = bucket_mb << 20
         self._broadcast.send(version, named, dtype=self.cfg.model.dtype, omitted=frozen)

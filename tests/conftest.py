@@ -23,6 +23,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray instance for the module (on 127.0.0.1), or the one already up (left to its owner)."""
+    import os
+
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # else Ray binds the external interface
+        ray.init(num_cpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+    yield ray
+    if own:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The default tiny Qwen3-VL folder (seed 0, local tokenizer, coord tokens), built once per session."""

@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from actors.engine import EngineConfig
     from actors.hf_engine import HFEngine
     from coordexp_rl.assets import prepare_assets
     from coordexp_rl.config import load_config
     from coordexp_rl.data.loader import load_samples
     from coordexp_rl.data.stream import BatchStream
+    from coordexp_rl.engine import EngineConfig
     from coordexp_rl.evaluation import evaluate
     from coordexp_rl.evaluation.records import load_jsonl
     from coordexp_rl.evaluation.report import summary

@@ -100,7 +100,12 @@ def record_to_sample(record: Record, lineno: int, stem: str, image_root: Path,
 
 def load_image(sample: Sample) -> Image.Image:
     """The sample's image as RGB (decoded now; the file is closed on return)."""
-    with Image.open(sample.image_path) as im:
+    return load_rgb(sample.image_path)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image file as RGB (decoded now; the file is closed on return)."""
+    with Image.open(path) as im:
         return im.convert("RGB")
 
 

@@ -19,7 +19,7 @@ def run(work: Path, p: Profile) -> dict:
     require_cuda(p)
     from PIL import Image
 
-    from actors.engine import EngineConfig, GenerationRequest, SamplingConfig
+    from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
     from actors.hf_engine import HFEngine
 
     images = sorted((work / DATA / "images").glob("*.png"))

@@ -46,7 +46,7 @@ def run(work: Path, p: Profile) -> dict:
     require_cuda(p)
     require("pydantic", why="coordexp_rl.config and the data contract are pydantic models")
     samples = load_data(work)  # before the heavy imports: a missing or broken set fails in seconds
-    from actors.engine import EngineConfig
+    from coordexp_rl.engine import EngineConfig
     from actors.hf_engine import HFEngine
     from coordexp_rl.config import load_config
     from learner.learner import Learner
@@ -86,11 +86,9 @@ def stage1(learner, samples, p: Profile) -> dict:
 
 
 def stage2(learner, engine, samples, cfg, p: Profile) -> dict:
-    from actors.engine import SamplingConfig
+    from coordexp_rl.engine import SamplingConfig
 
-    r = cfg.rollout
-    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                              repetition_penalty=r.repetition_penalty, seed=0)
+    sampling = SamplingConfig.from_config(cfg.rollout)
     by_id = {s.sample_id: s for s in samples}
     reset_peak()
     sync_s = _sync_weights(learner, engine)  # the engine starts from the Stage-1 weights, as in the launcher
@@ -118,7 +116,7 @@ def stage2(learner, engine, samples, cfg, p: Profile) -> dict:
 
 def engine_rows(engine, samples, prompt: str, sampling, learner) -> list:
     """Generate and parse as the rollout actor does (actors/rollout_actor.py RolloutWorker._row)."""
-    from actors.engine import GenerationRequest
+    from coordexp_rl.engine import GenerationRequest
     from coordexp_rl.data.loader import load_image
     from coordexp_rl.protocol import parse_ids
     from coordexp_rl.rollout_schema import RolloutRow

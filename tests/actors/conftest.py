@@ -47,6 +47,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def hf_engine(tiny_dir):
+    """The transformers engine on ``tiny_dir`` (one per test module: tests load other weights into it)."""
+    from actors.engine import make_engine
+    from coordexp_rl.engine import EngineConfig
+
+    engine = make_engine(EngineConfig(str(tiny_dir), kind="hf"))
+    yield engine
+    engine.close()
+
+
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     rs = np.random.RandomState(0)
@@ -55,7 +66,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="session")
 def requests_(images):
-    from actors.engine import GenerationRequest
+    from coordexp_rl.engine import GenerationRequest
 
     return [GenerationRequest(im, PROMPT, f"s{i}") for i, im in enumerate(images)]
 

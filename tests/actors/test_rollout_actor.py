@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from actors.engine import EngineConfig, SamplingConfig
 from actors.rollout_actor import RolloutWorker, shard
+from coordexp_rl.engine import EngineConfig, SamplingConfig
 from coordexp_rl.protocol import parse_ids
 from coordexp_rl.rollout_schema import batch_to_rows
 from tests.actors.conftest import PROMPT
@@ -73,29 +71,19 @@ def test_rows_carry_the_new_weight_version(worker, tiny_dir):
 
 
 @pytest.mark.integration
-def test_ray_actor_fills_the_buffer(tiny_dir, items):
-    ray = pytest.importorskip("ray")
+def test_ray_actor_fills_the_buffer(ray_local, tiny_dir, items):
     from actors.buffer import RolloutBuffer
     from actors.rollout_actor import RolloutActor
 
-    own = not ray.is_initialized()
-    if own:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(num_cpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
-    try:
-        buf = RolloutBuffer.remote(capacity=8)
-        actor = RolloutActor.options(num_cpus=1).remote(
-            EngineConfig(str(tiny_dir), kind="hf"), items, PROMPT, SAMPLING, batch_size=2, actor_id="r0",
-            buffer=buf)
-        assert ray.get(actor.run.remote(max_rows=4)) == 4
-        got = batch_to_rows(ray.get(buf.get.remote(4, timeout_s=10)))
-        assert sorted(r.sample_id for r in got) == ["s0", "s1", "s2", "s3"]
-        stats = ray.get(actor.stats.remote())
-        assert stats["images"] == 4 and stats["tokens_per_s"] > 0
-        assert ray.get(actor.ping.remote())
-        ray.kill(actor)
-        ray.kill(buf)
-    finally:
-        if own:
-            ray.shutdown()
+    ray = ray_local
+    buf = RolloutBuffer.remote(capacity=8)
+    actor = RolloutActor.options(num_cpus=1).remote(
+        EngineConfig(str(tiny_dir), kind="hf"), items, PROMPT, SAMPLING, batch_size=2, actor_id="r0",
+        buffer=buf)
+    assert ray.get(actor.run.remote(max_rows=4)) == 4
+    got = batch_to_rows(ray.get(buf.get.remote(4, timeout_s=10)))
+    assert sorted(r.sample_id for r in got) == ["s0", "s1", "s2", "s3"]
+    stats = ray.get(actor.stats.remote())
+    assert stats["images"] == 4 and stats["tokens_per_s"] > 0
+    ray.kill(actor)
+    ray.kill(buf)

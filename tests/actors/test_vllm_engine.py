@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError, make_engine
+from actors.engine import make_engine
+from coordexp_rl.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 from tests.actors.test_hf_engine import eos_forcing
 
@@ -16,13 +17,6 @@ GREEDY = SamplingConfig(max_new_tokens=16)
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_dir):
     eng = make_engine(EngineConfig(str(tiny_dir), kind="vllm", max_model_len=512, max_num_seqs=4))
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf_engine(tiny_dir):
-    eng = make_engine(EngineConfig(str(tiny_dir), kind="hf"))
     yield eng
     eng.close()
 

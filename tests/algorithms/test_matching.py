@@ -1,5 +1,6 @@
 """Hungarian matching: one table of cases, brute-force optimality, gating, curriculum, SPEC 12 by hand."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_bad_input_is_rejected():
 
 
 def test_curriculum_starts_strict_and_relaxes_linearly():
-    c = MatchCurriculum(start_step=100, ramp_steps=200, lambda_sem_end=0.4, iou_thr_start=0.5,
+    c = MatchCurriculum(start_step=100, ramp_steps=200, lambda_sem_start=0.0, lambda_sem_end=0.4, iou_thr_start=0.5,
                         iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1)
     for step in (0, 100):
         p = c.at(step)
@@ -115,7 +116,8 @@ def test_curriculum_starts_strict_and_relaxes_linearly():
     assert (mid.lambda_sem, mid.iou_thr, mid.l1_thr) == pytest.approx((0.2, 0.3, 0.06))
     end = c.at(10_000)
     assert (end.lambda_sem, end.iou_thr, end.l1_thr) == pytest.approx((0.4, 0.1, 0.1))
-    assert MatchCurriculum(start_step=5, ramp_steps=0).at(5).iou_thr == pytest.approx(0.1)
+    step_at_5 = dataclasses.replace(c, start_step=5, ramp_steps=0)  # no ramp: the end values from start_step on
+    assert (step_at_5.at(4).iou_thr, step_at_5.at(5).iou_thr) == pytest.approx((0.5, 0.1))
 
 
 @pytest.mark.parametrize("step", [0, 100, 200, 10_000])

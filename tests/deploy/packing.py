@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from coordexp_rl.config import Config, load_config
-from coordexp_rl.launch import Driver
+from coordexp_rl.placement import bundles as driver_bundles
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -21,7 +21,7 @@ def all_config_files() -> list[Path]:
 
 def bundles(cfg: Config) -> list[dict[str, float]]:
     """The placement bundles the driver would ask Ray for (the real code path, no Ray started)."""
-    return Driver(cfg).bundles()
+    return driver_bundles(cfg)
 
 
 def load_yaml(path: Path):

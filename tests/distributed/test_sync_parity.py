@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from actors.engine import EngineConfig, SamplingConfig
 from actors.rollout_actor import RolloutWorker
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_image, load_samples
+from coordexp_rl.engine import EngineConfig, SamplingConfig
 from coordexp_rl.modeling.inputs import collate, encode_example
 from coordexp_rl.weight_sync import ObjectStoreTransport
 from learner.learner import Learner

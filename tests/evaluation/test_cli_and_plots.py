@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -7,6 +8,26 @@ from coordexp_rl.cli import main
 from coordexp_rl.evaluation.plots import plot_training_curves
 from coordexp_rl.evaluation.robustness import near_bin_edge, quantisation_boundary_report
 from tests.evaluation.builders import gt_rec, pred_rec
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each saved figure shows: file name -> {line or bar-group label: its (x, y) points or bar sizes}."""
+    from coordexp_rl.evaluation import plots
+
+    shown: dict[str, dict] = {}
+    real_save = plots._save
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        content = {line.get_label(): [tuple(xy) for xy in line.get_xydata().tolist()] for line in ax.lines}
+        for bars in ax.containers:  # bar heights (ax.bar) or widths (ax.barh): the values drawn
+            content[bars.get_label()] = [float(v) for v in bars.datavalues]
+        shown[Path(path).name] = content
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return shown
 
 
 def _write_jsonl(path, recs):
@@ -25,7 +46,7 @@ def eval_files(tmp_path):
     return _write_jsonl(tmp_path / "gt.jsonl", gt), _write_jsonl(tmp_path / "pred.jsonl", pred), tmp_path
 
 
-def test_eval_command_prints_summary_and_writes_outputs(eval_files, capsys):
+def test_eval_command_prints_summary_and_writes_outputs(eval_files, capsys, drawn):
     gt, pred, tmp = eval_files
     out = tmp / "out"
     assert main(["eval", "--gt", str(gt), "--pred", str(pred), "--out", str(out), "--overlays", "5"]) == 0
@@ -35,8 +56,15 @@ def test_eval_command_prints_summary_and_writes_outputs(eval_files, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["unmatched_desc"]["top"] == [["bird", 1]]
     assert metrics["quantisation_boundary"]["near"]["pairs"] + metrics["quantisation_boundary"]["far"]["pairs"] == 1
-    for name in ("iou_histogram.png", "per_description.png"):
-        assert Image.open(out / name).size[0] > 300
+    # The plots show these numbers: 1 matched pair (the cat, IoU 48 x 40 / (50 x 40) = 0.96) in
+    # the 0.9-1.0 bin; per GT description GT / predicted / TP: cat 2 / 1 / 1, dog 1 / 0 / 0 (the bird is no GT
+    # description: it is counted under unmatched_desc).
+    assert metrics["iou_histogram"]["counts"] == [0] * 9 + [1]
+    (bars,) = [v for k, v in drawn["iou_histogram.png"].items() if k != "F1 IoU threshold"]  # the one bar group
+    assert bars == [0] * 9 + [1]
+    bars = drawn["per_description.png"]
+    assert (bars["GT"], bars["PRED"], bars["TP"]) == ([2, 1], [1, 0], [1, 0])
+    assert all((out / name).is_file() for name in ("iou_histogram.png", "per_description.png"))
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 2  # 5 asked, 2 images exist in the GT
     # Small images are upscaled (min side 480) so labels stay readable; a missing file gets a canvas.
@@ -52,7 +80,7 @@ def test_eval_command_reports_a_missing_prediction_line(eval_files, capsys):
     assert "'imgs/b.png'" in capsys.readouterr().err
 
 
-def test_training_curves_one_png_per_group(tmp_path):
+def test_training_curves_one_png_per_group(tmp_path, drawn):
     lines = [{"step": s, "stage": "stage1", "loss/total": 2.0 / s, "loss/ce": 1.5 / s, "match/mean_iou": 0.1 * s}
              for s in range(1, 6)]
     lines += [{"step": 5, "stage": "eval", "eval/mAP": 0.1, "eval/AP50": 0.3, "eval/mean_iou": 0.5, "note": "x"},
@@ -60,7 +88,12 @@ def test_training_curves_one_png_per_group(tmp_path):
     path = _write_jsonl(tmp_path / "metrics.jsonl", lines)
     written = plot_training_curves(path, tmp_path / "curves")
     assert sorted(p.name for p in written) == ["curves_losses.png", "curves_map.png", "curves_mean_iou.png"]
-    assert all(Image.open(p).size[0] > 300 for p in written)
+    # a line per (metric, stage) with every point of it; "note" (a string) is no metric
+    assert drawn["curves_losses.png"] == {"loss/total [stage1]": [(s, 2.0 / s) for s in range(1, 6)],
+                                          "loss/ce [stage1]": [(s, 1.5 / s) for s in range(1, 6)]}
+    assert drawn["curves_mean_iou.png"] == {"match/mean_iou [stage1]": [(s, 0.1 * s) for s in range(1, 6)],
+                                            "eval/mean_iou [eval]": [(5, 0.5), (10, 0.6)]}
+    assert drawn["curves_map.png"] == {"eval/AP50 [eval]": [(5, 0.3), (10, 0.4)], "eval/mAP [eval]": [(5, 0.1), (10, 0.2)]}
 
 
 def test_near_bin_edge_uses_half_bin_boundaries():

@@ -59,11 +59,23 @@ def test_taught_model_predictions_are_the_taught_box_in_pixels(taught_run):
 
 
 def test_eval_scores_the_taught_predictions(taught_run, synth_dir, capsys, tmp_path):
+    """A GT made for the taught answer: image 0 holds exactly the taught box, images 1-3 one other box. The 4
+    predictions (the taught box on every image) give 1 TP, 3 FP, 3 FN: precision = recall = 1 / 4."""
     data, out = taught_run
+    gts = read_jsonl(data)
+    for i, g in enumerate(gts):
+        box = bins_to_pixels(TAUGHT[0].bins, g["width"], g["height"])
+        g["objects"] = [{"desc": TAUGHT[0].desc, "bbox_2d": [round(v) for v in box]}] if i == 0 else \
+            [{"desc": "blue square", "bbox_2d": [0, 0, 10, 10]}]
+    gt = tmp_path / "gt.jsonl"
+    gt.write_text("".join(json.dumps(g) + "\n" for g in gts))
     capsys.readouterr()
-    assert main(["eval", "--gt", str(data), "--pred", str(out), "--image-root", str(synth_dir),
+    assert main(["eval", "--gt", str(gt), "--pred", str(out), "--image-root", str(synth_dir),
                  "--out", str(tmp_path / "report"), "--overlays", "1"]) == 0
-    assert (tmp_path / "report" / "metrics.json").is_file()
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["num_images"], summary["parse_failure_rate"]) == (4, 0.0)
+    assert (summary["f1@0.5/precision"], summary["f1@0.5/recall"]) == (0.25, 0.25)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["num_images"] == 4
 
 
 def test_rerun_skips_done_lines_and_repairs_a_cut_last_line(taught_run, taught_dir, synth_dir, tmp_path, capsys):

@@ -7,8 +7,10 @@ import argparse
 import yaml
 
 from coordexp_rl.cli import main
-from coordexp_rl.config import load_config
-from coordexp_rl.inference import add_arguments, engine_config, predict, resolve_settings
+from coordexp_rl.config import Config, load_config
+from coordexp_rl.engine import EngineConfig
+from coordexp_rl.infer_cli import add_arguments, resolve_settings
+from coordexp_rl.inference import predict
 from tests.inference.conftest import PROMPT, read_jsonl, write_subset
 
 RUN = {"model": {"dtype": "float32"},
@@ -32,7 +34,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_settings_come_from_the_config_and_flags_win(tmp_path, synth_dir):
     cfg_path = write_config(tmp_path / "run.yaml", synth_dir)
     args = parse("--config", str(cfg_path))
-    engine = engine_config(load_config(cfg_path), "m")  # what the launcher's rollout actors get
+    engine = EngineConfig.from_config(load_config(cfg_path), "m")  # what the launcher's rollout actors get
     for field in ("dtype", "device", "max_model_len", "max_num_seqs", "gpu_memory_utilization",
                   "tensor_parallel_size", "max_pixels", "min_pixels"):
         assert getattr(args, field) == getattr(engine, field), field
@@ -40,8 +42,9 @@ def test_settings_come_from_the_config_and_flags_win(tmp_path, synth_dir):
     assert str(args.image_root) == str(synth_dir)
     flagged = parse("--config", str(cfg_path), "--max-new-tokens", "7", "--engine", "vllm", "--max-pixels", "4096")
     assert (flagged.max_new_tokens, flagged.engine, flagged.max_pixels) == (7, "vllm", 4096)
-    bare = parse()  # without a config: the built-in defaults, the model folder's pixels
-    assert (bare.engine, bare.max_new_tokens, bare.max_pixels, bare.max_num_seqs) == ("vllm", 256, None, 8)
+    bare = parse()  # without a config: the config's defaults, the model folder's pixels
+    d = Config().rollout
+    assert (bare.engine, bare.max_new_tokens, bare.max_pixels, bare.max_num_seqs) == (d.engine, d.max_new_tokens, None, 8)
 
 
 def test_infer_with_config_equals_the_in_run_evaluation(taught_dir, synth_dir, tmp_path):
@@ -53,9 +56,9 @@ def test_infer_with_config_equals_the_in_run_evaluation(taught_dir, synth_dir, t
     out = tmp_path / "preds.jsonl"
     assert main(["infer", "--config", str(cfg_path), "--model", str(taught_dir), "--data", str(data),
                  "--out", str(out)]) == 0
-    # The launcher's evaluation: RolloutActor.predict on an engine built by engine_config(cfg).
+    # The launcher's evaluation: RolloutActor.predict on an engine built by EngineConfig.from_config(cfg).
     cfg = load_config(cfg_path)
-    engine = make_engine(engine_config(cfg, taught_dir))
+    engine = make_engine(EngineConfig.from_config(cfg, taught_dir))
     try:
         samples = load_samples(data, synth_dir)
         in_run = list(predict(engine, samples, cfg.data.prompt, batch_size=cfg.rollout.batch_size,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from actors.engine import EngineConfig, GenerationRequest, SamplingConfig, make_engine
+from actors.engine import make_engine
+from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
 from coordexp_rl.modeling.inputs import encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor, load_processor
 

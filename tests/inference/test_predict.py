@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from actors.engine import EngineConfig, GenerationRequest, SamplingConfig, make_engine
+from actors.engine import make_engine
 from coordexp_rl.data.loader import load_image, load_samples
-from coordexp_rl.inference import DecoderModel, predict
+from coordexp_rl.engine import DecoderModel, EngineConfig, GenerationRequest, SamplingConfig
+from coordexp_rl.inference import predict
 from coordexp_rl.protocol import parse_ids
 from tests.inference.conftest import PROMPT, TAUGHT
 
@@ -79,17 +80,17 @@ def test_coordexp_with_a_separate_decoder_model(hf_engine, samples, taught_dir):
     from coordexp_rl.modeling.load import load_model_and_processor
 
     decoder = DecoderModel(*load_model_and_processor(taught_dir))
-    own = list(predict(hf_engine, samples[:1], PROMPT, max_new_tokens=20, decode="coordexp"))
-    separate = list(predict(hf_engine, samples[:1], PROMPT, max_new_tokens=20, decode="coordexp",
+    own = list(predict(hf_engine, samples[:1], PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp"))
+    separate = list(predict(hf_engine, samples[:1], PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp",
                             decoder_model=decoder))
     assert separate[0]["objects"][0]["bbox_2d"] == pytest.approx(own[0]["objects"][0]["bbox_2d"], abs=1e-3)
 
 
 def test_bad_arguments_fail_before_generating(hf_engine, samples):
     with pytest.raises(ValueError, match="decode="):
-        predict(hf_engine, samples, PROMPT, decode="beam")
+        predict(hf_engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="beam")
     with pytest.raises(ValueError, match="batch_size="):
-        predict(hf_engine, samples, PROMPT, batch_size=0)
+        predict(hf_engine, samples, PROMPT, batch_size=0, max_new_tokens=20)
 
 
 @pytest.mark.integration
@@ -100,9 +101,9 @@ def test_vllm_predictions_equal_hf(taught_dir, samples, hf_engine, hf_preds):
     engine = make_engine(EngineConfig(str(taught_dir), kind="vllm"))
     try:
         preds = list(predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20))
-        cont = list(predict(engine, samples, PROMPT, max_new_tokens=20, decode="coordexp", decoder_model=decoder))
+        cont = list(predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp", decoder_model=decoder))
         with pytest.raises(ValueError, match="decoder_model"):
-            predict(engine, samples, PROMPT, decode="coordexp")
+            predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp")
     finally:
         engine.close()
     for v, h in zip(preds, hf_preds):
@@ -112,6 +113,6 @@ def test_vllm_predictions_equal_hf(taught_dir, samples, hf_engine, hf_preds):
             assert vo["score"] == pytest.approx(ho["score"], abs=1e-4)
             assert vo["score_desc"] == pytest.approx(ho["score_desc"], abs=1e-4)
             assert vo["score_object"] == pytest.approx(ho["score_object"], abs=1e-4)
-    hf_cont = list(predict(hf_engine, samples, PROMPT, max_new_tokens=20, decode="coordexp"))
+    hf_cont = list(predict(hf_engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp"))
     for v, h in zip(cont, hf_cont):
         assert v["objects"][0]["bbox_2d"] == pytest.approx(h["objects"][0]["bbox_2d"], abs=2e-3)

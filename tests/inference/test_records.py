@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.engine import GenerationResult
 from coordexp_rl.coords import CoordVocab
 from coordexp_rl.data.loader import Sample
+from coordexp_rl.engine import GenerationResult
 from coordexp_rl.evaluation.records import to_image_record
 from coordexp_rl.inference import desc_positions, mean_prob, prediction_record
 from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids

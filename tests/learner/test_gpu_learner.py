@@ -8,14 +8,12 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("pydantic", reason="coordexp_rl.config is pydantic (carry the wheels: docs/DEPLOY.md)")
-
-from coordexp_rl.config import load_config  # noqa: E402
-from coordexp_rl.data.loader import load_image, load_samples  # noqa: E402
-from coordexp_rl.modeling.inputs import encode_prompt  # noqa: E402
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids  # noqa: E402
-from coordexp_rl.rollout_schema import RolloutRow  # noqa: E402
-from learner.learner import Learner  # noqa: E402
+from coordexp_rl.config import load_config
+from coordexp_rl.data.loader import load_image, load_samples
+from coordexp_rl.modeling.inputs import encode_prompt
+from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.rollout_schema import RolloutRow
+from learner.learner import Learner
 
 pytestmark = pytest.mark.gpu
 

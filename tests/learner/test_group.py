@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,19 +15,6 @@ from tests.learner.test_multirank import OVERRIDES, TOL, make_rows
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    own = not ray.is_initialized()
-    if own:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(num_cpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
-    yield ray
-    if own:
-        ray.shutdown()
-
-
 def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_dir, synth_dir, tmp_path):
     ray = ray_local
     from actors.buffer import RolloutBuffer
@@ -40,7 +26,7 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     train = str(synth_dir / "train.jsonl")
     group = LearnerGroup(cfg, str(tiny_model_dir), train, world_size=2, num_cpus=1, plan={"sharding": "fsdp"})
     one = LearnerWorker(cfg, str(tiny_model_dir), train)  # the one-rank reference, in this process
-    assert ray.get(group.ready.remote())["world_size"] == 2
+    assert ray.get(group.status.remote())["world_size"] == 2
 
     # The same seeded stream on every rank: the group's Stage-1 step is the one-rank step.
     got = ray.get(group.stage1_steps.remote(1))

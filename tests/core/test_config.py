@@ -1,0 +1,93 @@
+"""The config model: every default has one home (a default Config reaches every component unchanged), and
+the loader refuses a key that does nothing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from coordexp_rl.config import Config, ConfigError, load_config
+from coordexp_rl.engine import EngineConfig, SamplingConfig
+from coordexp_rl.matching import MatchCurriculum
+
+
+def test_match_curriculum_takes_every_value_from_the_matching_section():
+    m = Config().matching
+    c = MatchCurriculum.from_config(m)
+    assert (c.start_step, c.ramp_steps) == (0, m.curriculum_steps)
+    for name in ("lambda_sem_start", "lambda_sem_end", "iou_thr_start", "iou_thr_end", "l1_thr_start", "l1_thr_end"):
+        assert getattr(c, name) == getattr(m, name), name
+
+
+def test_engine_defaults_are_the_rollout_sections():
+    cfg = Config()
+    built = EngineConfig.from_config(cfg, "m")
+    bare = EngineConfig("m")  # a test or bench that names only the folder gets the config's numbers too
+    assert dataclasses.replace(bare, max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels) == built
+    assert (built.gpu_memory_utilization, built.max_model_len, built.max_num_seqs, built.kind) == (
+        cfg.rollout.gpu_memory_utilization, cfg.rollout.max_model_len, cfg.rollout.max_num_seqs, cfg.rollout.engine)
+    assert EngineConfig.from_config(cfg, "m", kind="hf").kind == "hf"
+
+
+def test_sampling_takes_every_value_from_the_rollout_section():
+    r = Config().rollout
+    s = SamplingConfig.from_config(r)
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed) == (
+        r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed)
+
+
+def test_infer_without_a_config_uses_the_config_defaults():
+    from coordexp_rl.infer_cli import add_arguments, resolve_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = resolve_settings(parser.parse_args(["--model", "m", "--data", "d", "--out", "o"]))
+    cfg = Config()
+    r = cfg.rollout
+    assert (args.engine, args.batch_size, args.max_new_tokens, args.max_model_len, args.gpu_memory_utilization,
+            args.tensor_parallel_size, args.dtype, args.prompt) == (
+        r.engine, r.batch_size, r.max_new_tokens, r.max_model_len, r.gpu_memory_utilization, r.tensor_parallel_size,
+        cfg.model.dtype, cfg.data.prompt)
+    # "None" = the model folder's pixel bounds; one engine sequence per request of a batch
+    assert (args.max_pixels, args.min_pixels, args.max_num_seqs) == (None, None, args.batch_size)
+
+
+def test_learner_takes_matching_and_loss_values_from_the_config(tiny_model_dir):
+    from learner.learner import Learner
+
+    cfg = Config()
+    learner = Learner(cfg, tiny_model_dir)
+    assert learner.curriculum == MatchCurriculum.from_config(cfg.matching)
+    s = learner.match_settings
+    assert (s.lambda_geo, s.overlap, s.missing_policy, s.eos_weight, s.extra_eos_weight) == (
+        cfg.matching.lambda_geo, cfg.matching.geometry, cfg.matching.missing_policy, cfg.loss.eos_weight,
+        cfg.loss.extra_eos_weight)
+    group = learner.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"]) == (cfg.optim.lr, cfg.optim.weight_decay)
+
+
+@pytest.mark.parametrize("key", ["eval.every=5", "eval.engine=vllm", "rollout.num_gpus=8", "nosection.x=1"])
+def test_the_loader_refuses_a_key_that_does_nothing(key, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(key.split("=")[0].split(".")[-1])):
+        load_config(None, [key])
+    section, rest = key.split(".", 1)
+    name, value = rest.split("=")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{path}.*{name}"):
+        load_config(path)
+
+
+def test_every_config_field_is_read_by_the_code():
+    """A knob that no code reads is a silent no-op (eval.every and eval.engine once were): each field's name
+    must appear as an attribute access somewhere outside the config module."""
+    root = Path(__file__).resolve().parents[2]
+    source = "".join(p.read_text() for d in ("coordexp_rl", "actors", "learner") for p in (root / d).rglob("*.py")
+                     if p.name != "config.py")
+    unread = [f"{section}.{name}" for section, field in Config.model_fields.items()
+              for name in field.annotation.model_fields if not re.search(rf"\.{name}\b", source)]
+    assert unread == []
