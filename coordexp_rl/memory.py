@@ -14,7 +14,7 @@ attention without the s^2 term); with activation checkpointing only each layer's
 plus one layer being recomputed. Stage-2 forwards two sequences per rollout (self-context + reordered GT).
 
 >>> round(count_params(QWEN3VL["8b"])["text"] / 1e9, 2)
-8.19
+8.2
 """
 
 from __future__ import annotations
