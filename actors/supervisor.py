@@ -28,8 +28,10 @@ ACTOR_GONE = (RayActorError, ActorUnavailableError)  # RayActorError covers Acto
 
 
 class RolloutSupervisor:
-    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic):
+    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic,
+                 on_death=lambda i: None):
         self.actors, self.gone_timeout_s, self.retry_s, self.clock = actors, gone_timeout_s, retry_s, clock
+        self.on_death = on_death  # called with the actor's index when it is first seen gone
         self.pending: dict[ray.ObjectRef, int] = {}
         self.down: dict[int, float] = {}  # actor index -> when its last call failed
         self.last_up = clock()  # the last time any actor was known to be up
@@ -64,6 +66,7 @@ class RolloutSupervisor:
             if i not in self.down:
                 log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left",
                             i, type(exc).__name__)
+                self.on_death(i)
             self.deaths += 1
             self.down[i] = self.clock()
             return  # called again by _retry_down after retry_s
@@ -102,6 +105,35 @@ class RolloutSupervisor:
     def gone_message(self, max_restarts: int) -> str:
         return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
                 f"(restarts used up: rollout.max_restarts={max_restarts})")
+
+
+def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s: float = 1.0) -> list[dict]:
+    """Every shard's ``predict`` records, shard ``i`` on actor ``i``; an evaluation survives a dead actor.
+
+    A shard whose actor died is tried again, after ``on_gone()`` (the driver leaves the current weights
+    where the restarted actor loads them): first on the same actor (Ray restarts it; while it restarts,
+    calls are retried every ``retry_s``), then on the others in turn. Raises when every try failed.
+    """
+    pending = {actors[i].predict.remote(sh): (i, i, 0) for i, sh in enumerate(shards) if sh}  # shard, actor, try
+    out: list[dict] = []
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        shard, actor, tried = pending.pop(ref)
+        try:
+            out += ray.get(ref)
+            continue
+        except ActorUnavailableError:  # restarting (or unreachable for now): the same actor again soon
+            time.sleep(retry_s)
+            nxt = actor
+        except RayActorError as exc:
+            if tried == len(actors):
+                raise
+            nxt, tried = shard if tried == 0 else (shard + tried) % len(actors), tried + 1
+            log.warning("evaluation: rollout-%d is gone (%s); its shard goes to rollout-%d", actor,
+                        type(exc).__name__, nxt)
+            on_gone()
+        pending[actors[nxt].predict.remote(shards[shard])] = (shard, nxt, tried)
+    return out
 
 
 def rollout_stats(actors: list, buffer, supervisor: RolloutSupervisor | None = None) -> dict:
