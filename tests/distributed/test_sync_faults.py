@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -36,6 +37,18 @@ def ray_local():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def call_when_back(method, timeout_s: float = 300.0):
+    """``ray.get(method.remote())``, again every second while Ray restarts the actor."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(method.remote())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _sigkill_self() -> None:
@@ -120,7 +133,7 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
     os.kill(ray.get(actors[1].pid.remote()), signal.SIGKILL)
     syncer.publish_for_restarts()
     assert not syncer.needs_publish
-    ray.get(actors[1].register.remote())
+    call_when_back(actors[1].register)  # the new process's first call (the supervisor retries likewise)
     assert versions() == [3, 3]
     fourth = syncer.sync()
     assert (fourth.version, fourth.via) == (4, {0: "broadcast", 1: "broadcast"})
