@@ -110,29 +110,33 @@ class RolloutSupervisor:
 def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s: float = 1.0) -> list[dict]:
     """Every shard's ``predict`` records, shard ``i`` on actor ``i``; an evaluation survives a dead actor.
 
-    A shard whose actor died is tried again, after ``on_gone()`` (the driver leaves the current weights
-    where the restarted actor loads them): first on the same actor (Ray restarts it; while it restarts,
-    calls are retried every ``retry_s``), then on the others in turn. Raises when every try failed.
+    When an actor is seen gone, ``on_gone()`` runs first (the driver leaves the current weights where a
+    restarted actor loads them). Its shard goes again to the same actor while Ray restarts it (every
+    ``retry_s``), or to the next actor once it is dead for good. Raises when no actor is left.
     """
-    pending = {actors[i].predict.remote(sh): (i, i, 0) for i, sh in enumerate(shards) if sh}  # shard, actor, try
+    pending = {actors[i].predict.remote(sh): (i, i, 0) for i, sh in enumerate(shards) if sh}  # shard, actor, moves
+    gone: set[int] = set()  # actors seen gone and not seen working since
     out: list[dict] = []
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
-        shard, actor, tried = pending.pop(ref)
+        shard, actor, moved = pending.pop(ref)
         try:
             out += ray.get(ref)
+            gone.discard(actor)
             continue
-        except ActorUnavailableError:  # restarting (or unreachable for now): the same actor again soon
-            time.sleep(retry_s)
-            nxt = actor
-        except RayActorError as exc:
-            if tried == len(actors):
+        except ACTOR_GONE as exc:
+            if actor not in gone:
+                gone.add(actor)
+                log.warning("evaluation: rollout-%d is gone (%s)", actor, type(exc).__name__)
+                on_gone()
+            if isinstance(exc, ActorUnavailableError):  # Ray restarts it: the same actor again soon
+                time.sleep(retry_s)
+            elif moved + 1 < len(actors):  # dead for good (no restarts left): the next actor
+                moved += 1
+                actor = (shard + moved) % len(actors)
+            else:
                 raise
-            nxt, tried = shard if tried == 0 else (shard + tried) % len(actors), tried + 1
-            log.warning("evaluation: rollout-%d is gone (%s); its shard goes to rollout-%d", actor,
-                        type(exc).__name__, nxt)
-            on_gone()
-        pending[actors[nxt].predict.remote(shards[shard])] = (shard, nxt, tried)
+        pending[actors[actor].predict.remote(shards[shard])] = (shard, actor, moved)
     return out
 
 
