@@ -24,7 +24,7 @@ first) voids the permits of that actor's previous life, so a killed actor leaks 
 remembers, per actor, the next row sequence number (rows carry the id ``(actor_id, seq)``) and the
 newest published weights (an object-store ref), which a restarted actor loads before it generates.
 ``interrupt()`` wakes a waiting ``get`` with None, so a learner blocked on a buffer that no actor fills
-any more can be stopped.
+any more can be stopped; ``wake()`` does it once, so the driver can use the learner and then go on.
 """
 
 from __future__ import annotations
@@ -242,6 +242,7 @@ class AsyncRolloutBuffer:
                                version, next_seq)
         self._changed = asyncio.Condition()  # notified on every change of size, version or permits
         self._interrupted = False
+        self._woken = False  # wake(): the waiting (or next) get returns at once
         self._weights: tuple[int, list] = (0, [])  # newest published (version, [object ref]); [] = none
 
     async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
@@ -267,9 +268,10 @@ class AsyncRolloutBuffer:
         need = n if min_rows is None else max(1, min(min_rows, n))
         start = time.monotonic()
         async with self._changed:
-            ok = await self._wait(lambda: self.core.size >= need or self._interrupted, timeout_s)
+            ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken, timeout_s)
             self.core.stats_.get_wait_s += time.monotonic() - start
-            if not ok or self._interrupted:
+            self._woken = False
+            if not ok or self._interrupted or self.core.size < need:
                 return None
             out = self.core.take(n)
             self._changed.notify_all()
@@ -308,6 +310,13 @@ class AsyncRolloutBuffer:
         """Wake a waiting ``get`` with None (the run is stopping); later gets return None at once."""
         async with self._changed:
             self._interrupted = True
+            self._changed.notify_all()
+
+    async def wake(self) -> None:
+        """Let the learner's waiting (or next) ``get`` return now, with None unless its rows are there: the
+        driver needs the learner for a moment (to leave weights for a restarted actor)."""
+        async with self._changed:
+            self._woken = True
             self._changed.notify_all()
 
     async def next_seq(self) -> dict[str, int]:

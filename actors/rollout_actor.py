@@ -85,6 +85,7 @@ class RolloutWorker:
         self._announced = False
         self._has_frozen = False  # frozen parameters loaded from the learner since this (re)start
         self._sha: dict[str, str] = {}
+        self._broadcast = None  # the weight group's receiver; None until join_weight_group (in each life)
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -233,6 +234,10 @@ class RolloutWorker:
 
     def receive_broadcast_weights(self) -> int:
         """The one control call of a broadcast sync: receive every bucket, then load (never half-loaded)."""
+        from coordexp_rl.weight_sync import WeightSyncError
+
+        if self._broadcast is None:  # a restarted process: the driver re-forms the group at the next sync
+            raise WeightSyncError(f"actor {self.actor_id} is in no weight group (restarted since it formed?)")
         version, named, omitted = self._broadcast.receive()
         return self.load_weights(named, version, omitted)
 

@@ -28,8 +28,10 @@ ACTOR_GONE = (RayActorError, ActorUnavailableError)  # RayActorError covers Acto
 
 
 class RolloutSupervisor:
-    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic):
+    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic,
+                 on_death=lambda i: None):
         self.actors, self.gone_timeout_s, self.retry_s, self.clock = actors, gone_timeout_s, retry_s, clock
+        self.on_death = on_death  # called with the actor's index when it is first seen gone
         self.pending: dict[ray.ObjectRef, int] = {}
         self.down: dict[int, float] = {}  # actor index -> when its last call failed
         self.last_up = clock()  # the last time any actor was known to be up
@@ -64,6 +66,7 @@ class RolloutSupervisor:
             if i not in self.down:
                 log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left",
                             i, type(exc).__name__)
+                self.on_death(i)
             self.deaths += 1
             self.down[i] = self.clock()
             return  # called again by _retry_down after retry_s
@@ -102,6 +105,39 @@ class RolloutSupervisor:
     def gone_message(self, max_restarts: int) -> str:
         return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
                 f"(restarts used up: rollout.max_restarts={max_restarts})")
+
+
+def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s: float = 1.0) -> list[dict]:
+    """Every shard's ``predict`` records, shard ``i`` on actor ``i``; an evaluation survives a dead actor.
+
+    When an actor is seen gone, ``on_gone()`` runs first (the driver leaves the current weights where a
+    restarted actor loads them). Its shard goes again to the same actor while Ray restarts it (every
+    ``retry_s``), or to the next actor once it is dead for good. Raises when no actor is left.
+    """
+    pending = {actors[i].predict.remote(sh): (i, i, 0) for i, sh in enumerate(shards) if sh}  # shard, actor, moves
+    gone: set[int] = set()  # actors seen gone and not seen working since
+    out: list[dict] = []
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        shard, actor, moved = pending.pop(ref)
+        try:
+            out += ray.get(ref)
+            gone.discard(actor)
+            continue
+        except ACTOR_GONE as exc:
+            if actor not in gone:
+                gone.add(actor)
+                log.warning("evaluation: rollout-%d is gone (%s)", actor, type(exc).__name__)
+                on_gone()
+            if isinstance(exc, ActorUnavailableError):  # Ray restarts it: the same actor again soon
+                time.sleep(retry_s)
+            elif moved + 1 < len(actors):  # dead for good (no restarts left): the next actor
+                moved += 1
+                actor = (shard + moved) % len(actors)
+            else:
+                raise
+        pending[actors[actor].predict.remote(shards[shard])] = (shard, actor, moved)
+    return out
 
 
 def rollout_stats(actors: list, buffer, supervisor: RolloutSupervisor | None = None) -> dict:

@@ -36,6 +36,8 @@ class Driver:
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
         self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
+        self.deaths_seen = 0  # actor deaths the driver has answered (weights left for the restarted)
+        self.woken = False  # the learner's wait for rows was cut short to answer a death
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -109,8 +111,7 @@ class Driver:
             for i in range(r.num_actors)]
         up = ray.get([self.learner.status.remote()] + [a.weight_version.remote() for a in self.actors])
         log.info("learner up %s; %d rollout actors up", up[0], len(self.actors))
-        if cfg.weight_sync.transport == "broadcast":
-            self.join_weight_group()
+        self.syncer = self.weight_syncer()
         if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
             self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
 
@@ -196,7 +197,7 @@ class Driver:
             self.stage1(s1 + total, label="stage2")
             return self.sync_weights()  # evaluation reads the actors' weights (the EM loop syncs as it goes)
         start = max(0, self.step - s1)
-        self.supervisor = RolloutSupervisor(self.actors, self.cfg.rollout.gone_timeout_s)
+        self.supervisor = RolloutSupervisor(self.actors, self.cfg.rollout.gone_timeout_s, on_death=self.wake_learner)
         self.supervisor.start()
         with tqdm(total=total, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
             for k in range(start, total):
@@ -213,20 +214,34 @@ class Driver:
         log.info("stage-2 done; %s", self.supervisor.stats())
 
     def stage2_step(self, k: int) -> dict:
-        """One learner step while the supervisor keeps the actors busy; stops the run when all are gone."""
+        """One learner step while the supervisor keeps the actors busy; stops the run when all are gone.
+        After an actor death the learner (idle then) leaves its weights where the restarted actor looks."""
         import ray
 
         self.check_stop()
-        step_ref = self.learner.stage2_step.remote(self.buffer)
-        if not self.supervisor.wait_for(step_ref):
-            ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
-            ray.get(step_ref)
-            raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
-        metrics = ray.get(step_ref)
-        if metrics is None:
-            raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
-                               f"{ray.get([a.stats.remote() for a in self.actors])}")
-        return metrics
+        while True:
+            step_ref = self.learner.stage2_step.remote(self.buffer)
+            if not self.supervisor.wait_for(step_ref):
+                ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
+                ray.get(step_ref)
+                raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
+            metrics = ray.get(step_ref)
+            if self.supervisor.deaths > self.deaths_seen:
+                self.deaths_seen = self.supervisor.deaths
+                self.catch_up_restarted()
+            if metrics is not None:
+                return metrics
+            if not self.woken:
+                raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
+                                   f"{ray.get([a.stats.remote() for a in self.actors])}")
+            self.woken = False  # woken by wake_learner: the step again, now that the weights are there
+
+    def wake_learner(self, actor: int) -> None:
+        """An actor died. If the buffer lacks the last sync's weights (broadcast transport), a learner
+        waiting for rows (which only that actor may bring) lets go, so that stage2_step can leave them."""
+        if self.syncer.needs_publish:
+            self.woken = True
+            self.buffer.wake.remote()
 
     def log_rollout_stats(self) -> None:
         """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""
@@ -238,52 +253,41 @@ class Driver:
     # Weights, evaluation, checkpoints
     # ------------------------------------------------------------------------------------------------
 
-    def join_weight_group(self) -> None:
-        """The `broadcast` transport: learner (rank 0) and actors form one torch.distributed group."""
-        import ray
+    def weight_syncer(self):
+        """One control call per actor per sync; the `broadcast` transport's group forms here (strict: a
+        group that cannot form at start-up is a set-up problem) and re-forms after actor deaths."""
+        from actors.syncer import WeightSyncer
 
         ws = self.cfg.weight_sync
         backend = "nccl" if self.cfg.learner.gpus and self.cfg.rollout.gpus_per_actor else "gloo"
-        addr, port = ray.get(self.learner.weight_group_address.remote())  # a free port on the learner's node
-        world = len(self.actors) + 1
-        ray.get([self.learner.join_weight_group.remote(addr, port, 0, world, backend, ws.timeout_s)] +
-                [a.join_weight_group.remote(addr, port, i + 1, world, backend, ws.timeout_s)
-                 for i, a in enumerate(self.actors)], timeout=ws.timeout_s + 30)
-        log.info("weight group: %d ranks over %s at %s:%d", world, backend, addr, port)
+        syncer = WeightSyncer(self.learner, self.actors, self.buffer, ws.transport, ws.bucket_mb, ws.timeout_s,
+                              backend)
+        if ws.transport == "broadcast":
+            syncer.form_group(strict=True)
+        return syncer
 
     def sync_weights(self, bump: bool = True, label: str = "sync") -> None:
-        """One control call per actor. An actor that fails (dead mid-transfer, timed out) keeps its old
-        weights; the others and the buffer move on, and the buffer's admission stops the laggard until it
-        catches up (at the next sync, or at its restart, from the weights kept in the buffer)."""
-        import ray
-
+        """An actor that fails (dead mid-transfer, timed out) keeps its old weights; the others and the
+        buffer move on, and the buffer's admission stops the laggard until it catches up (at the next
+        sync, or at its restart, from the weights kept in the buffer). See actors/syncer.py."""
         t0 = time.perf_counter()
-        bucket_mb = self.cfg.weight_sync.bucket_mb
-        if self.cfg.weight_sync.transport == "broadcast":
-            calls = {a.receive_broadcast_weights.remote(): i for i, a in enumerate(self.actors)}
-            version = ray.get(self.learner.broadcast_weights.remote(bucket_mb, bump))
-        else:
-            version, payload_ref, frozen_ref = ray.get(self.learner.publish_weights_ref.remote(bucket_mb, bump))
-            refs = [payload_ref] + ([frozen_ref] if frozen_ref is not None else [])
-            ray.get(self.buffer.publish_weights.remote(version, refs))  # for restarted actors
-            # The frozen ref goes nested in a list: only an actor that lacks those tensors fetches it.
-            calls = {a.update_weights.remote(payload_ref, refs[1:]): i for i, a in enumerate(self.actors)}
-        ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.cfg.weight_sync.timeout_s)
-        failed = [f"rollout-{calls[r]}: timed out after {self.cfg.weight_sync.timeout_s} s" for r in late]
-        for r in ready:
-            try:
-                ray.get(r)
-            except Exception as e:  # the actor keeps its old weights; report and go on
-                failed.append(f"rollout-{calls[r]}: {e}")
+        down = set(self.supervisor.down) if self.supervisor else set()
+        res = self.syncer.sync(bump, down)
         seconds = time.perf_counter() - t0
-        if failed:
-            log.error("weight sync v%d failed on %d actors: %s", version, len(failed), failed)
-        ray.get(self.buffer.set_version.remote(version))
+        if res.failed:
+            log.error("weight sync v%d failed on %d actors: %s", res.version, len(res.failed),
+                      {f"rollout-{i}": why for i, why in res.failed.items()})
         self.last_sync_step = self.step
-        self.log.log(label, self.step, {"version": version, "seconds": seconds, "failed_actors": len(failed)})
-        log.info("weight sync v%d to %d actors in %.3f s", version, len(self.actors) - len(failed), seconds)
+        fallback = sum(v == "object_store" for v in res.via.values()) if self.syncer.transport == "broadcast" else 0
+        self.log.log(label, self.step, {"version": res.version, "seconds": seconds, "failed_actors": len(res.failed),
+                                        "object_store_fallbacks": fallback})
+        log.info("weight sync v%d to %d actors in %.3f s", res.version, len(res.via), seconds)
         if label == "sync":
             self.log_rollout_stats()
+
+    def catch_up_restarted(self) -> None:
+        """After an actor death: the current weights wait in the buffer for the restarted actor."""
+        self.syncer.publish_for_restarts()
 
     def evaluate(self, label: str) -> dict:
         """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
@@ -296,7 +300,8 @@ class Driver:
                                        train=False)
         headline = evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
                                       self.assets.val_image_root or self.assets.val_path.parent,
-                                      self.out / "eval" / label)
+                                      self.out / "eval" / label,
+                                      on_gone=self.catch_up_restarted)  # survives a dead actor
         step = ray.get(self.learner.status.remote())["step"]
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",

@@ -16,25 +16,26 @@ HEADLINE = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "o
             ("parse failures", "parse_failure_rate")]
 
 
-def predict_on_actors(actors: list, samples: list) -> list[dict]:
-    """Prediction records for ``samples``, in order: every actor predicts its every-n-th share."""
-    import ray
+def predict_on_actors(actors: list, samples: list, on_gone=lambda: None) -> list[dict]:
+    """Prediction records for ``samples``, in order: every actor predicts its every-n-th share; a dead
+    actor's share is retried (``actors.supervisor.predict_all``; ``on_gone`` runs when one is seen gone)."""
+    from actors.supervisor import predict_all
 
     shards = [samples[i::len(actors)] for i in range(len(actors))]
-    by_id = {}
-    for shard_preds in ray.get([a.predict.remote(sh) for a, sh in zip(actors, shards) if sh]):
-        by_id.update({p["sample_id"]: p for p in shard_preds})
+    by_id = {p["sample_id"]: p for p in predict_all(actors, shards, on_gone=on_gone)}
     return [by_id[s.sample_id] for s in samples]
 
 
-def evaluate_on_actors(actors: list, samples: list, gt_path: Path, image_root: Path, folder: Path) -> dict:
-    """Predict ``samples`` (the first of ``gt_path``'s records), score, write ``folder``; the headline metrics."""
+def evaluate_on_actors(actors: list, samples: list, gt_path: Path, image_root: Path, folder: Path,
+                       on_gone=lambda: None) -> dict:
+    """Predict ``samples`` (the first of ``gt_path``'s records), score, write ``folder``; the headline metrics.
+    ``on_gone``: see ``predict_on_actors``."""
     from coordexp_rl.evaluation.metrics import evaluate_paired
     from coordexp_rl.evaluation.records import load_jsonl, pair_records
     from coordexp_rl.evaluation.report import summary, write_outputs
 
     gts = load_jsonl(gt_path)[: len(samples)]
-    preds = predict_on_actors(actors, samples)
+    preds = predict_on_actors(actors, samples, on_gone)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     gt_records, pred_records = pair_records(gts, preds)

@@ -3,7 +3,8 @@
 1. engines: the vLLM engine against the transformers (`generate`) engine on the same model, images and
    greedy settings, at each batch size (default 1, 8, 64): images/s, generated tokens/s, valid parsed
    objects/s, p50/p95 per-request latency (a request's latency is its batch's wall time: both engines
-   return a batch at once). The two engines' outputs are asserted token-identical.
+   return a batch at once). Both engines live in this process and take turns batch by batch. The two
+   engines' outputs are asserted token-identical.
 2. actor_overhead: a rollout actor's ``step`` (buffer permits + generate + parse + Arrow + buffer put)
    against the bare ``engine.generate`` of the same number of images in the same actor process, both
    through one Ray call, alternating: ``actor_overhead`` = step time / generate time.
@@ -81,24 +82,31 @@ def sampling(args: argparse.Namespace):
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
 
 
-def run_engine(engine, requests: list, batch: int, sampling_cfg, vocab, tokenizer) -> dict:
-    """Generate ``requests`` in batches of ``batch`` (one warm-up batch first); throughput and outputs."""
+def run_engines(engines: dict, requests: list, batch: int, sampling_cfg, vocab, tokenizer) -> dict[str, dict]:
+    """Each engine on ``requests`` in batches of ``batch`` after one warm-up batch each, alternating engines
+    batch by batch (and which goes first), so that load from other processes hits both alike."""
+    for engine in engines.values():
+        engine.generate(requests[:batch], sampling_cfg)  # warm-up
+    runs = {kind: {"latencies": [], "outputs": [], "seconds": 0.0} for kind in engines}
+    for n, start in enumerate(range(0, len(requests), batch)):
+        chunk = requests[start:start + batch]
+        for kind in (list(engines) if n % 2 == 0 else list(engines)[::-1]):
+            t0 = time.perf_counter()
+            results = engines[kind].generate(chunk, sampling_cfg)
+            dt = time.perf_counter() - t0
+            runs[kind]["seconds"] += dt
+            runs[kind]["latencies"] += [dt] * len(chunk)
+            runs[kind]["outputs"] += [r.generated_ids for r in results]
+    return {kind: _throughput(**run, vocab=vocab, tokenizer=tokenizer) for kind, run in runs.items()}
+
+
+def _throughput(latencies: list[float], outputs: list[list[int]], seconds: float, vocab, tokenizer) -> dict:
     from coordexp_rl.protocol import parse_ids
 
-    engine.generate(requests[:batch], sampling_cfg)  # warm-up
-    latencies, outputs, t_total = [], [], 0.0
-    for i in range(0, len(requests), batch):
-        chunk = requests[i:i + batch]
-        t0 = time.perf_counter()
-        results = engine.generate(chunk, sampling_cfg)
-        dt = time.perf_counter() - t0
-        t_total += dt
-        latencies += [dt] * len(chunk)
-        outputs += [r.generated_ids for r in results]
     tokens = sum(len(o) for o in outputs)
     objects = sum(len(parse_ids(o, tokenizer, vocab).objects) for o in outputs)
-    return {"images": len(outputs), "seconds": round(t_total, 4), "images_per_s": round(len(outputs) / t_total, 3),
-            "tokens_per_s": round(tokens / t_total, 1), "valid_objects_per_s": round(objects / t_total, 3),
+    return {"images": len(outputs), "seconds": round(seconds, 4), "images_per_s": round(len(outputs) / seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1), "valid_objects_per_s": round(objects / seconds, 3),
             "valid_objects": objects, "p50_latency_s": round(statistics.median(latencies), 4),
             "p95_latency_s": round(_percentile(latencies, 95), 4), "_outputs": outputs}
 
@@ -112,31 +120,26 @@ def compare_engines(args: argparse.Namespace, model: Path, items: list) -> list[
     from coordexp_rl.config import DEFAULT_PROMPT
 
     images = [Image.open(path).convert("RGB") for _, path, _ in items]
-    per_engine: dict[str, dict[int, dict]] = {}
-    threads = {}
-    for kind in ("vllm", "hf"):
-        if kind == "hf":  # the same torch thread count as vLLM chose for itself (it lowers it for serving)
-            torch.set_num_threads(threads["vllm"])
-        engine = make_engine(engine_config(model, kind, max(args.batch_sizes)))
-        threads[kind] = torch.get_num_threads()
-        tok = engine.processor.tokenizer
-        vocab = CoordVocab.from_tokenizer(tok)
-        per_engine[kind] = {}
-        for batch in args.batch_sizes:
-            n = max(batch, len(images) // 4) if batch == 1 else max(batch, len(images))
-            requests = [GenerationRequest(images[i % len(images)], DEFAULT_PROMPT, f"s{i}") for i in range(n)]
-            per_engine[kind][batch] = run_engine(engine, requests, batch, sampling(args), vocab, tok)
-        engine.close()
-        del engine
-        gc.collect()
+    # Both engines in this process (vLLM runs in-process on CPU): vLLM first, as it sets the torch thread
+    # count for serving, which the transformers engine then shares.
+    engines = {kind: make_engine(engine_config(model, kind, max(args.batch_sizes))) for kind in ("vllm", "hf")}
+    tok = engines["hf"].processor.tokenizer
+    vocab = CoordVocab.from_tokenizer(tok)
     rows = []
     for batch in args.batch_sizes:
-        v, h = per_engine["vllm"][batch], per_engine["hf"][batch]
+        n = max(batch, len(images) // 4) if batch == 1 else max(batch, len(images))
+        requests = [GenerationRequest(images[i % len(images)], DEFAULT_PROMPT, f"s{i}") for i in range(n)]
+        res = run_engines(engines, requests, batch, sampling(args), vocab, tok)
+        v, h = res["vllm"], res["hf"]
         same = sum(a == b for a, b in zip(v.pop("_outputs"), h.pop("_outputs")))
         assert same == v["images"], (f"batch {batch}: vLLM and transformers differ on {v['images'] - same} of "
                                      f"{v['images']} images (greedy outputs must be token-identical)")
-        rows.append({"batch": batch, "token_identical_images": same, "torch_threads": threads, "vllm": v, "hf": h,
-                     "vllm_over_hf_images_per_s": round(v["images_per_s"] / h["images_per_s"], 3)})
+        rows.append({"batch": batch, "token_identical_images": same, "torch_threads": torch.get_num_threads(),
+                     "vllm": v, "hf": h, "vllm_over_hf_images_per_s": round(v["images_per_s"] / h["images_per_s"], 3)})
+        print(json.dumps({"engines": rows[-1]}), file=sys.stderr, flush=True)
+    for engine in engines.values():
+        engine.close()
+    gc.collect()
     return rows
 
 

@@ -1,7 +1,8 @@
 """SIGKILL a rollout actor's process during Stage-2 of the real launcher (vLLM engine, real Ray).
 
 With restarts (the default rollout.max_restarts) Ray restarts it, it loads the newest published weights
-from the buffer before generating again, and the run completes: every row id (actor, seq) is consumed
+from the buffer before generating again (by either weight transport: with `broadcast` the driver leaves
+them in the buffer after the death and re-forms the group at the next sync), and the run completes: every row id (actor, seq) is consumed
 exactly once, none skipped, each with a weight version within the staleness bound. Without restarts
 (max_restarts=0, i.e. the restart code removed) the driver stops after rollout.gone_timeout_s with a
 clear message and a checkpoint instead of hanging.
@@ -9,6 +10,7 @@ clear message and a checkpoint instead of hanging.
 
 from __future__ import annotations
 
+import re
 import signal
 
 import psutil
@@ -36,9 +38,11 @@ def kill_actor_in_stage2(proc, out) -> None:
     rollout_actor_process(proc).send_signal(signal.SIGKILL)  # a crash, not a polite ray.kill
 
 
-def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path, transport):
     out = tmp_path / "run"
-    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.gone_timeout_s=300")
+    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.gone_timeout_s=300",
+                          f"weight_sync.transport={transport}")
     kill_actor_in_stage2(proc, out)
     rc = launcher.finish(proc, out)
     text = launcher.output(out)
@@ -56,6 +60,17 @@ def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path):
     final = launcher.records(out, "rollout")[-1]
     assert final["supervisor/actor_deaths"] >= 1 and final["supervisor/actor_recoveries"] >= 1
     assert final["buffer/stale_dropped"] == 0
+    # The new process loaded the learner's weights (a version > 0) before generating, by either transport
+    # (broadcast: from the failed sync's object-store fallback or the copy the driver left after the death).
+    restarted = re.search(r"actor rollout-0 restarted: next row seq \d+, weight version (\d+)", text)
+    assert restarted and int(restarted.group(1)) >= 1
+
+    # The actors' throughput counters at every sync (and once more at the end of Stage-2).
+    syncs = [r["step"] for r in launcher.records(out, "sync")]
+    rollout = launcher.records(out, "rollout")
+    assert len(syncs) == 1 + 8 and [r["step"] for r in rollout[:-1]] == syncs
+    assert all("actors/0/images_per_s" in r or "actors/0/gone" in r for r in rollout)
+    assert rollout[-1]["actors/0/images"] > 0 and rollout[-1]["actors/0/tokens_per_s"] > 0
 
 
 def test_without_restarts_the_driver_stops_with_a_checkpoint_instead_of_hanging(tmp_path):

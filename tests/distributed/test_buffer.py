@@ -168,6 +168,26 @@ def test_async_get_waits_for_min_rows_and_times_out():
     asyncio.run(scenario())
 
 
+def test_async_wake_lets_one_waiting_get_go():
+    """The driver's wake (an actor died): the learner's get returns at once, with None unless its rows
+    are there, and only once."""
+    async def scenario():
+        buf = AsyncRolloutBuffer(capacity=4)
+        waiting = asyncio.create_task(buf.get(2, timeout_s=30))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await buf.wake()
+        assert await asyncio.wait_for(waiting, 5) is None
+        await buf.put(batch("a"))
+        await buf.wake()  # before the get: that get is the one let go (nothing taken, 1 of 2 rows)
+        assert await asyncio.wait_for(buf.get(2, timeout_s=30), 5) is None
+        assert await buf.get(2, timeout_s=0.05) is None  # used up: the next get waits (and times out)
+        await buf.put(batch("b"))
+        await buf.wake()
+        assert ids_of(await buf.get(2, timeout_s=0.05)) == ["a", "b"]  # rows there: a woken get takes them
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- the Ray actor
 
 @pytest.fixture
