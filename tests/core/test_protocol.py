@@ -1,3 +1,5 @@
+import unicodedata
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,8 +122,9 @@ def test_builder_rejects_invalid_objects(qwen_tokenizer, qwen_vocab):
         build_assistant_ids([BoxObject("a <box> b", (1, 2, 3, 4))], qwen_tokenizer, qwen_vocab)
 
 
+# NFC-stable text: Qwen's tokenizer NFC-normalises its input (U+F900 comes back as U+8C48), by design.
 descs = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20).filter(
-    lambda s: s.strip() and "<" not in s)
+    lambda s: s.strip() and "<" not in s and unicodedata.normalize("NFC", s) == s)
 coords = st.sampled_from([0, 1, 998, 999]) | st.integers(0, 999)
 boxes = st.tuples(coords, coords, coords, coords).map(lambda b: (min(b[0], b[2]), min(b[1], b[3]),
                                                                  max(b[0], b[2]), max(b[1], b[3])))

@@ -121,7 +121,7 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
     assert second.via[1] == "object_store"  # the restarted process, through the object store
     assert second.via[0] in ("broadcast", "object_store")  # gloo may or may not finish the others' broadcast
     assert versions() == [2, 2] and ray.get(actors[1].pid.remote()) != old_pid
-    assert ray.get(buffer.version.remote()) == 2
+    assert ray.get(buffer.stats.remote())["version"] == 2
     assert ray.get(buffer.acquire.remote(1, 1, 0.0, "old")) == 0  # admission: v1 rows are stale now
 
     third = syncer.sync()  # the group re-formed with both
