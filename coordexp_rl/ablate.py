@@ -279,12 +279,22 @@ def run(args: argparse.Namespace) -> int:
     runs_dir = args.runs_dir.resolve()
     # Arm-major (partial results compare whole arms), the default first: other arms may wait on its Stage-1.
     jobs = [(arm, seed) for arm in sorted(arms, key=lambda a: a != "default") for seed in args.seeds]
+    # Mark the default runs to come as running before any job starts: with --jobs > 1 a Stage-2-only arm of
+    # the same seed may reach its wait before the default's own job has begun.
+    marked = [runs_dir / "default" / f"seed{s}" / "running" for s in args.seeds if "default" in arms
+              and not (runs_dir / "default" / f"seed{s}" / "results.json").exists()]
+    for m in marked:
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.touch()
     try:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on launcher subprocesses
             results = list(pool.map(lambda job: run_arm(*job, args.scale, runs_dir, args.overrides), jobs))
     except StaleRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for m in marked:
+            m.unlink(missing_ok=True)
     per_arm: dict[str, list[dict | None]] = {arm: [] for arm in arms}
     for (arm, _), r in zip(jobs, results):
         per_arm[arm].append(final_metrics(r) if r else None)

@@ -119,3 +119,24 @@ def test_only_stage2_arms_share_the_default_stage1(tmp_path):
     assert o["run.resume"] == str(runs / "default" / "seed1" / "checkpoints" / "step-007500")
     d = dict(x.split("=", 1) for x in ablate.arm_overrides("default", 1, 1.0, runs / "default" / "seed1", []))
     assert d["run.checkpoint_every"] == "7500" and "run.resume" not in d  # keeps the checkpoint others start from
+
+
+def test_default_runs_are_marked_running_before_any_job_starts(tmp_path, monkeypatch):
+    """With --jobs 2 a Stage-2-only arm can reach its wait before the default's job begins; it must still
+    see the default of its seed as running (else it finds no Stage-1 checkpoint and is skipped)."""
+    import argparse
+
+    seen = {}
+
+    def fake_run_arm(name, seed, scale, runs_dir, extra):
+        if name == "stage2_sft":
+            seen["marked"] = (runs_dir / "default" / f"seed{seed}" / "running").exists()
+        return None
+
+    monkeypatch.setattr(ablate, "run_arm", fake_run_arm)
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    args = parser.parse_args(["--arms", "default", "stage2_sft", "--seeds", "0", "--jobs", "2",
+                              "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")])
+    assert ablate.run(args) == 1  # the fake runs produced nothing
+    assert seen["marked"] and not (tmp_path / "runs" / "default" / "seed0" / "running").exists()
