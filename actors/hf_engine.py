@@ -114,6 +114,9 @@ class HFEngine:
             weight_version=self._version,
         )
 
+    def reset_caches(self) -> None:
+        """Nothing to forget: ``generate`` keeps no state between calls."""
+
     def _rng_devices(self) -> list:
         return [self.model.device] if self.model.device.type == "cuda" else []
 

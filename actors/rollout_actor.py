@@ -189,6 +189,10 @@ class RolloutWorker:
                 self.actor_id, "restarted" if restarted else "registered", self._seq, self.weight_version())
         return self._seq
 
+    def reset_caches(self) -> None:
+        """The engine forgets earlier requests' work, so a timed call does not reuse another's (bench)."""
+        self.engine.reset_caches()
+
     def time_generate(self, n: int | None = None) -> float:
         """Seconds of the bare ``engine.generate`` on the next ``n`` items (not used up): the baseline that
         ``bench rollout`` compares ``step`` with (images are loaded before the clock starts)."""

@@ -163,13 +163,15 @@ class VLLMEngine:
             self.healthy = False
             raise RuntimeError(f"weight version {version}: reload failed mid-way, engine needs a restart: "
                                f"{exc}") from exc
-        # Cached prefixes / encoder outputs / processed images were computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_mm_cache()
+        self.reset_caches()  # cached prefixes / encoder outputs / processed images hold the old weights' work
         self._version = int(version)
         log.info("vLLM engine: weight version %d (%d tensors) in %.3f s", version, len(payload),
                  time.perf_counter() - t0)
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
 
     def close(self) -> None:
         """Free the engine (in-process: drop references; vLLM has no explicit shutdown on LLM)."""

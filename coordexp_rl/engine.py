@@ -167,6 +167,11 @@ class RolloutEngine(Protocol):
     @property
     def weight_version(self) -> int: ...
 
+    def reset_caches(self) -> None:
+        """Forget everything computed for earlier requests (prefixes, image encodings): after a weight load,
+        and before a timed batch that must not reuse an earlier one's work (``bench rollout``)."""
+        ...
+
     def own_decoder(self) -> DecoderModel | None:
         """The HF model this engine generates with, when it holds one in this process (the HF engine), so
         ``decode="coordexp"`` needs no second copy; None when it does not (vLLM)."""

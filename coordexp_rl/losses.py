@@ -22,12 +22,15 @@ term against one unit of CE weight" in both stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from coordexp_rl import coordexp  # coord-row gathering (the CoordExp decode's, one copy)
 from coordexp_rl.coords import NUM_BINS, CoordVocab
+
+if TYPE_CHECKING:
+    from coordexp_rl.config import LossConfig
 
 # Guards divisions by a zero union/hull (degenerate boxes); clamp, not add, so normal boxes -- even one
 # bin wide (area 1e-6) -- get exact values.
@@ -253,11 +256,6 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _iou_giou(a[:, None, :], b[None, :, :])[1]
 
 
-def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of row i of a with row i of b: (N, 4), (N, 4) -> (N,)."""
-    return _iou_giou(a, b)[0]
-
-
 def _reduce(per_box: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_box.sum()
@@ -328,6 +326,34 @@ def coord_w1(logits: torch.Tensor, target_bins: torch.Tensor, reduction: str = "
 # ----------------------------------------------------------------------------------------------------
 # Stage combiners
 # ----------------------------------------------------------------------------------------------------
+
+
+def coord_terms(stage: str, loss: LossConfig, out: coordexp.CoordExpOutput | None = None,
+                targets: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor | None, float]]:
+    """The geometric terms of ``stage`` ("stage1" / "stage2") as in the module docstring, each a SUM over
+    this batch's coord positions (the caller divides by W): ``{name: (sum, lambda)}``.
+
+    ``out``: CoordExp at the coord positions (P = 4 per box, box-major); ``targets``: (P,) target
+    coordinates in [0, 1]. Without ``out`` (no coord position in this batch) every sum is None.
+    """
+    if stage == "stage1":
+        lambdas = {"l1_coord": loss.lambda_l1, "giou_coord": loss.lambda_giou,
+                   "soft_ce_coord": loss.lambda_soft_ce, "w1_coord": loss.lambda_w1}
+    else:
+        lambdas = {"geo_self": loss.lambda_geo, "entropy": loss.lambda_entropy}
+    if out is None:
+        return {k: (None, lam) for k, lam in lambdas.items()}
+    boxes, gt = out.expectation.view(-1, 4), targets.view(-1, 4)
+    if stage == "stage1":
+        bins = (targets * NUM_BINS).round()
+        # The distribution terms cost a (P, 1000) pass each: computed only when weighed.
+        values = {"l1_coord": coord_l1(out.expectation, bins), "giou_coord": giou_loss(boxes, gt),
+                  "soft_ce_coord": coord_soft_ce(out.logits, bins, loss.soft_ce_sigma) if loss.lambda_soft_ce else None,
+                  "w1_coord": coord_w1(out.logits, bins) if loss.lambda_w1 else None}
+    else:
+        values = {"geo_self": geo_loss(boxes, gt, alpha=loss.alpha_l1, beta=loss.beta_giou),
+                  "entropy": out.entropy.sum()}
+    return {k: (values[k], lam) for k, lam in lambdas.items()}
 
 
 def _term(value: torch.Tensor | float | None) -> float:

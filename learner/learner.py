@@ -26,10 +26,9 @@ from PIL import Image
 
 from coordexp_rl.config import Config
 from coordexp_rl.coordexp import coordexp, tau_at
-from coordexp_rl.coords import NUM_BINS, bin_to_unit
+from coordexp_rl.coords import bin_to_unit
 from coordexp_rl.data.loader import Sample, load_image
-from coordexp_rl.losses import (coord_l1, coord_soft_ce, coord_w1, geo_loss, giou_loss, position_weights,
-                                 weighted_token_ce, weighted_total)
+from coordexp_rl.losses import coord_terms, position_weights, weighted_token_ce, weighted_total
 from coordexp_rl.matching import MatchCurriculum
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
@@ -40,9 +39,6 @@ from coordexp_rl.stage2_targets import MatchSettings, stage2_targets
 from learner.batching import TrainSequence, gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
-
-# (supervision of one micro-batch, global normalisers) -> (loss total, logged terms)
-LossFn = Callable[[dict[str, torch.Tensor], dict[str, float]], tuple[torch.Tensor, dict[str, float]]]
 
 log = logging.getLogger(__name__)
 
@@ -125,30 +121,7 @@ class Learner:
 
     def _stage1_train(self, seqs: list[TrainSequence]) -> dict[str, float]:
         t0 = time.perf_counter()
-        loss_cfg = self.cfg.loss
-
-        def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
-            # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
-            terms = {"l1_coord": (None, loss_cfg.lambda_l1), "giou_coord": (None, loss_cfg.lambda_giou),
-                     "soft_ce_coord": (None, loss_cfg.lambda_soft_ce), "w1_coord": (None, loss_cfg.lambda_w1)}
-            if norm["coords"]:
-                zero = sup["coord_hidden"].new_zeros(())
-                terms = {k: (zero, lam) for k, (_, lam) in terms.items()}
-                if sup["coord_hidden"].shape[0]:
-                    out, target = self._coordexp(sup["coord_hidden"]), sup["coord_targets"]
-                    bins = (target * NUM_BINS).round()
-                    W = sup["ce_norm"]
-                    terms["l1_coord"] = (coord_l1(out.expectation, bins) / W, loss_cfg.lambda_l1)
-                    terms["giou_coord"] = (giou_loss(out.expectation.view(-1, 4), target.view(-1, 4)) / W,
-                                           loss_cfg.lambda_giou)
-                    if loss_cfg.lambda_soft_ce:  # the distribution losses cost a (P, 1000) pass each
-                        terms["soft_ce_coord"] = (coord_soft_ce(out.logits, bins, loss_cfg.soft_ce_sigma) / W,
-                                                  loss_cfg.lambda_soft_ce)
-                    if loss_cfg.lambda_w1:
-                        terms["w1_coord"] = (coord_w1(out.logits, bins) / W, loss_cfg.lambda_w1)
-            return weighted_total(self._ce(sup), terms, "ce_all")
-
-        metrics = self._train_step(seqs, losses, "stage1")
+        metrics = self._train_step(seqs, "stage1")
         tokens = self.dist.sum({"tokens": float(sum(len(s.input_ids) for s in seqs))})["tokens"]
         metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
         return metrics
@@ -159,23 +132,9 @@ class Learner:
         local = self._share(rows)
         seqs, stats, ious = self._fail_together(lambda: self._stage2_sequences(local, samples))
 
-        def losses(sup: dict[str, torch.Tensor], norm: dict[str, float]):
-            # Every term: a sum over this micro-batch / the global batch's CE weight (losses.py docstring).
-            loss_cfg = self.cfg.loss
-            geo = entropy = None
-            if norm["coords"]:
-                geo = entropy = sup["coord_hidden"].new_zeros(())
-                if sup["coord_hidden"].shape[0]:
-                    out = self._coordexp(sup["coord_hidden"])
-                    boxes, targets = out.expectation.view(-1, 4), sup["coord_targets"].view(-1, 4)
-                    geo = geo_loss(boxes, targets, alpha=loss_cfg.alpha_l1, beta=loss_cfg.beta_giou) / sup["ce_norm"]
-                    entropy = out.entropy.sum() / sup["ce_norm"]
-            return weighted_total(self._ce(sup), {"geo_self": (geo, loss_cfg.lambda_geo),
-                                                  "entropy": (entropy, loss_cfg.lambda_entropy)}, "ce_gt")
-
         iou_thr = self.curriculum.at(self.stage2_steps).iou_thr
         self.stage2_steps += 1
-        metrics = self._train_step(seqs, losses, "stage2")
+        metrics = self._train_step(seqs, "stage2")
         totals = self.dist.sum({**stats, "iou_sum": sum(ious), "iou_count": float(len(ious)),
                                 "tokens": float(sum(len(s.input_ids) for s in seqs))})
         n = max(1, len(rows))
@@ -291,15 +250,14 @@ class Learner:
     # Forward, losses, optimizer
     # ------------------------------------------------------------------------------------------------
 
-    def _forward_loss(self, seqs: list[TrainSequence], losses: LossFn, norm: dict[str, float]):
-        """One micro-batch: padded forward, supervision picked out, ``losses`` applied (inside the FSDP root's
-        forward when sharded, so the LM head is whole while the losses read it)."""
+    def _forward_loss(self, seqs: list[TrainSequence], stage: str, norm: dict[str, float]):
+        """One micro-batch: padded forward, supervision picked out, the stage's losses applied (inside the FSDP
+        root's forward when sharded, so the LM head is whole while the losses read it)."""
         batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
 
         def apply(hidden: torch.Tensor):  # (B, T, H) float32
             sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
-            sup["ce_norm"] = torch.tensor(max(1.0, norm["ce_weight"]), device=self.device)
-            return losses(sup, norm)
+            return self._losses(stage, sup, torch.tensor(max(1.0, norm["ce_weight"]), device=self.device))
 
         if self.sharded is not None:
             return self.sharded(batch, apply, autocast=self.autocast)
@@ -307,22 +265,28 @@ class Learner:
             hidden = self.model.model(**batch).last_hidden_state.float()  # (B, T, H); losses in fp32
         return apply(hidden)
 
+    def _losses(self, stage: str, sup: dict[str, torch.Tensor], W: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Every term: a sum over this micro-batch / W, the global batch's CE weight (losses.py docstring)."""
+        coords = sup["coord_hidden"]
+        out = self._coordexp(coords) if coords.shape[0] else None
+        terms = {k: (None if v is None else v / W, lam)
+                 for k, (v, lam) in coord_terms(stage, self.cfg.loss, out, sup["coord_targets"]).items()}
+        return weighted_total(self._ce(sup, W), terms, "ce_all" if stage == "stage1" else "ce_gt")
+
+    def _ce(self, sup: dict[str, torch.Tensor], W: torch.Tensor) -> torch.Tensor:
+        return weighted_token_ce(sup["ce_hidden"], self.lm_head_weight, sup["ce_targets"], sup["ce_weights"],
+                                 chunk_size=self.cfg.loss.ce_chunk_size).loss_sum / W
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.lm_head.weight  # (V, H)
-
-    def _ce(self, sup: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = weighted_token_ce(sup["ce_hidden"], self.lm_head_weight, sup["ce_targets"], sup["ce_weights"],
-                                chunk_size=self.cfg.loss.ce_chunk_size)
-        # The global batch's CE weight sum (all ranks, all micro-batches), else this batch's own.
-        return out.loss_sum / sup.get("ce_norm", out.weight_sum.clamp_min(1.0))
 
     def _coordexp(self, hidden: torch.Tensor):
         c = self.cfg.coordexp
         tau = tau_at(self.step, c.tau_start, c.tau_end, c.anneal_steps)
         return coordexp(hidden, self.lm_head_weight, self.vocab.coord_ids, tau=tau, top_k=c.top_k or None)
 
-    def _train_step(self, seqs: list[TrainSequence], losses: LossFn, stage: str) -> dict[str, float]:
+    def _train_step(self, seqs: list[TrainSequence], stage: str) -> dict[str, float]:
         """This rank's sequences in ``accum_steps`` micro-batches (backward each), then one optimizer step.
 
         Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.
@@ -335,7 +299,7 @@ class Learner:
         for micro in split(seqs, self.plan.accum_steps):
             if not micro:  # one rank only (see _share): fewer sequences than micro-batches
                 continue
-            total, micro_terms = self._forward_loss(micro, losses, norm)
+            total, micro_terms = self._forward_loss(micro, stage, norm)
             total.backward()  # even when non-finite (checked below, on every rank): FSDP peers wait on it
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v

@@ -84,13 +84,16 @@ def sampling(args: argparse.Namespace):
 
 def run_engines(engines: dict, requests: list, batch: int, sampling_cfg, vocab, tokenizer) -> dict[str, dict]:
     """Each engine on ``requests`` in batches of ``batch`` after one warm-up batch each, alternating engines
-    batch by batch (and which goes first), so that load from other processes hits both alike."""
+    batch by batch (and which goes first), so that load from other processes hits both alike. Every timed
+    batch starts cold (``reset_caches``): vLLM's prefix / encoder caches would otherwise reuse the work of
+    the warm-up and of earlier batch sizes on the same images, which rollouts after a weight sync cannot."""
     for engine in engines.values():
         engine.generate(requests[:batch], sampling_cfg)  # warm-up
     runs = {kind: {"latencies": [], "outputs": [], "seconds": 0.0} for kind in engines}
     for n, start in enumerate(range(0, len(requests), batch)):
         chunk = requests[start:start + batch]
         for kind in (list(engines) if n % 2 == 0 else list(engines)[::-1]):
+            engines[kind].reset_caches()
             t0 = time.perf_counter()
             results = engines[kind].generate(chunk, sampling_cfg)
             dt = time.perf_counter() - t0
@@ -164,7 +167,8 @@ def _actors(ray, model: Path, items: list, n: int, batch: int, args, buffer) -> 
 
 
 def actor_overhead(args: argparse.Namespace, model: Path, items: list, batch: int = 8) -> dict:
-    """The actor's ``step`` against the bare ``generate`` of the same next images, alternating."""
+    """The actor's ``step`` against the bare ``generate`` of the same next images, alternating; each timed
+    call starts with cold engine caches (else the step would reuse the bare generate's prefixes)."""
     from actors.buffer import RolloutBuffer
 
     ray = _start_ray()
@@ -175,9 +179,11 @@ def actor_overhead(args: argparse.Namespace, model: Path, items: list, batch: in
         ray.get(buffer.get.remote(batch, 10.0))
         bare, step = [], []
         for _ in range(args.repeats):
+            ray.get(actor.reset_caches.remote())
             t0 = time.perf_counter()
             ray.get(actor.time_generate.remote(batch))  # the images the next step generates
             bare.append(time.perf_counter() - t0)
+            ray.get(actor.reset_caches.remote())
             t0 = time.perf_counter()
             assert ray.get(actor.step.remote()) == batch
             step.append(time.perf_counter() - t0)

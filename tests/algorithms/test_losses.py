@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coordexp_rl.config import LossConfig
+from coordexp_rl.coordexp import coord_expectation
 from coordexp_rl.coords import CoordVocab
-from coordexp_rl.losses import (box_iou, coord_l1, coord_soft_ce, coord_w1, generalized_box_iou, geo_loss, giou_loss,
-                                l1_box_loss, paired_iou, position_weights, weighted_token_ce, weighted_total)
+from coordexp_rl.losses import (box_iou, coord_l1, coord_soft_ce, coord_terms, coord_w1, generalized_box_iou, geo_loss,
+                                giou_loss, l1_box_loss, position_weights, weighted_token_ce, weighted_total)
 
 
 def naive_ce(hidden, W, targets, weights, bias=None):
@@ -156,7 +158,6 @@ def test_pairwise_shapes_and_values():
     iou = box_iou(a, b)
     assert iou.shape == (2, 3)
     torch.testing.assert_close(iou, torch.tensor([[1.0, 1 / 3, 0.0], [0.0, 0.0, 1.0]]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(paired_iou(a, b[[1, 2]]), torch.tensor([1 / 3, 1.0]), atol=1e-5, rtol=0)
 
 
 def test_inverted_box_counts_as_empty_and_its_gradient_uninverts():
@@ -207,6 +208,27 @@ def test_weighted_total():
     assert terms == pytest.approx({"ce_gt": 1.0, "geo": 0.4, "ent": 3.0, "w1": 0.0, "off": 9.0, "total": 2.1})
     total.backward()
     assert geo.grad.item() == pytest.approx(2.0) and ce.grad.item() == 1.0
+
+
+def test_coord_terms_per_stage_are_the_sums_of_the_module_docstring():
+    cfg = LossConfig(lambda_l1=4.0, lambda_giou=8.0, lambda_w1=0.5, lambda_geo=3.0, alpha_l1=1.0, beta_giou=2.0)
+    # one box, one bin off on x1 only: L1 sum = 1e-3; (1 - GIoU) = 1 - 0.199 / 0.2 (areas 0.2 x 0.2 / 0.199 x 0.2)
+    target = torch.tensor([0.100, 0.100, 0.300, 0.300])
+    logits = torch.full((4, 1000), -1e4)
+    logits[torch.arange(4), torch.tensor([101, 100, 300, 300])] = 0.0  # one-hot at the predicted bins
+    out = coord_expectation(logits)
+    giou = 1 - 0.199 / 0.2
+    stage1 = coord_terms("stage1", cfg, out, target)
+    assert {k: lam for k, (_, lam) in stage1.items()} == {"l1_coord": 4.0, "giou_coord": 8.0, "soft_ce_coord": 0.0,
+                                                          "w1_coord": 0.5}
+    assert stage1["l1_coord"][0].item() == pytest.approx(1e-3, abs=1e-6)
+    assert stage1["giou_coord"][0].item() == pytest.approx(giou, abs=1e-5)
+    assert stage1["w1_coord"][0].item() == pytest.approx(1e-3, abs=1e-6)  # one-hot: W1 = |bin distance| / 1000
+    assert stage1["soft_ce_coord"][0] is None  # not weighed -> not computed
+    stage2 = coord_terms("stage2", cfg, out, target)
+    assert stage2["geo_self"] == (pytest.approx(1e-3 + 2 * giou, abs=1e-5), 3.0)
+    assert stage2["entropy"][0].item() == pytest.approx(0.0, abs=1e-6)
+    assert coord_terms("stage2", cfg) == {"geo_self": (None, 3.0), "entropy": (None, 0.0)}
 
 
 def test_soft_ce_by_hand():

@@ -27,17 +27,22 @@ def _build_in_child(target: str, barrier, results) -> None:
     results.put((os.getpid(), str(path)))
 
 
-def test_two_processes_building_at_once_both_get_one_finished_folder(tmp_path):
-    target = tmp_path / "cache" / "thing-abc"
+def _in_two_processes(child, arg: str, timeout: float) -> list[tuple[int, str]]:
+    """``child(arg, barrier, results)`` in two spawned processes at once; their (pid, path) results."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_build_in_child, args=(str(target), barrier, results)) for _ in range(2)]
+    procs = [ctx.Process(target=child, args=(arg, barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=timeout)
     assert [p.exitcode for p in procs] == [0, 0], "a builder process failed (see its traceback above)"
-    got = [results.get(timeout=5) for _ in procs]
+    return [results.get(timeout=5) for _ in procs]
+
+
+def test_two_processes_building_at_once_both_get_one_finished_folder(tmp_path):
+    target = tmp_path / "cache" / "thing-abc"
+    got = _in_two_processes(_build_in_child, str(target), timeout=120)
     assert {path for _, path in got} == {str(target)}
     # The folder is one builder's complete output, not a mix of both.
     owner = (target / "part1").read_text()
@@ -79,15 +84,7 @@ def _tiny_model_in_child(cache: str, barrier, results) -> None:
 def test_two_processes_build_the_real_tiny_model_into_one_cache(tmp_path):
     from safetensors.torch import load_file
 
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_tiny_model_in_child, args=(str(tmp_path), barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0], "a builder process failed (see its traceback above)"
-    paths = {path for _, path in (results.get(timeout=5) for _ in procs)}
+    paths = {path for _, path in _in_two_processes(_tiny_model_in_child, str(tmp_path), timeout=300)}
     assert len(paths) == 1
     folder = Path(paths.pop())
     assert load_file(str(folder / "model.safetensors"))  # a complete, loadable model

@@ -129,7 +129,7 @@ def test_stage2_step_matches_and_sends_finite_gradients_to_coord_rows(tiny_model
 def test_geometric_loss_alone_moves_coordexp_toward_gt(tiny_model_dir, samples):
     """With CE switched off, Stage-2 steps only follow L1 + GIoU: the decoded box approaches the GT box."""
     learner = make_learner(tiny_model_dir, "optim.lr=1e-3", "loss.eos_weight=0", "loss.lambda_coord_ce=0")
-    learner._ce = lambda sup: sup["ce_hidden"].sum() * 0.0  # geometry only
+    learner._ce = lambda sup, W: sup["ce_hidden"].sum() * 0.0  # geometry only
     sample = samples[0]
     row = rollout_of(learner, sample, sample.objects)
     losses = [learner.stage2_step([row], {sample.sample_id: sample})["loss/geo_self"] for _ in range(10)]
