@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BufferStats:
+class BufferCounters:
     puts: int = 0  # batches accepted
     rows_in: int = 0  # rows accepted (before staleness drops)
     gets: int = 0  # non-empty batches handed out
@@ -86,7 +86,7 @@ class BufferCore:
         self.max_staleness = max_staleness
         self.rows_per_version = rows_per_version  # rows the learner consumes per weight update
         self.version = version
-        self.stats_ = BufferStats()
+        self.counters = BufferCounters()
         self._queue: deque[pa.RecordBatch] = deque()
         self._size = 0
         self._permits: dict[str, int] = {}  # per actor: permits granted whose rows have not been put yet
@@ -119,14 +119,14 @@ class BufferCore:
         stale, original = self._stale_count(batch), batch
         if stale:
             batch = batch.filter(pc.greater_equal(batch.column("weight_version"), self.min_version))
-            self.stats_.stale_dropped += stale
+            self.counters.stale_dropped += stale
             log.info("dropped %d stale rows (weights older than version %d)", stale, self.min_version)
         if batch.num_rows:
             self._queue.append(batch)
             self._size += batch.num_rows
         self._count_put(batch.num_rows + stale, original)
-        self.stats_.puts += 1
-        self.stats_.rows_in += batch.num_rows + stale
+        self.counters.puts += 1
+        self.counters.rows_in += batch.num_rows + stale
         return True
 
     def take(self, n: int) -> pa.RecordBatch | None:
@@ -146,11 +146,11 @@ class BufferCore:
         out = concat_batches(parts)
         self._size -= out.num_rows
         self._taken_at_version += out.num_rows
-        self.stats_.gets += 1
-        self.stats_.rows_out += out.num_rows
+        self.counters.gets += 1
+        self.counters.rows_out += out.num_rows
         if self._spill is not None:
-            self.stats_.spill_files += self._spill.write(out)
-            self.stats_.spilled_rows += out.num_rows
+            self.counters.spill_files += self._spill.write(out)
+            self.counters.spilled_rows += out.num_rows
         return out
 
     def set_version(self, version: int) -> int:
@@ -169,7 +169,7 @@ class BufferCore:
             if batch.num_rows:
                 kept.append(batch)
         self._queue, self._size = kept, self._size - dropped
-        self.stats_.stale_dropped += dropped
+        self.counters.stale_dropped += dropped
         return dropped
 
     def budget(self, actor_version: int) -> int:
@@ -196,7 +196,7 @@ class BufferCore:
         """Permit up to ``n`` rows of generation at ``actor_version``; returns the rows permitted."""
         granted = min(n, self.budget(actor_version))
         self._permits[actor_id] = self._permits.get(actor_id, 0) + granted
-        self.stats_.permits_granted += granted
+        self.counters.permits_granted += granted
         return granted
 
     def release(self, n: int, actor_id: str = "") -> None:
@@ -218,12 +218,12 @@ class BufferCore:
 
     def close(self) -> None:
         if self._spill is not None:
-            self.stats_.spill_files += self._spill.flush()
+            self.counters.spill_files += self._spill.flush()
 
     def stats(self) -> dict:
         return {"size": self._size, "capacity": self.capacity, "version": self.version,
                 "max_staleness": self.max_staleness, "outstanding_permits": self._outstanding,
-                **asdict(self.stats_)}
+                **asdict(self.counters)}
 
     def _stale_count(self, batch: pa.RecordBatch) -> int:
         if batch.num_rows == 0:
@@ -251,9 +251,9 @@ class AsyncRolloutBuffer:
         start = time.monotonic()
         async with self._changed:
             ok = await self._wait(lambda: self.core.can_put(batch), timeout_s)
-            self.core.stats_.blocked_s += time.monotonic() - start
+            self.core.counters.blocked_s += time.monotonic() - start
             if not ok:
-                self.core.stats_.put_timeouts += 1
+                self.core.counters.put_timeouts += 1
                 return False
             self.core.offer(batch)
             self._changed.notify_all()
@@ -269,7 +269,7 @@ class AsyncRolloutBuffer:
         start = time.monotonic()
         async with self._changed:
             ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken, timeout_s)
-            self.core.stats_.get_wait_s += time.monotonic() - start
+            self.core.counters.get_wait_s += time.monotonic() - start
             self._woken = False
             if not ok or self._interrupted or self.core.size < need:
                 return None
