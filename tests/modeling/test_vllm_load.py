@@ -19,7 +19,8 @@ PROMPT = "Find every shape."
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    vllm = pytest.importorskip("vllm")
+    import vllm  # after the environment above (a hard dependency: never skipped)
+
     engine = vllm.LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_num_seqs=8,
                       enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0},
                       distributed_executor_backend="uni", seed=0)
