@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Driver:
         self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
         self.deaths_seen = 0  # actor deaths the driver has answered (weights left for the restarted)
         self.woken = False  # the learner's wait for rows was cut short to answer a death
+        self._thread_error: BaseException | None = None  # from the evaluation run beside Stage-1
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -48,8 +50,9 @@ class Driver:
         connect_ray(self.cfg)
         self.start_workers(assets, reserve_resources(self.cfg))
         with stop_on_signals(self):
-            self.evaluate_once("initial")
+            initial = self.evaluate_meanwhile("initial")  # the actors idle through Stage-1
             self.stage1()
+            self.join_evaluation(initial)
             self.end_stage1()
             self.evaluate_once("stage1")
             self.stage2()
@@ -291,18 +294,18 @@ class Driver:
 
     def evaluate(self, label: str) -> dict:
         """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
-        import ray
+        return self.log_evaluation(label, self.step, self.score(label))
 
+    def score(self, label: str) -> dict:
+        """The headline metrics of the actors' weights; writes eval/<label>/ but not the run log."""
         from coordexp_rl.run_eval import evaluate_on_actors
 
-        if getattr(self, "_val", None) is None:  # loaded (and checked) once per run
-            self._val = self.load_data(self.assets.val_path, self.assets.val_image_root, self.cfg.data.check_images,
-                                       train=False)
-        headline = evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
-                                      self.assets.val_image_root or self.assets.val_path.parent,
-                                      self.out / "eval" / label,
-                                      on_gone=self.catch_up_restarted)  # survives a dead actor
-        step = ray.get(self.learner.status.remote())["step"]
+        return evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
+                                  self.assets.val_image_root or self.assets.val_path.parent,
+                                  self.out / "eval" / label,
+                                  on_gone=self.catch_up_restarted)  # survives a dead actor
+
+    def log_evaluation(self, label: str, step: int, headline: dict) -> dict:
         self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
@@ -314,6 +317,32 @@ class Driver:
             log.info("eval %s: kept from before the resume", label)
             return
         self.results[label] = self.evaluate(label)
+
+    def evaluate_meanwhile(self, label: str) -> threading.Thread | None:
+        """Evaluate the actors' (initial) weights in a thread while the learner trains: the actors are idle
+        until the first sync, which `join_evaluation` waits for. The result is logged at step 0 as soon as
+        it is there, so a run stopped in Stage-1 keeps it. None when a resumed run needs none: kept from
+        before, or resumed past step 0 (its actors no longer hold the initial weights)."""
+        if label in self.results or self.step > 0:
+            log.info("eval %s: %s", label, "kept from before the resume" if label in self.results else
+                     f"skipped (resumed at step {self.step}, past the initial weights)")
+            return None
+        thread = threading.Thread(target=self._evaluate_in_thread, args=(label,), name=f"eval-{label}", daemon=True)
+        thread.start()
+        return thread
+
+    def _evaluate_in_thread(self, label: str) -> None:
+        try:
+            self.results[label] = self.log_evaluation(label, 0, self.score(label))
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the driver's thread by join_evaluation
+            self._thread_error = exc
+
+    def join_evaluation(self, thread: threading.Thread | None) -> None:
+        """Wait for `evaluate_meanwhile`'s thread (before the weights change), re-raising its error."""
+        if thread is not None:
+            thread.join()
+        if self._thread_error is not None:
+            raise self._thread_error
 
     def driver_state(self) -> dict:
         return {"last_sync_step": self.last_sync_step}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class RunLog:
         self.path = self.out_dir / "metrics.jsonl"
         self.kept: list[dict] = self._rewind(resume_step) if resume_step is not None else []
         self._file = self.path.open("a")
+        self._lock = threading.Lock()  # the driver's evaluation thread logs beside its main loop
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,15 +55,17 @@ class RunLog:
     def log(self, stage: str, step: int, metrics: dict) -> dict:
         """Append ``{"stage", "step", "time", **metrics}``; numbers also go to TensorBoard as stage/key."""
         record = {"stage": stage, "step": int(step), "time": time.time(), **metrics}
-        self._file.write(json.dumps(record, default=float) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(f"{stage}/{key}", value, step)
+        with self._lock:
+            self._file.write(json.dumps(record, default=float) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                        self._tb.add_scalar(f"{stage}/{key}", value, step)
         return record
 
     def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        with self._lock:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()

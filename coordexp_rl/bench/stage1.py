@@ -19,6 +19,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded default)")
     parser.add_argument("--every", type=int, default=1000, help="evaluate every N steps (and at the end)")
+    parser.add_argument("--until", type=int, default=0,
+                        help="stop after N steps (0 = stage1.steps); the lr schedule still spans stage1.steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
@@ -51,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     losses: list[float] = []
     train_s = 0.0  # training time only; evaluations are not counted
     with tempfile.TemporaryDirectory() as tmp:
-        done = 0
-        while done < cfg.stage1.steps:
-            n = min(args.every, cfg.stage1.steps - done)
+        done, until = 0, min(args.until or cfg.stage1.steps, cfg.stage1.steps)
+        while done < until:
+            n = min(args.every, until - done)
             t0 = time.perf_counter()
             losses += [m["loss/total"] for m in learner.stage1_steps(stream.next_batch, n)]  # as the launcher's learner
             train_s += time.perf_counter() - t0
@@ -68,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
                 **{k: None if head.get(k) is None else round(head[k], 4) for k in (
                     "constant/AP50", "coord_prob/AP50", "object_prob/AP50", "constant/mAP", "object_prob/mAP",
                     "f1@0.5/f1", "f1_class_agnostic", "mean_iou", "mean_iou_class_agnostic", "parse_failure_rate")}}), flush=True)
-    print(f"[bench stage1] {cfg.stage1.steps} steps; config overrides {args.overrides}", file=sys.stderr)
+    print(f"[bench stage1] {done} of {cfg.stage1.steps} steps; config overrides {args.overrides}", file=sys.stderr)
     return 0

