@@ -9,7 +9,8 @@ question comparing its two arms. Arm configs give every arm the same number of o
 An arm that differs from the default only in ``stage2.*`` keys (the Stage-2 control ``stage2_sft``)
 starts from the default run's Stage-1 checkpoint of the same seed instead of recomputing Stage-1: Stage-1
 is deterministic on CPU, so the shared state is bit-identical to a recomputed one (equal compute, less
-waiting). The default run therefore keeps a checkpoint at its last Stage-1 step.
+waiting). The default run therefore keeps a checkpoint at its last Stage-1 step; the arm starts as soon as
+that checkpoint is complete, beside the default's Stage-2 (with ``--jobs`` > 1).
 
 A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes (a
 folder whose saved config differs, e.g. from another ``--scale``, is refused rather than mixed in).
@@ -90,9 +91,10 @@ def stage1_checkpoint(default_run: Path, stage1_steps: int) -> Path:
     return default_run / "checkpoints" / f"step-{stage1_steps:06d}"
 
 
-def _wait_for(run: Path, poll_s: float = 10.0) -> None:
-    """Block while the default run of this seed is in progress (its ``running`` marker exists)."""
-    while not (run / "results.json").exists() and (run / "running").exists():
+def _wait_for(checkpoint: Path, run: Path, poll_s: float = 2.0) -> None:
+    """Block until the default run of this seed has written its Stage-1 ``checkpoint`` (complete), or is no
+    longer in progress (its ``running`` marker is gone): the arm starts beside the default's Stage-2."""
+    while not (checkpoint / "COMPLETE").exists() and (run / "running").exists():
         time.sleep(poll_s)
 
 
@@ -129,8 +131,8 @@ def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]
         check_reusable(out, load_config(arm_config(name), overrides))
         return json.loads(done.read_text())
     if shares_stage1(name, extra):
-        _wait_for(runs_dir / "default" / f"seed{seed}")
         resume = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.resume="))
+        _wait_for(Path(resume), runs_dir / "default" / f"seed{seed}")
         if not Path(resume).exists():
             print(f"[ablate] {name} seed {seed}: no Stage-1 checkpoint {resume} (run the default arm too); "
                   "skipped", flush=True)
@@ -143,12 +145,11 @@ def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]
     log_path = out / "launch.log"
     print(f"[ablate] {name} seed {seed}: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
     start = time.perf_counter()
-    (out / "running").touch()  # arms that share this run's Stage-1 wait while it exists
     try:
         with log_path.open("w") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     finally:
-        (out / "running").unlink(missing_ok=True)
+        (out / "running").unlink(missing_ok=True)  # run() marked a default run: its Stage-2-only arms go on
     minutes = (time.perf_counter() - start) / 60
     if rc != 0 or not done.exists():
         print(f"[ablate] {name} seed {seed}: FAILED (exit {rc}) after {minutes:.1f} min; see {log_path}", flush=True)

@@ -222,7 +222,9 @@ class Learner:
         enc = encode_example(self.processor, image or load_image(sample), self.cfg.data.prompt, assistant)
         prompt_len = enc.pop("prompt_len")
         loss = self.cfg.loss
-        coord_ce = loss.lambda_coord_ce if not stage2 or loss.lambda_coord_ce_stage2 is None else loss.lambda_coord_ce_stage2
+        coord_ce = loss.lambda_coord_ce
+        if stage2 and loss.lambda_coord_ce_stage2 is not None:
+            coord_ce = loss.lambda_coord_ce_stage2
         weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
                                    eos_weight=eos_weight, desc_weight=loss.desc_weight)
         seq = TrainSequence(enc, prompt_len, ce_weights=weights)

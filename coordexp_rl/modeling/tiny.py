@@ -1,6 +1,6 @@
 """A tiny randomly initialised Qwen3-VL folder, built offline, that transformers and vLLM both load.
 
-Usage: ``coordexp-rl make-tiny-model --out DIR [--seed S] [--tokenizer local|qwen]``.
+Usage: ``coordexp-rl make-tiny-model --out DIR [--seed S] [--tokenizer local|qwen] [--shape qwen3vl-2b]``.
 
 The default size (shared/CPU_STACK.md) is about 1.2 M parameters and a few MB on disk; every size knob
 is a keyword of ``make_tiny_model``. The folder holds weights (``model.safetensors``), config,
@@ -47,6 +47,17 @@ class TinySize:
     deepstack: list[int] = field(default_factory=lambda: [0, 1])  # vision layers fed into the LM
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True  # as Qwen3-VL-2B/4B
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's length (real checkpoints pad: 151,936)
+
+
+# Real models' widths (their config.json), for a random model shaped like one with fewer layers:
+# `make-tiny-model --shape qwen3vl-2b --tokenizer qwen --layers 2 --vision-depth 2 --no-coord-tokens`.
+SHAPES = {
+    "qwen3vl-2b": dict(hidden=2048, heads=16, head_dim=128, kv_heads=8, intermediate=6144,
+                       mrope_section=[24, 20, 20], vision_hidden=1024, vision_heads=16, vision_intermediate=4096,
+                       vision_position_embeddings=2304, tie_word_embeddings=True, vocab_size=151936,
+                       max_position_embeddings=262144),
+}
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer: str = "local", init: str = "ordinal",
@@ -70,7 +81,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer: str = "local"
         add_coord_tokens(tok, model, init=init, seed=seed)
     ids = tok.convert_tokens_to_ids([EOS_TOKEN, PAD_TOKEN])
     model.generation_config = GenerationConfig(eos_token_id=ids[0], pad_token_id=ids[1], bos_token_id=None)
-    if model.config.text_config.vocab_size != len(tok):  # extra rows would let sampling emit ids that decode to ''
+    # Extra rows would let sampling emit ids that decode to '' (a padded stock folder is converted first).
+    if model.config.text_config.vocab_size != len(tok) and (coord_tokens or not sizes.vocab_size):
         raise RuntimeError(f"vocab_size {model.config.text_config.vocab_size} != len(tokenizer) {len(tok)}")
     processor = tiny_processor(tok, max_pixels=max_pixels, min_pixels=min_pixels)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +98,7 @@ def tiny_config(sizes: TinySize, tokenizer):
 
     tid = tokenizer.convert_tokens_to_ids
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+        vocab_size=sizes.vocab_size or len(tokenizer), hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
         head_dim=sizes.head_dim, max_position_embeddings=sizes.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
@@ -136,14 +148,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=("local", "qwen"), default="local",
                         help="local: a small BPE trained here (fast); qwen: the real Qwen vocabulary (large)")
     parser.add_argument("--init", choices=("ordinal", "mean"), default="ordinal")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a real model's widths (the size flags still apply)")
+    parser.add_argument("--no-coord-tokens", action="store_true",
+                        help="a stock folder without coord tokens (convert it with `coordexp-rl add-coord-tokens`)")
     for name, default in asdict(TinySize()).items():
-        if isinstance(default, int) and not isinstance(default, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+        if isinstance(default, int) and not isinstance(default, bool):  # None: the shape's or TinySize's
+            parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {default}")
 
 
 def run(args: argparse.Namespace) -> int:
-    size = {k: getattr(args, k) for k, v in asdict(TinySize()).items()
-            if isinstance(v, int) and not isinstance(v, bool)}
-    out = make_tiny_model(args.out, seed=args.seed, tokenizer=args.tokenizer, init=args.init, **size)
+    size = dict(SHAPES[args.shape]) if args.shape else {}
+    size.update({k: getattr(args, k) for k, v in asdict(TinySize()).items()
+                 if isinstance(v, int) and not isinstance(v, bool) and getattr(args, k) is not None})
+    if args.shape and "deepstack" not in size:  # one deepstack layer per vision layer, up to Qwen3-VL's 3
+        size["deepstack"] = list(range(min(3, size.get("vision_depth", TinySize.vision_depth))))
+    out = make_tiny_model(args.out, seed=args.seed, tokenizer=args.tokenizer, init=args.init,
+                          coord_tokens=not args.no_coord_tokens, **size)
     print(f"wrote {out}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 
 import psutil
 import pytest
@@ -33,19 +34,39 @@ def rollout_actor_process(proc) -> psutil.Process:
     raise AssertionError("no RolloutWorker process under the launcher")
 
 
-def kill_actor_in_stage2(proc, out) -> None:
-    launcher.wait_for_record(proc, out, "stage2")
-    rollout_actor_process(proc).send_signal(signal.SIGKILL)  # a crash, not a polite ray.kill
+KILL_RUNS = {  # three launcher runs at once (each its own local Ray); every one loses its actor in Stage-2
+    "object_store": ["stage2.steps=8", "rollout.gone_timeout_s=300", "weight_sync.transport=object_store"],
+    "broadcast": ["stage2.steps=8", "rollout.gone_timeout_s=300", "weight_sync.transport=broadcast"],
+    "no_restarts": ["stage2.steps=8", "rollout.max_restarts=0", "rollout.gone_timeout_s=5"],
+}
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory) -> dict[str, tuple[int, str, object]]:
+    """Name -> (exit code, output, run folder). The runs share the machine; none depends on its timing
+    except the kill, which comes as soon as each run's first Stage-2 record is there."""
+    root = tmp_path_factory.mktemp("killed")
+    outs = {name: root / name for name in KILL_RUNS}
+    procs = {name: launcher.start(outs[name], root / "cache", *o) for name, o in KILL_RUNS.items()}
+    pending, deadline = set(procs), time.monotonic() + 400
+    while pending:  # kill each run's actor as soon as its first Stage-2 record is there
+        for name in sorted(pending):
+            if launcher.records(outs[name], "stage2"):
+                rollout_actor_process(procs[name]).send_signal(signal.SIGKILL)  # a crash, not a polite ray.kill
+                pending.discard(name)
+            elif procs[name].poll() is not None or time.monotonic() > deadline:
+                for p in procs.values():
+                    launcher.kill_tree(p)
+                raise AssertionError(f"{name}: no Stage-2 record (rc {procs[name].returncode}):\n"
+                                     f"{launcher.output(outs[name])[-4000:]}")
+        time.sleep(0.2)
+    return {name: (launcher.finish(procs[name], outs[name]), launcher.output(outs[name]), outs[name])
+            for name in KILL_RUNS}
 
 
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path, transport):
-    out = tmp_path / "run"
-    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.gone_timeout_s=300",
-                          f"weight_sync.transport={transport}")
-    kill_actor_in_stage2(proc, out)
-    rc = launcher.finish(proc, out)
-    text = launcher.output(out)
+def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(killed_runs, transport):
+    rc, text, out = killed_runs[transport]
     assert rc == 0, text[-4000:]
     assert "rollout-0 is gone" in text and "rollout-0 is back" in text
     assert "actor rollout-0 restarted" in text  # the new process registered (and loaded weights) first
@@ -73,13 +94,8 @@ def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(tmp_path, tr
     assert rollout[-1]["actors/0/images"] > 0 and rollout[-1]["actors/0/tokens_per_s"] > 0
 
 
-def test_without_restarts_the_driver_stops_with_a_checkpoint_instead_of_hanging(tmp_path):
-    out = tmp_path / "run"
-    proc = launcher.start(out, tmp_path / "cache", "stage2.steps=8", "rollout.max_restarts=0",
-                          "rollout.gone_timeout_s=5")
-    kill_actor_in_stage2(proc, out)
-    rc = launcher.finish(proc, out, timeout_s=300)
-    text = launcher.output(out)
+def test_without_restarts_the_driver_stops_with_a_checkpoint_instead_of_hanging(killed_runs):
+    rc, text, _ = killed_runs["no_restarts"]
     assert rc == 4, text[-4000:]
     assert "every rollout actor has been gone for more than rollout.gone_timeout_s=5 s" in text
     checkpoint = text.split("Checkpoint: ")[1].split()[0]

@@ -41,10 +41,9 @@ def by_step(records: list[dict], key: str) -> dict[int, float]:
 
 def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, tmp_path):
     cache, model = tmp_path / "cache", f"model.path={dropout_model}"
-    whole = tmp_path / "whole"
-    assert launcher.finish(launcher.start(whole, cache, model), whole) == 0, launcher.output(whole)[-4000:]
-
-    cut = tmp_path / "cut"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    # Both at once (each its own local Ray): the runs are deterministic, only their wall times share the CPUs.
+    whole_proc = launcher.start(whole, cache, model)
     proc = launcher.start(cut, cache, model)
     launcher.wait_for_record(proc, cut, "stage2")
     proc.send_signal(signal.SIGINT)  # Ctrl-C / `ray job stop` (SIGTERM takes the same path)
@@ -56,6 +55,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert (cut / "checkpoints").is_dir() and stopped_at.startswith(str(cut / "checkpoints" / "step-"))
     assert "COMPLETE" in os_listdir(stopped_at)
     assert list((cut / "spill").glob("rollouts-*.parquet"))  # the buffer was closed: handed rows spilled
+    assert launcher.finish(whole_proc, whole) == 0, launcher.output(whole)[-4000:]
     before = launcher.records(cut)
     interrupted_step = max(r["step"] for r in before if r["stage"] == "stage2")
     assert interrupted_step < 7  # 2 Stage-1 + 5 Stage-2 steps: it really stopped early

@@ -64,3 +64,20 @@ def test_cli_sizes_are_overridable(tmp_path):
         logits = model(input_ids=enc["input_ids"][None], mm_token_type_ids=enc["mm_token_type_ids"][None],
                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits
     assert logits.shape == (1, enc["input_ids"].shape[0], len(processor.tokenizer))
+
+
+def test_cli_shape_takes_the_real_widths_and_keeps_size_flags(monkeypatch, tmp_path):
+    """`make-tiny-model --shape qwen3vl-2b --layers 2 --vision-depth 2 --no-coord-tokens`: Qwen3-VL-2B's
+    widths and padded vocabulary, the given depths, deepstack on the vision layers there are; no building."""
+    from coordexp_rl.modeling import tiny
+
+    seen = {}
+    monkeypatch.setattr(tiny, "make_tiny_model", lambda out, **kw: seen.update(kw) or out)
+    assert cli.main(["make-tiny-model", "--out", str(tmp_path), "--shape", "qwen3vl-2b", "--tokenizer", "qwen",
+                     "--layers", "2", "--vision-depth", "2", "--no-coord-tokens"]) == 0
+    assert seen.pop("coord_tokens") is False and seen.pop("tokenizer") == "qwen"
+    sizes = tiny.TinySize(**{k: v for k, v in seen.items() if k not in ("seed", "init")})
+    assert (sizes.hidden, sizes.heads, sizes.kv_heads, sizes.head_dim, sizes.intermediate) == (2048, 16, 8, 128, 6144)
+    assert (sizes.vision_hidden, sizes.vision_heads, sizes.vision_intermediate) == (1024, 16, 4096)
+    assert (sizes.layers, sizes.vision_depth, sizes.deepstack, sizes.vocab_size) == (2, 2, [0, 1], 151936)
+    assert sum(sizes.mrope_section) * 2 == sizes.head_dim
