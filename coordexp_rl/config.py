@@ -110,14 +110,14 @@ class MatchingConfig(_Section):
 class OptimConfig(_Section):
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 20
+    warmup_steps: int = 500
     schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float = 1.0
     batch_size: int = 8  # samples per learner step
 
 
 class Stage1Config(_Section):
-    steps: int = 7500  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
+    steps: int = 8500  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
     order: Literal["canonical", "random"] = "canonical"
 
 

@@ -30,7 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # A few steps of each stage; small batches: one step of a ~450 M-parameter model takes seconds on a core.
-RUN = ["stage1.steps=8", "stage2.steps=4", "stage2.sync_every=2", "optim.batch_size=2", "optim.warmup_steps=1",
+RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "optim.batch_size=2", "optim.warmup_steps=1",
        "optim.lr=1e-4", "data.synth_train=64", "data.synth_val=8", "eval.max_samples=8", "rollout.batch_size=2",
        "rollout.max_new_tokens=48", "data.max_target_tokens=48", "buffer.capacity=8", "run.log_every=1",
        "run.keep_last=1"]

@@ -116,9 +116,10 @@ def test_only_stage2_arms_share_the_default_stage1(tmp_path):
     assert not ablate.shares_stage1("default", [])
     runs = tmp_path / "runs"
     o = dict(x.split("=", 1) for x in ablate.arm_overrides("stage2_sft", 1, 1.0, runs / "stage2_sft" / "seed1", []))
-    assert o["run.resume"] == str(runs / "default" / "seed1" / "checkpoints" / "step-007500")
+    stage1 = load_config(None).stage1.steps
+    assert o["run.resume"] == str(runs / "default" / "seed1" / "checkpoints" / f"step-{stage1:06d}")
     d = dict(x.split("=", 1) for x in ablate.arm_overrides("default", 1, 1.0, runs / "default" / "seed1", []))
-    assert d["run.checkpoint_every"] == "7500" and "run.resume" not in d  # keeps the checkpoint others start from
+    assert d["run.checkpoint_every"] == str(stage1) and "run.resume" not in d  # keeps the checkpoint others start from
 
 
 def test_default_runs_are_marked_running_before_any_job_starts(tmp_path, monkeypatch):
