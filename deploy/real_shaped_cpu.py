@@ -70,10 +70,12 @@ def timed(cmd: list[str], env: dict, log) -> float:
 def ray_head(env: dict, temp_dir: Path, log) -> str:
     from learner.distributed import free_port
 
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
+    # The job agent's port too: another Ray on the machine (a local `ray.init`) may hold the default 52365,
+    # and then every `ray job submit` answers "No available agent".
     timed([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", f"--num-cpus={os.cpu_count()}",
-           "--disable-usage-stats"], env, log)
+           f"--port={port}", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+           f"--temp-dir={temp_dir}", f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"], env, log)
     address = f"http://127.0.0.1:{dash}"
     for _ in range(60):  # the dashboard answers before its job agent does
         probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,

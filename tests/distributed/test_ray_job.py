@@ -35,9 +35,11 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # A short temp dir: Ray's unix socket paths under it must stay below the 107-byte limit.
     temp_dir, port, dash = Path(tempfile.mkdtemp(prefix="cxray-", dir="/tmp")), free_port(), free_port()
+    # A free job-agent port: another Ray on the machine may hold the default 52365 ("No available agent").
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=2",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+                    f"--port={port}", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+                    f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     try:
         wait_for_job_agent(env, address)
