@@ -25,7 +25,9 @@ from tests.learner.test_learner import rollout_of
 # step (~lr * sign(grad)) turns 1e-7 rounding into 1e-3 weight differences; its gradients are compared below.
 OVERRIDES = ["optim.warmup_steps=0", "optim.batch_size=4", "optim.lr=1e-3", "loss.lambda_l1=1.0", "loss.lambda_giou=0",
              "loss.lambda_entropy=0.01"]
-TOL = dict(rtol=1e-4, atol=1e-5)
+# atol 5e-5 = 5 % of one step (lr 1e-3): the same sign(grad) effect on gradients near zero moved the
+# patch embedding's weights by up to 1.5e-5 once it became one matmul (its gradient sums in another order).
+TOL = dict(rtol=1e-4, atol=5e-5)
 
 
 def make_rows(learner, samples):
