@@ -4,8 +4,8 @@ Reads the config, joins the Ray cluster that `ray job submit` provides (or start
 dedicated bundles for the rollout actors and the learner, then: Stage-1 (the initial evaluation runs
 beside it on the idle rollout actors) -> sync -> evaluate -> Stage-2 EM loop (actors generate
 continuously into the buffer, the learner consumes, weights sync back every `stage2.sync_every` steps)
--> evaluate -> export. With no arguments it runs the embedded
-default: the tiny model and the synthetic set, built on first use into the cache folder.
+-> evaluate -> export. With no arguments it runs the embedded default: the tiny model and the synthetic
+set, built on first use into the cache folder.
 """
 
 from __future__ import annotations

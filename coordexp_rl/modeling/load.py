@@ -99,7 +99,7 @@ def linear_patch_embed(model) -> None:
         return  # not a plain patchify: leave transformers' forward
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = conv.weight.view(conv.out_channels, -1)  # (out, in * t * p * p), the view's order
+        weight = conv.weight.reshape(conv.out_channels, -1)  # (out, in * t * p * p): the input's order
         return torch.nn.functional.linear(hidden_states.to(weight.dtype).view(-1, weight.shape[1]), weight, conv.bias)
 
     embed.forward = forward
