@@ -1,11 +1,11 @@
 """Keep every rollout actor busy during Stage-2 and survive actors that die.
 
 Each actor has one ``step`` call queued at all times; when it returns, the next is queued. An actor whose
-process died (SIGKILL, OOM, a lost node) makes its call fail with an actor error: it is marked down and
-called again after ``retry_s``. Ray restarts it (``max_restarts``), and calls queued meanwhile run in the
-new process, which registers with the buffer and loads the newest weights first (see rollout_actor).
-Its first successful call marks it up again. An actor that raises from its own code (a bug, a bad
-row) is not a death: that error reaches the caller.
+process died (SIGKILL, the OOM killer or Ray's memory monitor, a lost node) makes its call fail with an
+actor error: it is marked down and called again after ``retry_s``. Ray restarts it (``max_restarts``), and
+calls queued meanwhile run in the new process, which registers with the buffer and loads the newest
+weights first (see rollout_actor). Its first successful call marks it up again. An actor that raises from
+its own code (a bug, a bad row) is not a death: that error reaches the caller.
 
 ``wait_for(ref)`` blocks until ``ref`` (the learner's step) is ready and returns False if meanwhile every
 actor has been down for more than ``gone_timeout_s`` (then nobody fills the buffer: stop, do not hang).
@@ -20,11 +20,13 @@ import logging
 import time
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
 
 log = logging.getLogger(__name__)
 
-ACTOR_GONE = (RayActorError, ActorUnavailableError)  # RayActorError covers ActorDiedError
+# RayActorError covers ActorDiedError; OutOfMemoryError: Ray's memory monitor killed the actor's process
+# in the middle of the call (Ray restarts it like any other death).
+ACTOR_GONE = (RayActorError, ActorUnavailableError, OutOfMemoryError)
 
 
 class RolloutSupervisor:
@@ -129,7 +131,7 @@ def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s:
                 gone.add(actor)
                 log.warning("evaluation: rollout-%d is gone (%s)", actor, type(exc).__name__)
                 on_gone()
-            if isinstance(exc, ActorUnavailableError):  # Ray restarts it: the same actor again soon
+            if isinstance(exc, (ActorUnavailableError, OutOfMemoryError)):  # Ray restarts it: the same actor again
                 time.sleep(retry_s)
             elif moved + 1 < len(actors):  # dead for good (no restarts left): the next actor
                 moved += 1

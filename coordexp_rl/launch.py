@@ -1,11 +1,11 @@
 """The main job: `python -m coordexp_rl.launch [--config FILE] [key.sub=value ...]`.
 
 Reads the config, joins the Ray cluster that `ray job submit` provides (or starts a local one), reserves
-dedicated bundles for the rollout actors and the learner, then: Stage-1 (the initial evaluation runs
-beside it on the idle rollout actors) -> sync -> evaluate -> Stage-2 EM loop (actors generate
-continuously into the buffer, the learner consumes, weights sync back every `stage2.sync_every` steps)
--> evaluate -> export. With no arguments it runs the embedded default: the tiny model and the synthetic
-set, built on first use into the cache folder.
+dedicated bundles for the rollout actors and the learner, then: Stage-1 (beside it, the rollout actors
+start and run the initial evaluation: they are idle until the first sync) -> sync -> evaluate -> Stage-2
+EM loop (actors generate continuously into the buffer, the learner consumes, weights sync back every
+`stage2.sync_every` steps) -> evaluate -> export. With no arguments it runs the embedded default: the tiny
+model and the synthetic set, built on first use into the cache folder.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
 from coordexp_rl.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.run_control import RunStopped, flatten, stop_on_signals
-from coordexp_rl.run_eval import results_table
+from coordexp_rl.run_eval import Evaluations, results_table
 
 log = logging.getLogger("coordexp_rl.launch")
 
@@ -33,14 +32,13 @@ class Driver:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
-        self.results: dict[str, dict] = {}
         self.step = 0  # the learner's step as the driver last saw it
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
         self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
         self.deaths_seen = 0  # actor deaths the driver has answered (weights left for the restarted)
         self.woken = False  # the learner's wait for rows was cut short to answer a death
-        self._thread_error: BaseException | None = None  # from the evaluation run beside Stage-1
+        self.starting: list = []  # refs that answer once each rollout actor is up (check_actors)
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -51,13 +49,13 @@ class Driver:
         connect_ray(self.cfg)
         self.start_workers(assets, reserve_resources(self.cfg))
         with stop_on_signals(self):
-            initial = self.evaluate_meanwhile("initial")  # the actors idle through Stage-1
+            self.evals.start("initial", self.step)  # the actors idle through Stage-1
             self.stage1()
-            self.join_evaluation(initial)
+            self.evals.wait()
             self.end_stage1()
-            self.evaluate_once("stage1")
+            self.evals.once("stage1", self.step)
             self.stage2()
-            self.evaluate_once("stage2")
+            self.evals.once("stage2", self.step)
         return self.finish()
 
     # ------------------------------------------------------------------------------------------------
@@ -101,6 +99,7 @@ class Driver:
         engine = EngineConfig.from_config(cfg, assets.model_path)  # `coordexp-rl infer --config` uses it too
         self.sampling = SamplingConfig.from_config(cfg.rollout)
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
+        self.evals = Evaluations(self.score, self.log)
         if not resumed:  # a resumed run logged them before
             self.log_data_counts()
         self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
@@ -113,8 +112,9 @@ class Driver:
                 engine, items, cfg.data.prompt, self.sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
                 num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
             for i in range(r.num_actors)]
-        up = ray.get([self.learner.status.remote()] + [a.weight_version.remote() for a in self.actors])
-        log.info("learner up %s; %d rollout actors up", up[0], len(self.actors))
+        # The actors start beside Stage-1 (it needs only the learner); check_actors raises a failed start.
+        self.starting = [a.weight_version.remote() for a in self.actors]
+        log.info("learner up %s; %d rollout actors starting", ray.get(self.learner.status.remote()), len(self.actors))
         self.syncer = self.weight_syncer()
         if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
             self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
@@ -135,9 +135,8 @@ class Driver:
         self.checkpoints.last_path = resumed["path"]
         self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
         self.log = RunLog(self.out, resume_step=self.step)
-        self.results = self.log.evaluations()
         log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"], self.step,
-                 resumed["version"], sorted(self.results) or "none")
+                 resumed["version"], sorted(self.log.evaluations()) or "none")
         return resumed
 
     def log_data_counts(self) -> None:
@@ -174,6 +173,7 @@ class Driver:
         with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
                 self.check_stop()
+                self.check_actors()
                 n = min(chunk, steps - done)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
                     self.log.log(label, m["step"], m)
@@ -293,12 +293,8 @@ class Driver:
         """After an actor death: the current weights wait in the buffer for the restarted actor."""
         self.syncer.publish_for_restarts()
 
-    def evaluate(self, label: str) -> dict:
-        """Greedy predictions from the rollout actors (current weights) on the validation set, scored."""
-        return self.log_evaluation(label, self.step, self.score(label))
-
     def score(self, label: str) -> dict:
-        """The headline metrics of the actors' weights; writes eval/<label>/ but not the run log."""
+        """The headline metrics of the actors' weights on the validation set (writes eval/<label>/)."""
         from coordexp_rl.run_eval import evaluate_on_actors
 
         return evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
@@ -306,44 +302,15 @@ class Driver:
                                   self.out / "eval" / label,
                                   on_gone=self.catch_up_restarted)  # survives a dead actor
 
-    def log_evaluation(self, label: str, step: int, headline: dict) -> dict:
-        self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
-        log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
-                                                                     "mean_iou", "parse_failure_rate")})
-        return headline
+    def check_actors(self) -> None:
+        """Raise a rollout actor's start-up error as soon as it is there (not at the end of Stage-1)."""
+        import ray
 
-    def evaluate_once(self, label: str) -> None:
-        """Evaluate unless a resumed run already did (its rows and files stay as they were)."""
-        if label in self.results:
-            log.info("eval %s: kept from before the resume", label)
-            return
-        self.results[label] = self.evaluate(label)
-
-    def evaluate_meanwhile(self, label: str) -> threading.Thread | None:
-        """Evaluate the actors' (initial) weights in a thread while the learner trains: the actors are idle
-        until the first sync, which `join_evaluation` waits for. The result is logged at step 0 as soon as
-        it is there, so a run stopped in Stage-1 keeps it. None when a resumed run needs none: kept from
-        before, or resumed past step 0 (its actors no longer hold the initial weights)."""
-        if label in self.results or self.step > 0:
-            log.info("eval %s: %s", label, "kept from before the resume" if label in self.results else
-                     f"skipped (resumed at step {self.step}, past the initial weights)")
-            return None
-        thread = threading.Thread(target=self._evaluate_in_thread, args=(label,), name=f"eval-{label}", daemon=True)
-        thread.start()
-        return thread
-
-    def _evaluate_in_thread(self, label: str) -> None:
-        try:
-            self.results[label] = self.log_evaluation(label, 0, self.score(label))
-        except BaseException as exc:  # noqa: BLE001 -- re-raised in the driver's thread by join_evaluation
-            self._thread_error = exc
-
-    def join_evaluation(self, thread: threading.Thread | None) -> None:
-        """Wait for `evaluate_meanwhile`'s thread (before the weights change), re-raising its error."""
-        if thread is not None:
-            thread.join()
-        if self._thread_error is not None:
-            raise self._thread_error
+        if self.starting:
+            ready, self.starting = ray.wait(self.starting, num_returns=len(self.starting), timeout=0)
+            ray.get(ready)
+            if not self.starting:
+                log.info("%d rollout actors up", len(self.actors))
 
     def driver_state(self) -> dict:
         return {"last_sync_step": self.last_sync_step}
@@ -371,8 +338,8 @@ class Driver:
         ray.get(self.buffer.close.remote())
         self.log.close()
         plot_training_curves(self.out / "metrics.jsonl", self.out / "plots")
-        table = results_table(self.results)
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=float) + "\n")
+        table = results_table(self.evals.results)
+        (self.out / "results.json").write_text(json.dumps(self.evals.results, indent=2, default=float) + "\n")
         (self.out / "report.md").write_text(
             f"# Run {self.out}\n\n{table}\n\nTraining curves: `plots/`. Per evaluation (`eval/<label>/`): "
             "predictions, metrics.json, IoU and per-description plots, box overlays, report.md.\n")

@@ -171,6 +171,17 @@ def _pack(run: list[tuple[str, torch.Tensor]], target: torch.dtype | None) -> Bu
     return Bucket(dtype_name(dtype), specs, [flat[s.offset:s.offset + s.numel].view(s.shape) for s in specs])
 
 
+def ship_each(buckets: Iterator[Bucket], ship: Callable[[int, Bucket], object]) -> list:
+    """``[ship(i, bucket) for i, bucket in enumerate(buckets)]``, but each bucket is let go before the next
+    is packed: a loop variable (or enumerate's reused tuple) would keep bucket k alive while the generator
+    packs k + 1, so the sender would hold two buckets."""
+    shipped = []
+    for bucket in buckets:
+        shipped.append(ship(len(shipped), bucket))
+        del bucket
+    return shipped
+
+
 def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dtype: str | torch.dtype | None = None) -> list[Bucket]:
     """All of ``iter_buckets`` at once (small models and tests)."""
@@ -217,7 +228,7 @@ class ObjectStoreTransport:
     def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
              dtype: str | torch.dtype | None = None, omitted: Iterable[str] = (),
              put: Callable[[Bucket], object] = lambda b: b) -> WeightPayload:
-        buckets = [put(b) for b in iter_buckets(named_tensors, self.bucket_bytes, dtype)]
+        buckets = ship_each(iter_buckets(named_tensors, self.bucket_bytes, dtype), lambda _, b: put(b))
         return WeightPayload(int(version), buckets, tuple(omitted))
 
     def receive(self, payload: WeightPayload | None = None,
@@ -314,8 +325,8 @@ class BroadcastTransport:
              dtype: str | torch.dtype | None = None, omitted: Iterable[str] = ()) -> None:
         if self.group.rank != 0:
             raise WeightSyncError(f"rank {self.group.rank} cannot send weights; only rank 0 (the learner)")
-        for i, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes, dtype)):
-            self.send_bucket(version, i, bucket)
+        ship_each(iter_buckets(named_tensors, self.bucket_bytes, dtype),
+                  lambda i, bucket: self.send_bucket(version, i, bucket))
         self.send_header({"version": int(version), "end": True, "omitted": list(omitted)}, "end header")
 
     def send_header(self, header: dict, what: str) -> None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,8 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+from coordexp_rl.local_head import RAY, local_ray_head, token_env  # noqa: E402
 # A few steps of each stage; small batches: one step of a ~450 M-parameter model takes seconds on a core.
 RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "optim.batch_size=2", "optim.warmup_steps=1",
        "optim.lr=1e-4", "data.synth_train=64", "data.synth_val=8", "eval.max_samples=8", "rollout.batch_size=2",
@@ -60,58 +60,29 @@ class PeakMemory:
         return round(self.peak / 2**30, 2)
 
 
-def timed(cmd: list[str], env: dict, log) -> float:
+def timed(cmd: list[str], env: dict, log, check: bool = True) -> tuple[float, int]:
+    """(seconds, exit code) of ``cmd``, its output appended to ``log``."""
     t0 = time.perf_counter()
     print("$", " ".join(cmd), file=log, flush=True)
-    subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return round(time.perf_counter() - t0, 1)
-
-
-def ray_head(env: dict, temp_dir: Path, log) -> str:
-    from learner.distributed import free_port
-
-    port, dash, agent = free_port(), free_port(), free_port()
-    # The job agent's port too: another Ray on the machine (a local `ray.init`) may hold the default 52365,
-    # and then every `ray job submit` answers "No available agent".
-    timed([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={port}", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-           f"--temp-dir={temp_dir}", f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"], env, log)
-    address = f"http://127.0.0.1:{dash}"
-    for _ in range(60):  # the dashboard answers before its job agent does
-        probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
-                               capture_output=True, timeout=120)
-        if probe.returncode == 0:
-            return address
-        time.sleep(2)
-    raise TimeoutError(f"no job agent at {address}")
-
-
-def stop_cluster(temp_dir: Path) -> None:
-    """End this cluster's processes only (`ray stop` would end every Ray of the user)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in psutil.process_iter(["cmdline"]):
-            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
-                p.send_signal(sig)
-        time.sleep(2)
+    code = subprocess.run(cmd, env=env, check=check, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    return round(time.perf_counter() - t0, 1), code
 
 
 def sync_figures(run_dir: Path, model_dir: Path) -> dict:
+    """Parameters and the bytes one full sync sends (every tensor in the engine's dtype: model.dtype)."""
+    import yaml
     from safetensors import safe_open
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     syncs = [r["seconds"] for r in rows if r["stage"] == "sync"]
-    params = nbytes = 0
+    dtype = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["dtype"]
+    params = 0
     for f in model_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                t = st.get_slice(key)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                params += n
-                nbytes += n * 4  # float32 on the CPU engine: what each sync sends
-    return {"parameters": params, "sync_bytes": nbytes, "syncs": len(syncs),
-            "sync_seconds": [round(s, 2) for s in syncs], "stage2_steps": sum(r["stage"] == "stage2" for r in rows)}
+            params += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
+    return {"parameters": params, "engine_dtype": dtype, "sync_bytes": params * (2 if dtype == "bfloat16" else 4),
+            "syncs": len(syncs), "sync_seconds": [round(s, 2) for s in syncs],
+            "stage2_steps": sum(r["stage"] == "stage2" for r in rows)}
 
 
 def main() -> int:
@@ -123,35 +94,27 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    token = work / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PYTHONPATH": str(ROOT),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "COORDEXP_CACHE": str(work / "cache")}
-    env.pop("RAY_ADDRESS", None)
+    env = token_env(work, PYTHONPATH=str(ROOT), COORDEXP_CACHE=str(work / "cache"))
     stock, coord, run_dir = work / "stock", work / "coord", work / "run"
     cli = [sys.executable, "-m", "coordexp_rl.cli"]
     out: dict = {"layers": args.layers, "vision_depth": args.vision_depth}
     with open(work / "real_shaped.log", "a") as log:
-        out["build_s"] = timed([*cli, "make-tiny-model", "--out", str(stock), "--shape", "qwen3vl-2b", "--tokenizer",
-                                "qwen", "--layers", str(args.layers), "--vision-depth", str(args.vision_depth),
-                                "--no-coord-tokens"], env, log)
-        out["add_coord_tokens_s"] = timed([*cli, "add-coord-tokens", "--model", str(stock), "--out", str(coord)],
-                                          env, log)
-        temp_dir = Path(f"/tmp/cxray-shaped-{os.getpid()}")  # short: Ray's socket paths have a length limit
-        try:
-            address = ray_head(env, temp_dir, log)
+        out["build_s"], _ = timed([*cli, "make-tiny-model", "--out", str(stock), "--shape", "qwen3vl-2b",
+                                   "--tokenizer", "qwen", "--layers", str(args.layers), "--vision-depth",
+                                   str(args.vision_depth), "--no-coord-tokens"], env, log)
+        out["add_coord_tokens_s"], _ = timed([*cli, "add-coord-tokens", "--model", str(stock), "--out", str(coord)],
+                                             env, log)
+        job = [RAY, "job", "submit", "--address", "", "--working-dir", str(ROOT), "--runtime-env",
+               str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "coordexp_rl.launch", "--config",
+               "configs/tiny_cpu.yaml", f"model.path={coord}", f"run.out_dir={run_dir}", *RUN, *args.overrides]
+        with local_ray_head(env, num_cpus=os.cpu_count()) as address:
+            job[4] = address
             memory = PeakMemory()
-            out["job_s"] = timed([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                                  "--runtime-env", str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m",
-                                  "coordexp_rl.launch", "--config", "configs/tiny_cpu.yaml", f"model.path={coord}",
-                                  f"run.out_dir={run_dir}", *RUN, *args.overrides], env, log)
+            out["job_s"], out["job_exit_code"] = timed(job, env, log, check=False)
             out["peak_memory_gib"] = memory.stop()
-        finally:
-            stop_cluster(temp_dir)
-    out.update(sync_figures(run_dir, coord))
+    out.update(sync_figures(run_dir, coord))  # also after a failed job: what it reached
     print(json.dumps(out))
-    return 0
+    return out["job_exit_code"]
 
 
 if __name__ == "__main__":

@@ -85,6 +85,22 @@ def test_buckets_are_built_one_at_a_time():
     assert [s.name for s in next(stream).manifest] == ["w2", "w3"]
 
 
+def test_senders_let_each_bucket_go_before_packing_the_next():
+    """Bucket k is freed (after its put) before the tensors of bucket k + 1 are even read."""
+    import weakref
+
+    shipped: list[weakref.ref] = []
+
+    def named():
+        for i in range(6):
+            assert all(ref() is None for ref in shipped), f"a shipped bucket is alive while w{i} is read"
+            yield f"w{i}", torch.ones(10, dtype=torch.float64)
+
+    payload = ObjectStoreTransport(bucket_bytes=40).send(1, named(), dtype="float32",
+                                                         put=lambda b: shipped.append(weakref.ref(b)))
+    assert len(shipped) == len(payload.buckets) == 6
+
+
 def test_pack_rejects_duplicates_and_bad_buckets():
     with pytest.raises(ValueError, match="'w' appears twice"):
         pack_buckets([("w", torch.ones(1)), ("w", torch.ones(1))])

@@ -64,3 +64,25 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     for name, w in unpack_all(ray.get(payload.buckets)):
         assert torch.equal(model.state_dict()[name], w), name
     group.kill()
+
+
+def test_frozen_vision_is_packed_once_per_learner_life(ray_local, tiny_model_dir, synth_dir):
+    """model.freeze_vision: every sync's payload leaves the vision tower out (and says so); the tower's own
+    payload is built at the first sync only and handed out again after (for actors that start later)."""
+    ray = ray_local
+    from learner.ray_learner import LearnerWorker
+
+    cfg = load_config(None, [*OVERRIDES, "model.freeze_vision=true"]).model_dump()
+    worker = LearnerWorker(cfg, str(tiny_model_dir), str(synth_dir / "train.jsonl"))
+    frozen = worker.learner.frozen_names()
+    assert frozen and all(".visual." in n for n in frozen)
+    (v1, ref1, frozen1), (v2, ref2, frozen2) = worker.publish_weights_ref(64), worker.publish_weights_ref(64)
+    assert (v1, v2) == (1, 2) and frozen2 == frozen1  # the same object: not packed again
+    learner_weights = dict(worker.learner.named_weights())
+    for ref, names in ((ref1, set(learner_weights) - set(frozen)), (ref2, set(learner_weights) - set(frozen)),
+                       (frozen1, set(frozen))):
+        payload = ray.get(ref)
+        got = dict(unpack_all(ray.get(payload.buckets)))
+        assert set(got) == names and set(payload.omitted) == (set(frozen) if ref is not frozen1 else set())
+        for name, w in got.items():
+            assert torch.equal(w, learner_weights[name]), name

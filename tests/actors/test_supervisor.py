@@ -1,0 +1,63 @@
+"""RolloutSupervisor's bookkeeping of actor deaths, without Ray: `ray.get` is replaced by what Ray raises
+for a call whose actor died (the killed-process paths run for real in tests/distributed/test_sync_faults.py
+and the launcher kill tests)."""
+
+from __future__ import annotations
+
+import pytest
+from ray.exceptions import ActorDiedError, OutOfMemoryError
+
+import actors.supervisor as supervisor
+
+
+class FakeActor:
+    """``step.remote()`` / ``predict.remote(shard)`` return a fresh token; ``ray.get`` is faked per test."""
+
+    def __init__(self):
+        self.calls = 0
+        actor = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                actor.calls += 1
+                return id(actor), actor.calls, tuple(map(tuple, args))  # hashable, like a ref
+
+        self.step = self.predict = Method
+
+
+@pytest.mark.parametrize("death", [OutOfMemoryError("killed by Ray's memory monitor"), ActorDiedError()],
+                         ids=["memory_monitor", "died"])
+def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
+    actors, seen = [FakeActor(), FakeActor()], []
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, on_death=seen.append)
+    sup.start()
+    failing = next(ref for ref, i in sup.pending.items() if i == 1)
+
+    def get(ref):
+        if ref == failing:
+            raise death
+        return 4
+
+    monkeypatch.setattr(supervisor.ray, "get", get)
+    sup._collect(failing)
+    assert seen == [1] and sup.deaths == 1 and 1 in sup.down and 1 not in sup.pending.values()
+    sup._retry_down()  # called again (Ray restarts it); its next call succeeds
+    retried = next(ref for ref, i in sup.pending.items() if i == 1)
+    sup._collect(retried)
+    assert sup.recoveries == 1 and not sup.down and sup.rows == 4 and actors[1].calls == 3
+
+
+def test_an_evaluation_waits_for_an_actor_the_memory_monitor_killed(monkeypatch):
+    """One actor, killed mid-predict by Ray's memory monitor: Ray restarts it, so its shard goes to it again."""
+    actor, gone = FakeActor(), []
+    monkeypatch.setattr(supervisor.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+
+    def get(ref):
+        if ref[1] == 1:
+            raise OutOfMemoryError("killed by Ray's memory monitor")
+        return [{"sample_id": s} for s in ref[2][0]]
+
+    monkeypatch.setattr(supervisor.ray, "get", get)
+    out = supervisor.predict_all([actor], [["a", "b"]], on_gone=lambda: gone.append(1), retry_s=0)
+    assert out == [{"sample_id": "a"}, {"sample_id": "b"}] and gone == [1] and actor.calls == 2
