@@ -17,34 +17,44 @@ SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.sy
              "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4"]
 
 
+JOBS = {
+    "object_store": [],  # the default: object-store weight sync, one learner rank
+    # the scale-out path: broadcast weight sync over gloo, two FSDP2 learner ranks (half a CPU each)
+    "broadcast_fsdp2": ["weight_sync.transport=broadcast", "learner.world_size=2", "learner.cpus=0.5",
+                        "learner.sharding=fsdp"],
+}
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ray_head")
     env = token_env(tmp_path, COORDEXP_CACHE=str(tmp_path / "cache"))
-    with local_ray_head(env, num_cpus=2) as address:
+    # 4 logical CPUs on the 2 cores: both jobs (2 CPUs of bundles each) are placed at once.
+    with local_ray_head(env, num_cpus=4) as address:
         yield env, address
 
 
-def submit(env: dict, dashboard: str, *overrides: str) -> str:
-    cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
-           "--runtime-env", str(ROOT / "deploy" / "runtime_env.yaml"), "--",
-           "python", "-m", "coordexp_rl.launch", "--config", "configs/tiny_cpu.yaml", *SHORT_RUN, *overrides]
-    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    logs = job.stdout + job.stderr
-    assert job.returncode == 0, logs[-4000:]
-    assert "succeeded" in logs
-    return logs
-
-
-@pytest.mark.parametrize("overrides", [
-    [],  # the default: object-store weight sync, one learner rank
-    # the scale-out path: broadcast weight sync over gloo, two FSDP2 learner ranks (half a CPU each)
-    ["weight_sync.transport=broadcast", "learner.world_size=2", "learner.cpus=0.5", "learner.sharding=fsdp"],
-], ids=["object_store", "broadcast_fsdp2"])
-def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path, overrides):
+@pytest.fixture(scope="module")
+def jobs(ray_head, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
+    """Both JOBS submitted at once (each its own run; only the wall time is shared): name -> (exit code of
+    `ray job submit`, its output, the run folder)."""
     env, dashboard = ray_head
-    out = tmp_path / "run"
-    logs = submit(env, dashboard, f"run.out_dir={out}", *overrides)
+    started = {}
+    for name, overrides in JOBS.items():
+        out = tmp_path_factory.mktemp(name) / "run"
+        cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--runtime-env",
+               str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "coordexp_rl.launch", "--config",
+               "configs/tiny_cpu.yaml", *SHORT_RUN, f"run.out_dir={out}", *overrides]
+        with open(out.parent / "submit.log", "w") as log:
+            started[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), out)
+    return {name: (proc.wait(timeout=900), (out.parent / "submit.log").read_text(), out)
+            for name, (proc, out) in started.items()}
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(jobs, name):
+    code, logs, out = jobs[name]
+    assert code == 0 and "succeeded" in logs, logs[-4000:]
     for line in ("stage1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
         assert line in logs, line
     assert (out / "report.md").read_text().count("| stage2 |") == 1
