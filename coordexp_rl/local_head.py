@@ -19,6 +19,7 @@ from typing import Iterator
 import psutil
 
 RAY = str(Path(sys.executable).parent / "ray")  # the ray CLI of this environment
+ROOT = Path(__file__).resolve().parents[1]  # the checkout a job's working dir is uploaded from
 
 
 def token_env(folder: Path, **extra: str) -> dict:
@@ -73,3 +74,11 @@ def wait_for_job_agent(env: dict, address: str, timeout_s: float = 120.0) -> Non
             raise TimeoutError(f"the job agent at {address} did not answer within {timeout_s} s:\n"
                                f"{probe.stderr[-2000:]}")
         time.sleep(2)
+
+
+def launch_job(address: str, *overrides: str) -> list[str]:
+    """The `ray job submit` command (DEPLOY.md 8) that runs the launcher on the tiny CPU config plus
+    ``overrides``, with this checkout as the job's working dir."""
+    return [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--runtime-env",
+            str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "coordexp_rl.launch", "--config",
+            "configs/tiny_cpu.yaml", *overrides]

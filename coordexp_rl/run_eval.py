@@ -1,9 +1,9 @@
 """The driver's evaluation: greedy predictions from the rollout actors (their current weights), scored.
 
 Called by ``coordexp_rl.launch`` beside Stage-1 (the initial weights: the actors are idle until the first
-sync), after Stage-1 and after Stage-2; writes the folder ``eval/<label>/`` (predictions, metrics.json, plots, box
-overlays, report.md). ``Evaluations`` keeps them by label in the run log; ``results_table`` is the run's
-report table over them.
+sync), after Stage-1 and after Stage-2; writes the folder ``eval/<label>/`` (predictions, metrics.json,
+plots, box overlays, report.md). ``Evaluations`` keeps them by label in the run log; ``results_table`` is
+the run's report table over them.
 """
 
 from __future__ import annotations

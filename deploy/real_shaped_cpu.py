@@ -28,7 +28,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
-from coordexp_rl.local_head import RAY, local_ray_head, token_env  # noqa: E402
+from coordexp_rl.local_head import launch_job, local_ray_head, token_env  # noqa: E402
 # A few steps of each stage; small batches: one step of a ~450 M-parameter model takes seconds on a core.
 RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "optim.batch_size=2", "optim.warmup_steps=1",
        "optim.lr=1e-4", "data.synth_train=64", "data.synth_val=8", "eval.max_samples=8", "rollout.batch_size=2",
@@ -73,6 +73,8 @@ def sync_figures(run_dir: Path, model_dir: Path) -> dict:
     import yaml
     from safetensors import safe_open
 
+    from coordexp_rl.weight_sync import dtype_from_name
+
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     syncs = [r["seconds"] for r in rows if r["stage"] == "sync"]
     dtype = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["dtype"]
@@ -80,7 +82,7 @@ def sync_figures(run_dir: Path, model_dir: Path) -> dict:
     for f in model_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             params += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
-    return {"parameters": params, "engine_dtype": dtype, "sync_bytes": params * (2 if dtype == "bfloat16" else 4),
+    return {"parameters": params, "engine_dtype": dtype, "sync_bytes": params * dtype_from_name(dtype).itemsize,
             "syncs": len(syncs), "sync_seconds": [round(s, 2) for s in syncs],
             "stage2_steps": sum(r["stage"] == "stage2" for r in rows)}
 
@@ -104,11 +106,8 @@ def main() -> int:
                                    str(args.vision_depth), "--no-coord-tokens"], env, log)
         out["add_coord_tokens_s"], _ = timed([*cli, "add-coord-tokens", "--model", str(stock), "--out", str(coord)],
                                              env, log)
-        job = [RAY, "job", "submit", "--address", "", "--working-dir", str(ROOT), "--runtime-env",
-               str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "coordexp_rl.launch", "--config",
-               "configs/tiny_cpu.yaml", f"model.path={coord}", f"run.out_dir={run_dir}", *RUN, *args.overrides]
         with local_ray_head(env, num_cpus=os.cpu_count()) as address:
-            job[4] = address
+            job = launch_job(address, f"model.path={coord}", f"run.out_dir={run_dir}", *RUN, *args.overrides)
             memory = PeakMemory()
             out["job_s"], out["job_exit_code"] = timed(job, env, log, check=False)
             out["peak_memory_gib"] = memory.stop()

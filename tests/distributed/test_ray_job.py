@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from coordexp_rl.local_head import RAY, local_ray_head, token_env
+from coordexp_rl.local_head import RAY, ROOT, launch_job, local_ray_head, token_env
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
              "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4"]
 
@@ -42,9 +41,7 @@ def jobs(ray_head, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
     started = {}
     for name, overrides in JOBS.items():
         out = tmp_path_factory.mktemp(name) / "run"
-        cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--runtime-env",
-               str(ROOT / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "coordexp_rl.launch", "--config",
-               "configs/tiny_cpu.yaml", *SHORT_RUN, f"run.out_dir={out}", *overrides]
+        cmd = launch_job(dashboard, *SHORT_RUN, f"run.out_dir={out}", *overrides)
         with open(out.parent / "submit.log", "w") as log:
             started[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), out)
     return {name: (proc.wait(timeout=900), (out.parent / "submit.log").read_text(), out)
