@@ -43,8 +43,11 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class _DropOmittedLayerWarnings(logging.Filter):
-    """vLLM warns once per layer that received no weights; for declared omissions that is the intent."""
+class _DropLayerWithoutWeightsWarnings(logging.Filter):
+    """vLLM warns at every reload, once per layer that received no tensors. The payload was checked
+    complete against the checkpoint first, so such a layer holds none of the checkpoint's tensors (rotary
+    tables, the image-normalising constants, a tied lm_head) or only declared omissions (frozen): the
+    reload puts its tensors back, as intended, and a warning per sync would bury the useful lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -52,11 +55,11 @@ class _DropOmittedLayerWarnings(logging.Filter):
 
 
 @contextmanager
-def _quiet_reload_of_omitted(active: bool):
+def _quiet_layers_without_weights():
     loggers = [logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
                logging.getLogger("vllm.model_executor.model_loader.reload.inplace")]
-    filt = _DropOmittedLayerWarnings()
-    for lg in loggers if active else []:
+    filt = _DropLayerWithoutWeightsWarnings()
+    for lg in loggers:
         lg.addFilter(filt)
     try:
         yield
@@ -94,7 +97,7 @@ class WeightLoaderExtension:
         validate_payload([(n, tuple(t.shape)) for n, t in pairs], self._checkpoint_shapes(), optional, omitted)
         expected = self._checkpoint_shapes()
         pairs = [(n, t) for n, t in pairs if n in expected]  # drop a tied lm_head the checkpoint lacks
-        with _quiet_reload_of_omitted(bool(omitted)):
+        with _quiet_layers_without_weights():  # validated above
             self.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
         if optional:
             self._refresh_tied_lm_head()

@@ -106,11 +106,14 @@ class Driver:
                                            rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
                                            spill_dir=spill, version=resumed.get("version", 0),
                                            next_seq=resumed.get("consumed"))
+        # Held for the run: a restarted actor's constructor reads it again, and Ray alone frees a large
+        # argument once the first construction is done (ray-project/ray#53727; restarts then fail).
+        self.items_ref = ray.put(items)
         self.actors = [
             RolloutActor.options(scheduling_strategy=in_bundle(i), num_cpus=r.cpus_per_actor,
                                  num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts).remote(
-                engine, items, cfg.data.prompt, self.sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
-                num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
+                engine, self.items_ref, cfg.data.prompt, self.sampling, batch_size=r.batch_size,
+                actor_id=f"rollout-{i}", num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
             for i in range(r.num_actors)]
         # The actors start beside Stage-1 (it needs only the learner); check_actors raises a failed start.
         self.starting = [a.weight_version.remote() for a in self.actors]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -91,6 +93,21 @@ def test_load_weights_matches_hf_with_the_same_weights(vllm_engine, hf_engine, r
     vllm_engine.load_weights(original.items(), version=2)
     hf_engine.load_weights(original.items(), version=2)
     assert ids(vllm_engine.generate(requests_, GREEDY)) == ids(greedy)
+
+
+def test_a_complete_payload_logs_no_failed_layer(vllm_engine, tiny_dir):
+    """Layers with no checkpoint tensors (rotary tables, image-normalising constants, the tied lm_head)
+    receive nothing at a reload; vLLM's per-layer "Failed to load weights" warning is dropped for them."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    layerwise.addHandler(handler)
+    try:
+        vllm_engine.load_weights(checkpoint_state(tiny_dir).items(), version=vllm_engine.weight_version + 1)
+    finally:
+        layerwise.removeHandler(handler)
+    assert not [m for m in seen if "Failed to load weights" in m], seen
 
 
 def test_tied_lm_head_in_payload_is_accepted(vllm_engine, requests_, greedy, tiny_dir):

@@ -27,18 +27,6 @@ from tests.actors.conftest import PROMPT
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        yield
-        return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def call_when_back(method, timeout_s: float = 300.0):
     """``ray.get(method.remote())``, again every second while Ray restarts the actor."""
     deadline = time.monotonic() + timeout_s
