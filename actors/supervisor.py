@@ -37,7 +37,8 @@ class RolloutSupervisor:
         self.pending: dict[ray.ObjectRef, int] = {}
         self.down: dict[int, float] = {}  # actor index -> when its last call failed
         self.last_up = clock()  # the last time any actor was known to be up
-        self.deaths = 0  # calls that failed because an actor was gone
+        self.deaths = 0  # times an actor was seen gone (up -> down)
+        self.failed_calls = 0  # calls that failed because their actor was gone (retries while it restarts too)
         self.recoveries = 0  # actors that came back after being down
         self.rows = 0  # rows put by all actors' steps
 
@@ -69,7 +70,8 @@ class RolloutSupervisor:
                 log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left",
                             i, type(exc).__name__)
                 self.on_death(i)
-            self.deaths += 1
+                self.deaths += 1
+            self.failed_calls += 1
             self.down[i] = self.clock()
             return  # called again by _retry_down after retry_s
         if self.down.pop(i, None) is not None:
@@ -102,7 +104,8 @@ class RolloutSupervisor:
         self.pending.clear()
 
     def stats(self) -> dict:
-        return {"actor_deaths": self.deaths, "actor_recoveries": self.recoveries, "actors_down": len(self.down)}
+        return {"actor_deaths": self.deaths, "failed_calls": self.failed_calls, "actor_recoveries": self.recoveries,
+                "actors_down": len(self.down)}
 
     def gone_message(self, max_restarts: int) -> str:
         return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "

@@ -36,7 +36,7 @@ class Driver:
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
         self.supervisor = None  # keeps the rollout actors busy in Stage-2 (actors/supervisor.py)
-        self.deaths_seen = 0  # actor deaths the driver has answered (weights left for the restarted)
+        self.failed_calls_seen = 0  # failed actor calls the driver has answered (weights left for the restarted)
         self.woken = False  # the learner's wait for rows was cut short to answer a death
         self.starting: list = []  # refs that answer once each rollout actor is up (check_actors)
 
@@ -233,8 +233,8 @@ class Driver:
                 ray.get(step_ref)
                 raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
             metrics = ray.get(step_ref)
-            if self.supervisor.deaths > self.deaths_seen:
-                self.deaths_seen = self.supervisor.deaths
+            if self.supervisor.failed_calls > self.failed_calls_seen:  # a death, or a restart still under way
+                self.failed_calls_seen = self.supervisor.failed_calls
                 self.catch_up_restarted()
             if metrics is not None:
                 return metrics

@@ -42,10 +42,15 @@ def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
     monkeypatch.setattr(supervisor.ray, "get", get)
     sup._collect(failing)
     assert seen == [1] and sup.deaths == 1 and 1 in sup.down and 1 not in sup.pending.values()
-    sup._retry_down()  # called again (Ray restarts it); its next call succeeds
+    sup._retry_down()  # called again while Ray restarts it: that call fails too, still one death
+    failing = next(ref for ref, i in sup.pending.items() if i == 1)
+    sup._collect(failing)
+    assert seen == [1] and (sup.deaths, sup.failed_calls) == (1, 2)
+    sup._retry_down()  # its next call succeeds
     retried = next(ref for ref, i in sup.pending.items() if i == 1)
     sup._collect(retried)
-    assert sup.recoveries == 1 and not sup.down and sup.rows == 4 and actors[1].calls == 3
+    assert sup.recoveries == 1 and not sup.down and sup.rows == 4 and actors[1].calls == 4
+    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0}
 
 
 def test_an_evaluation_waits_for_an_actor_the_memory_monitor_killed(monkeypatch):

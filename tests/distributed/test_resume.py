@@ -55,7 +55,6 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert (cut / "checkpoints").is_dir() and stopped_at.startswith(str(cut / "checkpoints" / "step-"))
     assert "COMPLETE" in os_listdir(stopped_at)
     assert list((cut / "spill").glob("rollouts-*.parquet"))  # the buffer was closed: handed rows spilled
-    assert launcher.finish(whole_proc, whole) == 0, launcher.output(whole)[-4000:]
     before = launcher.records(cut)
     interrupted_step = max(r["step"] for r in before if r["stage"] == "stage2")
     assert interrupted_step < 7  # 2 Stage-1 + 5 Stage-2 steps: it really stopped early
@@ -63,8 +62,9 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert [r["label"] for r in evals_before] == ["initial", "stage1"]
     pred_mtime = (cut / "eval" / "stage1" / "predictions.jsonl").stat().st_mtime
 
-    assert launcher.finish(launcher.start(cut, cache, model, "run.resume=auto"), cut) == 0, \
-        launcher.output(cut)[-4000:]
+    resumed = launcher.start(cut, cache, model, "run.resume=auto")  # beside the rest of the uninterrupted run
+    assert launcher.finish(whole_proc, whole) == 0, launcher.output(whole)[-4000:]
+    assert launcher.finish(resumed, cut) == 0, launcher.output(cut)[-4000:]
     after = launcher.records(cut)
     # No step twice, evaluations of finished stages kept as they were (not re-run, rows not rewritten).
     for stage in ("stage1", "stage2"):
