@@ -54,12 +54,31 @@ def local_ray_head(env: dict, num_cpus: int) -> Iterator[str]:
         wait_for_job_agent(env, address)
         yield address
     finally:
+        cluster = _cluster_processes(temp_dir, port)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in psutil.process_iter(["cmdline"]):
-                if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+            for p in cluster:
+                try:
                     p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
             time.sleep(2)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cluster_processes(temp_dir: Path, port: int) -> list[psutil.Process]:
+    """The head's processes and their descendants. Ray renames the ones the raylet starts
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and the client server names only the GCS port: left
+    alive, the orphaned dashboard agent spins on a core."""
+    marks = (str(temp_dir), f"127.0.0.1:{port}")
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(m in " ".join(p.info["cmdline"] or []) for m in marks):
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q
+            except psutil.NoSuchProcess:
+                pass
+    return list(found.values())
 
 
 def wait_for_job_agent(env: dict, address: str, timeout_s: float = 120.0) -> None:
