@@ -70,9 +70,9 @@ def build_folder(folder: Path, sizes: dict, tokenizer: str, image_size: int) -> 
     del model
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     log.info("built %s: %d parameters, %d tokens", folder, params, len(tok))
-    return {"path": str(folder), "parameters": params, "vocab": len(tok), "coord_ids": [vocab.coord_ids[0],
-            vocab.coord_ids[-1]], "init_device": init_device, "init_s": round(t_init.s, 1), "save_s": round(t_save.s, 1),
-            "folder_gib": round(size / 2 ** 30, 3)}
+    return {"path": str(folder), "parameters": params, "vocab": len(tok),
+            "coord_ids": [vocab.coord_ids[0], vocab.coord_ids[-1]], "init_device": init_device,
+            "init_s": round(t_init.s, 1), "save_s": round(t_save.s, 1), "folder_gib": round(size / 2 ** 30, 3)}
 
 
 def _random_model(cls, config):

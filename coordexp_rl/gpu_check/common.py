@@ -39,7 +39,9 @@ class Profile:
     model_sizes: dict  # TinySize overrides of the main model ({} = the tiny default)
     fsdp_sizes: dict  # TinySize overrides of the FSDP step's model
     tokenizer: str  # "qwen" (the real 151,669-token vocabulary) or "local"
-    image_size: int  # synthetic images are square, this many pixels a side
+    # Synthetic images are square, this many pixels a side; both profiles' images exceed the default
+    # data.max_pixels (256 px a side), so a learner and engine that resize them differently fail the check.
+    image_size: int
     n_images: int
     batch_size: int
     stage1_steps: int  # the first is a warm-up, not timed
@@ -63,7 +65,7 @@ GPU = Profile(
 )
 DRY = Profile(
     name="dry", device="cpu", model_sizes={}, fsdp_sizes={}, tokenizer="local",
-    image_size=128, n_images=8, batch_size=4, stage1_steps=2, stage2_steps=2, max_new_tokens=16,
+    image_size=288, n_images=8, batch_size=4, stage1_steps=2, stage2_steps=2, max_new_tokens=16,
     gen_batches=(1, 8, 16), gen_new_tokens=16, gen_warmup=False,
     bench_hidden=128, bench_objects=(5,), bench_repeats=1,
     skipped_parts=[

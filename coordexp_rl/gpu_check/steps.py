@@ -111,8 +111,8 @@ def junit_summary(path: Path) -> dict:
 def bench_loss(work: Path, p: Profile) -> dict:
     """``coordexp-rl bench loss`` (its own subprocesses per method) at the profile's size; its JSON report."""
     require_cuda(p)
-    dtype = "bfloat16" if p.device == "cuda" else "float32"
-    cmd = [sys.executable, "-m", "coordexp_rl.cli", "bench", "loss", "--device", p.device, "--dtype", dtype,
+    # bf16 in the dry run too: its looser naive-vs-ours tolerance is rehearsed on the CPU before a GPU run
+    cmd = [sys.executable, "-m", "coordexp_rl.cli", "bench", "loss", "--device", p.device, "--dtype", "bfloat16",
            "--hidden", str(p.bench_hidden), "--chunk-size", str(p.chunk_size), "--repeats", str(p.bench_repeats),
            "--objects", *map(str, p.bench_objects)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

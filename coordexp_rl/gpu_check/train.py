@@ -25,9 +25,12 @@ KEYS = ("loss/total", "loss/ce_all", "loss/l1_coord", "loss/giou_coord", "loss/c
 
 
 def learner_overrides(p: Profile) -> list[str]:
-    """The config of a GPU learner (one device, bf16 autocast), or its CPU float32 twin in the dry run."""
+    """The config of a GPU learner (one device, bf16 autocast), or its CPU float32 twin in the dry run.
+    data.max_pixels is the images' area: they are seen whole (196 image tokens at 448 px), as the 2B config
+    sees COCO images."""
     gpu = p.device == "cuda"
     return [f"learner.gpus={1 if gpu else 0}", f"model.dtype={'bfloat16' if gpu else 'float32'}",
+            f"data.max_pixels={p.image_size ** 2}",
             f"optim.batch_size={p.batch_size}", "optim.lr=1e-5", "optim.warmup_steps=0",
             "loss.lambda_l1=1.0", "loss.lambda_giou=1.0", f"loss.ce_chunk_size={p.chunk_size}",
             f"rollout.max_new_tokens={p.max_new_tokens}"]
@@ -62,8 +65,9 @@ def run(work: Path, p: Profile) -> dict:
         raise RuntimeError(f"learner.autocast is {learner.autocast} on {learner.device}")
     out["stage1"] = stage1(learner, samples, p)
     with Timer() as t:
-        engine = HFEngine(EngineConfig(model_path=str(work / MAIN), kind="hf", device=p.device,
-                                       dtype="bfloat16" if p.device == "cuda" else "float32"))
+        # from_config, as the launcher does: the engine resizes images as the learner does (data.max_pixels)
+        engine = HFEngine(EngineConfig.from_config(cfg, work / MAIN, kind="hf", device=p.device,
+                                                   dtype="bfloat16" if p.device == "cuda" else "float32"))
     out["engine"] = {"load_s": round(t.s, 1), "dtype": str(engine.model.dtype)}
     out["stage2"] = stage2(learner, engine, samples, cfg, p)
     return out

@@ -66,7 +66,7 @@ def test_coordexp_top_k_and_entropy_match_cpu_on_cuda():
     ids = list(range(100, 1100))
     outs = {}
     for device in ("cpu", "cuda"):
-        h = hidden.to(device).requires_grad_()
+        h = hidden.detach().to(device).requires_grad_()  # a fresh leaf per device (.to("cpu") is `hidden` itself)
         out = coordexp(h, weight.to(device), ids, tau=0.7, top_k=50)
         (out.expectation.sum() + out.entropy.sum()).backward()
         outs[device] = (out.expectation.detach().cpu(), out.entropy.detach().cpu(), h.grad.cpu())
