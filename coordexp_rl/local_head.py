@@ -5,6 +5,7 @@ by its own temp dir only (`ray stop` would end every Ray process of the user).""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -69,10 +70,10 @@ def _cluster_processes(temp_dir: Path, port: int) -> list[psutil.Process]:
     """The head's processes and their descendants. Ray renames the ones the raylet starts
     (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and the client server names only the GCS port: left
     alive, the orphaned dashboard agent spins on a core."""
-    marks = (str(temp_dir), f"127.0.0.1:{port}")
+    mark = re.compile(rf"{re.escape(str(temp_dir))}|127\.0\.0\.1:{port}(?!\d)")  # not port 63790 for 6379
     found: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
-        if any(m in " ".join(p.info["cmdline"] or []) for m in marks):
+        if mark.search(" ".join(p.info["cmdline"] or [])):
             try:
                 for q in [p, *p.children(recursive=True)]:
                     found[q.pid] = q
