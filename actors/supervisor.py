@@ -66,19 +66,23 @@ class RolloutSupervisor:
         try:
             self.rows += ray.get(ref)
         except ACTOR_GONE as exc:
-            if i not in self.down:
-                log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left",
-                            i, type(exc).__name__)
-                self.on_death(i)
-                self.deaths += 1
-            self.failed_calls += 1
-            self.down[i] = self.clock()
+            self.mark_gone(i, type(exc).__name__)
             return  # called again by _retry_down after retry_s
         if self.down.pop(i, None) is not None:
             self.recoveries += 1
             log.warning("rollout-%d is back (restarted by Ray) and generating again", i)
         self.last_up = self.clock()
         self._submit(i)
+
+    def mark_gone(self, i: int, why: str) -> None:
+        """Actor ``i``'s call failed because its process is gone (here, or in a weight sync); it is up
+        again at its next successful step."""
+        if i not in self.down:
+            log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left", i, why)
+            self.on_death(i)
+            self.deaths += 1
+        self.failed_calls += 1
+        self.down[i] = self.clock()
 
     def _retry_down(self) -> None:
         now = self.clock()

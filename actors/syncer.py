@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors.supervisor import ACTOR_GONE
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,9 @@ class SyncResult:
     version: int
     via: dict[int, str] = field(default_factory=dict)  # actor index -> "broadcast" / "object_store"
     failed: dict[int, str] = field(default_factory=dict)  # actor index -> why it kept its old weights
+    # Actors whose process died during this sync (also when the fallback then reached the restarted one):
+    # the supervisor hears of them from here, since a death between two of its calls fails none of them.
+    gone: set[int] = field(default_factory=set)
 
 
 class WeightSyncer:
@@ -98,7 +103,7 @@ class WeightSyncer:
                       _short(exc))
             version = ray.get(self.learner.status.remote())["version"]
         res = SyncResult(version)
-        for i, why in self._wait(calls).items():
+        for i, why in self._wait(calls, res.gone).items():
             if why is None:
                 res.via[i] = "broadcast"
             else:
@@ -114,7 +119,7 @@ class WeightSyncer:
         res.version = version
         # The frozen-parameter ref goes nested in a list: only an actor that lacks those tensors fetches it.
         calls = {self.actors[i].update_weights.remote(refs[0], refs[1:]): i for i in laggards}
-        for i, why in self._wait(calls).items():
+        for i, why in self._wait(calls, res.gone).items():
             if why is None:
                 res.via[i] = "object_store"
                 res.failed.pop(i, None)
@@ -130,8 +135,9 @@ class WeightSyncer:
         self.published = version
         return version, refs
 
-    def _wait(self, calls: dict) -> dict[int, str | None]:
-        """Each call's actor -> None (done) or why it failed (dead, error, not done in ``timeout_s``)."""
+    def _wait(self, calls: dict, gone: set[int]) -> dict[int, str | None]:
+        """Each call's actor -> None (done) or why it failed (dead, error, not done in ``timeout_s``); the
+        actors that were dead go into ``gone``."""
         ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
         out: dict[int, str | None] = {calls[r]: f"timed out after {self.timeout_s:g} s" for r in late}
         for r in ready:
@@ -140,6 +146,8 @@ class WeightSyncer:
                 out[calls[r]] = None
             except Exception as exc:  # noqa: BLE001 -- that actor keeps its old weights
                 out[calls[r]] = _short(exc)
+                if isinstance(exc, ACTOR_GONE):
+                    gone.add(calls[r])
         return out
 
     # --- actors that died between syncs ----------------------------------------------------------------

@@ -53,6 +53,20 @@ def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
     assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0}
 
 
+def test_a_death_seen_by_a_weight_sync_counts_once_and_ends_at_the_next_step(monkeypatch):
+    """An actor killed while the driver syncs weights fails none of the supervisor's calls (its step had
+    returned; the next one runs in the restarted process): the syncer reports it, and it counts."""
+    actors, seen = [FakeActor(), FakeActor()], []
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, on_death=seen.append)
+    sup.start()
+    monkeypatch.setattr(supervisor.ray, "get", lambda ref: 4)
+    sup.mark_gone(1, "died during a weight sync")
+    assert seen == [1] and 1 in sup.down and sup.stats()["actor_deaths"] == 1
+    sup._collect(next(ref for ref, i in sup.pending.items() if i == 1))  # its next step succeeds
+    assert seen == [1] and not sup.down and sup.recoveries == 1 and sup.rows == 4
+    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 1, "actor_recoveries": 1, "actors_down": 0}
+
+
 def test_an_evaluation_waits_for_an_actor_the_memory_monitor_killed(monkeypatch):
     """One actor, killed mid-predict by Ray's memory monitor: Ray restarts it, so its shard goes to it again."""
     actor, gone = FakeActor(), []

@@ -99,13 +99,14 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
     assert syncer.form_group(strict=True)
 
     first = syncer.sync()
-    assert (first.version, first.via, first.failed) == (1, {0: "broadcast", 1: "broadcast"}, {})
+    assert (first.version, first.via, first.failed, first.gone) == (1, {0: "broadcast", 1: "broadcast"}, {}, set())
     assert syncer.needs_publish  # broadcast: the buffer holds no weights of v1 (none left there yet)
 
     marker.touch()
     old_pid = ray.get(actors[1].pid.remote())
     second = syncer.sync()  # rollout-1 dies after the header
     assert not marker.exists() and second.version == 2 and not second.failed
+    assert second.gone == {1}  # reached by the fallback, yet reported dead: the supervisor counts the death
     assert second.via[1] == "object_store"  # the restarted process, through the object store
     assert second.via[0] in ("broadcast", "object_store")  # gloo may or may not finish the others' broadcast
     assert versions() == [2, 2] and ray.get(actors[1].pid.remote()) != old_pid
@@ -113,7 +114,7 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
     assert ray.get(buffer.acquire.remote(1, 1, 0.0, "old")) == 0  # admission: v1 rows are stale now
 
     third = syncer.sync()  # the group re-formed with both
-    assert (third.version, third.via, third.failed) == (3, {0: "broadcast", 1: "broadcast"}, {})
+    assert (third.version, third.via, third.failed, third.gone) == (3, {0: "broadcast", 1: "broadcast"}, {}, set())
     assert versions() == [3, 3]
 
     # Killed between syncs: the driver leaves the weights in the buffer; the new process loads them first.
