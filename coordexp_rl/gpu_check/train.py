@@ -65,9 +65,9 @@ def run(work: Path, p: Profile) -> dict:
         raise RuntimeError(f"learner.autocast is {learner.autocast} on {learner.device}")
     out["stage1"] = stage1(learner, samples, p)
     with Timer() as t:
-        # from_config, as the launcher does: the engine resizes images as the learner does (data.max_pixels)
-        engine = HFEngine(EngineConfig.from_config(cfg, work / MAIN, kind="hf", device=p.device,
-                                                   dtype="bfloat16" if p.device == "cuda" else "float32"))
+        # from_config, as the launcher does: the engine's dtype (model.dtype) and image resize (data.max_pixels)
+        # are the learner's
+        engine = HFEngine(EngineConfig.from_config(cfg, work / MAIN, kind="hf", device=p.device))
     out["engine"] = {"load_s": round(t.s, 1), "dtype": str(engine.model.dtype)}
     out["stage2"] = stage2(learner, engine, samples, cfg, p)
     return out
