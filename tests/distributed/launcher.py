@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # A few steps of each stage on 32 synthetic images; on-policy with a sync after every step, so each
@@ -19,6 +20,18 @@ SMALL_RUN = ["stage1.steps=2", "stage2.steps=5", "stage2.sync_every=1", "buffer.
              "data.max_target_tokens=48",  # GT sequences of up to 3 objects; rollouts stay short
              "optim.batch_size=2", "optim.warmup_steps=1", "run.checkpoint_every=2", "run.log_every=1",
              "buffer.spill_dir=spill"]
+
+
+def prepare_cache(cache: Path) -> Path:
+    """Build the SMALL_RUN's assets (tiny model, synthetic set) into ``cache`` now: runs started together
+    would each build them, on the same two cores."""
+    from coordexp_rl.assets import prepare_assets
+    from coordexp_rl.config import load_config
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("COORDEXP_CACHE", str(cache))
+        prepare_assets(load_config(None, SMALL_RUN))
+    return cache
 
 
 def start(out: Path, cache: Path, *overrides: str) -> subprocess.Popen:

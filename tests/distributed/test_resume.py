@@ -39,8 +39,8 @@ def by_step(records: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in records}
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, tmp_path):
-    cache, model = tmp_path / "cache", f"model.path={dropout_model}"
+def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, launch_cache, tmp_path):
+    cache, model = launch_cache, f"model.path={dropout_model}"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     # Both at once (each its own local Ray): the runs are deterministic, only their wall times share the CPUs.
     whole_proc = launcher.start(whole, cache, model)
