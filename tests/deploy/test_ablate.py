@@ -68,7 +68,7 @@ def test_two_arms_really_run_and_fill_the_table(tmp_path):
     small = ["data.synth_train=32", "data.synth_val=8", "eval.max_samples=8", "rollout.max_new_tokens=48",
              "optim.batch_size=4", "stage2.sync_every=2"]
     default = load_config(None)
-    scale = 1 / default.stage2.steps  # 1 Stage-2 step (and stage1.steps / stage2.steps Stage-1 steps) per arm
+    scale = 1 / default.stage2.steps  # 1 Stage-2 step per arm, after round(stage1.steps / stage2.steps) Stage-1 steps
     out = tmp_path / "RESULTS.md"
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
