@@ -281,8 +281,9 @@ class Driver:
         down = set(self.supervisor.down) if self.supervisor else set()
         res = self.syncer.sync(bump, down)
         seconds = time.perf_counter() - t0
-        for i in sorted(res.gone if self.supervisor else ()):  # died during the sync: counted, caught up
-            self.supervisor.mark_gone(i, "died during a weight sync")
+        if self.supervisor:  # actors that died during the sync: counted as deaths, caught up at restart
+            for i in sorted(res.gone):
+                self.supervisor.mark_gone(i, "died during a weight sync")
         if res.failed:
             log.error("weight sync v%d failed on %d actors: %s", res.version, len(res.failed),
                       {f"rollout-{i}": why for i, why in res.failed.items()})
