@@ -6,7 +6,9 @@ tensor lives in the bucket's flat buffer. Buckets are STREAMED: ``iter_buckets``
 transport ships it, the next one reuses nothing of it, so the sender holds about one bucket of extra
 memory however big the model (on a GPU: one bucket on the device, then one device-to-host copy).
 Tensors are cast to the engine's dtype while they are packed (bf16 engines get half the bytes).
-Two transports move the buckets (both pure torch; the Ray calls stay with the caller):
+Two transports move the buckets (both pure torch; the Ray calls stay with the caller), with one pair of
+methods: the learner's ``send(version, named_tensors, dtype=, omitted=)``, the engine's ``receive`` ->
+(version, [(name, tensor)], omitted names):
 
 - ``ObjectStoreTransport``: ``send(..., put=ray.put)`` puts each bucket in Ray's object store as soon as
   it is full and returns a ``WeightPayload`` (version + bucket refs); the caller puts the payload once and
@@ -34,7 +36,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -201,17 +203,6 @@ def unpack_bucket(bucket: Bucket) -> NamedTensors:
 
 def unpack_all(buckets: Iterable[Bucket]) -> NamedTensors:
     return [pair for bucket in buckets for pair in unpack_bucket(bucket)]
-
-
-class WeightTransport(Protocol):
-    """Learner side ``send``; engine side ``receive`` -> (version, [(name, tensor)], omitted names)."""
-
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype=None,
-             omitted: Iterable[str] = ()) -> WeightPayload | None:
-        ...
-
-    def receive(self, payload: WeightPayload | None = None) -> tuple[int, NamedTensors, tuple[str, ...]]:
-        ...
 
 
 class ObjectStoreTransport:
