@@ -35,6 +35,7 @@ class RolloutSupervisor:
         self.actors, self.gone_timeout_s, self.retry_s, self.clock = actors, gone_timeout_s, retry_s, clock
         self.on_death = on_death  # called with the actor's index when it is first seen gone
         self.pending: dict[ray.ObjectRef, int] = {}
+        self.stale: set[ray.ObjectRef] = set()  # calls queued before their actor's death was seen
         self.down: dict[int, float] = {}  # actor index -> when its last call failed
         self.last_up = clock()  # the last time any actor was known to be up
         self.deaths = 0  # times an actor was seen gone (up -> down)
@@ -62,12 +63,16 @@ class RolloutSupervisor:
                 return False
 
     def _collect(self, ref: ray.ObjectRef) -> None:
-        i = self.pending.pop(ref)
+        i, stale = self.pending.pop(ref), ref in self.stale
+        self.stale.discard(ref)
         try:
             self.rows += ray.get(ref)
         except ACTOR_GONE as exc:
             self.mark_gone(i, type(exc).__name__)
             return  # called again by _retry_down after retry_s
+        if stale:  # the dead process's last step (its rows are in the buffer): the actor is not back yet
+            self._submit(i)
+            return
         if self.down.pop(i, None) is not None:
             self.recoveries += 1
             log.warning("rollout-%d is back (restarted by Ray) and generating again", i)
@@ -81,6 +86,8 @@ class RolloutSupervisor:
             log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left", i, why)
             self.on_death(i)
             self.deaths += 1
+            # A death seen by a weight sync: the call still queued may return from the old process.
+            self.stale.update(ref for ref, a in self.pending.items() if a == i)
         self.failed_calls += 1
         self.down[i] = self.clock()
 
@@ -106,6 +113,7 @@ class RolloutSupervisor:
             except ACTOR_GONE:
                 pass
         self.pending.clear()
+        self.stale.clear()
 
     def stats(self) -> dict:
         return {"actor_deaths": self.deaths, "failed_calls": self.failed_calls, "actor_recoveries": self.recoveries,
