@@ -1,6 +1,6 @@
 """The rollout buffer between rollout actors (producers) and the learner (the one consumer).
 
-Rows are Arrow record batches of ``coordexp_rl.rollout_schema`` from end to end; they cross process
+Rows are Arrow record batches of ``coordexp_rl.rollout.schema`` from end to end; they cross process
 boundaries through Ray's object store as batches, never as pickled Python lists.
 
 Three layers, so that everything but the Ray call itself is testable in one process:
@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import ray
 
 from actors.spill import SpillWriter, replay  # noqa: F401 -- re-exported: the buffer's spill files
-from coordexp_rl.rollout_schema import check_schema, concat_batches
+from coordexp_rl.rollout.schema import check_schema, concat_batches
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BufferCounters:
 class BufferCore:
     """Bounded FIFO of rollout rows with staleness admission and optional spill; non-blocking.
 
-    >>> from coordexp_rl.rollout_schema import RolloutRow, rows_to_batch
+    >>> from coordexp_rl.rollout.schema import RolloutRow, rows_to_batch
     >>> core = BufferCore(capacity=4)
     >>> core.offer(rows_to_batch([RolloutRow("a"), RolloutRow("b"), RolloutRow("c")]))
     True

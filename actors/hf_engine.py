@@ -20,8 +20,15 @@ from typing import Iterable, Sequence
 
 import torch
 
-from actors.engine import (DecoderModel, EngineConfig, GenerationRequest, GenerationResult, SamplingConfig,
-                           WeightLoadError, validate_payload)
+from actors.engines import validate_payload
+from coordexp_rl.rollout.engine import (
+    DecoderModel,
+    EngineConfig,
+    GenerationRequest,
+    GenerationResult,
+    SamplingConfig,
+    WeightLoadError,
+)
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,9 @@ import pyarrow as pa
 import ray
 import torch
 
-from actors.engine import EngineConfig, GenerationRequest, GenerationResult, SamplingConfig, make_engine
+from actors.engines import make_engine
 from coordexp_rl.data.loader import load_rgb
+from coordexp_rl.rollout.engine import EngineConfig, GenerationRequest, GenerationResult, SamplingConfig
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class RolloutWorker:
                  sampling: SamplingConfig, batch_size: int = 8, actor_id: str = "rollout-0",
                  num_shards: int = 1, shard_index: int = 0, buffer=None, put_timeout_s: float = 60.0):
         prepare_runtime()
-        from coordexp_rl.coords import CoordVocab
+        from coordexp_rl.method.coords import CoordVocab
 
         self.items = [WorkItem(*it) for it in shard(list(items), num_shards, shard_index)]
         if not self.items:
@@ -120,8 +121,8 @@ class RolloutWorker:
         return rows
 
     def _row(self, item: WorkItem, res: GenerationResult, sha: str, t_gen: float, seq: int):
-        from coordexp_rl.protocol import parse_ids
-        from coordexp_rl.rollout_schema import RolloutRow
+        from coordexp_rl.method.protocol import parse_ids
+        from coordexp_rl.rollout.schema import RolloutRow
 
         t0 = time.perf_counter()
         parsed = parse_ids(res.generated_ids, self.tokenizer, self.vocab)
@@ -135,7 +136,7 @@ class RolloutWorker:
         )
 
     def generate_batch(self, n: int | None = None) -> pa.RecordBatch:
-        from coordexp_rl.rollout_schema import rows_to_batch
+        from coordexp_rl.rollout.schema import rows_to_batch
 
         return rows_to_batch(self.generate_rows(n))
 
@@ -216,7 +217,7 @@ class RolloutWorker:
         it; or the payload itself in-process): fetched only on this actor's first load since its
         (re)start, when the payload omits them.
         """
-        from coordexp_rl.weight_sync import ObjectStoreTransport
+        from coordexp_rl.rollout.weight_transport import ObjectStoreTransport
 
         transport = ObjectStoreTransport()
         version, named, omitted = transport.receive(payload, get=_get_all)
@@ -230,7 +231,7 @@ class RolloutWorker:
     def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
         """Join the learner's broadcast group (the `broadcast` weight transport); returns this rank."""
-        from coordexp_rl.weight_sync import BroadcastTransport, init_weight_group
+        from coordexp_rl.rollout.weight_transport import BroadcastTransport, init_weight_group
 
         self._broadcast = BroadcastTransport(init_weight_group(master_addr, port, rank, world_size, backend,
                                                                timeout_s))
@@ -238,7 +239,7 @@ class RolloutWorker:
 
     def receive_broadcast_weights(self) -> int:
         """The one control call of a broadcast sync: receive every bucket, then load (never half-loaded)."""
-        from coordexp_rl.weight_sync import WeightSyncError
+        from coordexp_rl.rollout.weight_transport import WeightSyncError
 
         if self._broadcast is None:  # a restarted process: the driver re-forms the group at the next sync
             raise WeightSyncError(f"actor {self.actor_id} is in no weight group (restarted since it formed?)")
@@ -249,8 +250,8 @@ class RolloutWorker:
         return self.engine.weight_version
 
     def predict(self, samples: Sequence, max_new_tokens: int | None = None) -> list[dict]:
-        """Greedy prediction records (coordexp_rl.inference) for evaluation with the current weights."""
-        from coordexp_rl.inference import predict
+        """Greedy prediction records (coordexp_rl.rollout.predict) for evaluation with the current weights."""
+        from coordexp_rl.rollout.predict import predict
 
         if self.buffer is not None:
             self.register()  # a restarted actor evaluates with the newest weights, not its initial ones

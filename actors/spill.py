@@ -10,7 +10,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coordexp_rl.rollout_schema import check_schema, concat_batches
+from coordexp_rl.rollout.schema import check_schema, concat_batches
 
 SPILL_PATTERN = re.compile(r"rollouts-(\d{6})\.parquet")
 

@@ -10,7 +10,7 @@ the tests check that they equal ``encode_prompt``'s (the learner checks the same
 
 Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob under
 ``logprobs_mode="raw_logprobs"`` (vLLM's default, set explicitly here): log-softmax of the raw logits,
-before temperature / top-k / top-p / penalties. See ``coordexp_rl.engine``.
+before temperature / top-k / top-p / penalties. See ``coordexp_rl.rollout.engine``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-from actors.engine import EngineConfig, GenerationRequest, GenerationResult, SamplingConfig, WeightLoadError
+from coordexp_rl.rollout.engine import (
+    EngineConfig,
+    GenerationRequest,
+    GenerationResult,
+    SamplingConfig,
+    WeightLoadError,
+)
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from actors.engine import validate_payload
+from actors.engines import validate_payload
 
 log = logging.getLogger(__name__)
 

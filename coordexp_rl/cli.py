@@ -17,12 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("coordexp_rl.data.synth", "write the synthetic shapes detection set (PNG + JSONL)"),
     "validate": ("coordexp_rl.data.validate", "check a JSONL file against the data contract"),
     "convert": ("coordexp_rl.data.convert", "convert COCO / Pascal VOC / RefCOCO annotations to contract JSONL"),
-    "launch": ("coordexp_rl.launch", "run Stage-1 and the Stage-2 EM loop on Ray (the main job)"),
-    "infer": ("coordexp_rl.infer_cli", "generate, parse and write predictions for a JSONL file"),
+    "launch": ("coordexp_rl.driver.driver", "run Stage-1 and the Stage-2 EM loop on Ray (the main job)"),
+    "infer": ("coordexp_rl.tools.infer", "generate, parse and write predictions for a JSONL file"),
     "eval": ("coordexp_rl.evaluation.cli", "score predictions against ground truth (COCO mAP, F1, IoU)"),
-    "bench": ("coordexp_rl.bench", "benchmarks that print JSON"),
-    "ablate": ("coordexp_rl.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),
-    "gpu-check": ("coordexp_rl.gpu_check", "the prepared GPU check: CUDA paths step by step, JSON lines"),
+    "bench": ("coordexp_rl.tools.bench", "benchmarks that print JSON"),
+    "ablate": ("coordexp_rl.tools.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),
+    "gpu-check": ("coordexp_rl.tools.gpu_check", "the prepared GPU check: CUDA paths step by step, JSON lines"),
 }
 
 

@@ -71,7 +71,7 @@ class CoordExpConfig(_Section):
 
 class LossConfig(_Section):
     # Every term is a sum over the batch divided by one number, the batch's total CE weight W, in both
-    # stages (coordexp_rl/losses.py has the formula): a lambda weighs one unit of its term against one
+    # stages (coordexp_rl/method/losses.py has the formula): a lambda weighs one unit of its term against one
     # unit of CE weight. An object of 2 description tokens costs W = 2 desc_weight + 6 + 4 (1 +
     # lambda_coord_ce) (+ the end of turn once per image).
     desc_weight: float = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages

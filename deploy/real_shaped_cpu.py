@@ -28,7 +28,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
-from coordexp_rl.local_head import launch_job, local_ray_head, token_env  # noqa: E402
+from coordexp_rl.tools.local_head import launch_job, local_ray_head, token_env  # noqa: E402
+
 # A few steps of each stage; small batches: one step of a ~450 M-parameter model takes seconds on a core.
 RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "optim.batch_size=2", "optim.warmup_steps=1",
        "optim.lr=1e-4", "data.synth_train=64", "data.synth_val=8", "eval.max_samples=8", "rollout.batch_size=2",
@@ -73,7 +74,7 @@ def sync_figures(run_dir: Path, model_dir: Path) -> dict:
     import yaml
     from safetensors import safe_open
 
-    from coordexp_rl.weight_sync import dtype_from_name
+    from coordexp_rl.rollout.weight_transport import dtype_from_name
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     syncs = [r["seconds"] for r in rows if r["stage"] == "sync"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 @dataclass
 class TrainSequence:
     enc: dict  # model inputs of one example (coordexp_rl.modeling.inputs): input_ids (L,), images, ...

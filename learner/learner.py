@@ -25,17 +25,17 @@ import torch
 from PIL import Image
 
 from coordexp_rl.config import Config
-from coordexp_rl.coordexp import coordexp, tau_at
-from coordexp_rl.coords import bin_to_unit
 from coordexp_rl.data.loader import Sample, load_image
-from coordexp_rl.losses import coord_terms, position_weights, weighted_token_ce, weighted_total
-from coordexp_rl.matching import MatchCurriculum
+from coordexp_rl.method.coordexp import coordexp, tau_at
+from coordexp_rl.method.coords import bin_to_unit
+from coordexp_rl.method.losses import coord_terms, position_weights, weighted_token_ce, weighted_total
+from coordexp_rl.method.matching import MatchCurriculum
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, canonical_order, random_order
+from coordexp_rl.method.semantic import make_semantic_distance
+from coordexp_rl.method.stage2_targets import MatchSettings, stage2_targets
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, canonical_order, random_order
-from coordexp_rl.rollout_schema import RolloutRow
-from coordexp_rl.semantic import make_semantic_distance
-from coordexp_rl.stage2_targets import MatchSettings, stage2_targets
+from coordexp_rl.rollout.schema import RolloutRow
 from learner.batching import TrainSequence, gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split

@@ -72,7 +72,7 @@ class LearnerWorker:
 
     def stage2_step(self, buffer, timeout_s: float = 600.0) -> dict | None:
         """One Stage-2 step on the next batch of rollout rows; None if none came within ``timeout_s``."""
-        from coordexp_rl.rollout_schema import batch_to_rows
+        from coordexp_rl.rollout.schema import batch_to_rows
 
         t0 = time.perf_counter()
         n = self.cfg.optim.batch_size
@@ -126,7 +126,7 @@ class LearnerWorker:
         return version, payload, self._frozen_ref
 
     def _put_payload(self, version: int, named, omitted, bucket_mb: int) -> ray.ObjectRef | None:
-        from coordexp_rl.weight_sync import ObjectStoreTransport
+        from coordexp_rl.rollout.weight_transport import ObjectStoreTransport
 
         if not self._main_packs(named):
             return None
@@ -150,7 +150,7 @@ class LearnerWorker:
 
     def join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
-        from coordexp_rl.weight_sync import BroadcastTransport, init_weight_group
+        from coordexp_rl.rollout.weight_transport import BroadcastTransport, init_weight_group
 
         if self.learner.dist.is_main:
             self._broadcast = BroadcastTransport(init_weight_group(master_addr, port, rank, world_size, backend,

@@ -31,5 +31,5 @@ def test_docstring_examples(name):
 
 
 def test_the_collector_finds_the_core_modules():
-    assert {"coordexp_rl.matching", "coordexp_rl.coordexp", "coordexp_rl.evaluation.metrics",
+    assert {"coordexp_rl.method.matching", "coordexp_rl.method.coordexp", "coordexp_rl.evaluation.metrics",
             "actors.buffer"} <= set(modules_with_examples())

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from coordexp_rl.coords import NUM_BINS, STRUCTURE_TOKENS, parse_coord_token
+from coordexp_rl.method.coords import NUM_BINS, STRUCTURE_TOKENS, parse_coord_token
 
 PIXEL = "pixel"  # coordinates are pixel numbers, normalised by width/height before binning
 TOKEN = "token"  # coordinates are pre-tokenised "<|coord_k|>" bins; never normalised again

@@ -9,7 +9,7 @@ Two limits, each checked per sample with an error that names the file, line, sam
   ``data.too_many_objects: truncate`` keeps the longest prefix of whole objects in the written (canonical)
   order instead, never a part of an object, and counts what it cut.
 
-Token arithmetic of the protocol (``coordexp_rl.protocol.build_assistant_ids``): one object is
+Token arithmetic of the protocol (``coordexp_rl.method.protocol.build_assistant_ids``): one object is
 ``<obj> <desc> d.. </desc> <box> c1 c2 c3 c4 </box> </obj>`` = 10 + (description tokens); the turn ends
 with one ``<|im_end|>``. So N objects of d-token names take N (10 + d) + 1 tokens (COCO names: d = 1.75 on
 average with the Qwen tokenizer, 60 objects ~ 706).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from coordexp_rl.data.loader import DataError, Sample, load_samples
-from coordexp_rl.protocol import canonical_order
+from coordexp_rl.method.protocol import canonical_order
 
 OBJECT_OVERHEAD_TOKENS = 10  # <obj> <desc> </desc> <box> 4 coords </box> </obj>
 END_TOKENS = 1  # <|im_end|>

@@ -14,11 +14,11 @@ from typing import Any
 
 from PIL import Image
 
-from coordexp_rl.coords import bins_to_pixels, box_to_bins, normalise_box
 from coordexp_rl.data.contract import TOKEN, Record
 from coordexp_rl.data.paths import resolve_image_path
 from coordexp_rl.data.validate import check_file
-from coordexp_rl.protocol import BoxObject
+from coordexp_rl.method.coords import bins_to_pixels, box_to_bins, normalise_box
+from coordexp_rl.method.protocol import BoxObject
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from coordexp_rl.evaluation.matching import iou_matrix
+from coordexp_rl.evaluation.greedy_match import iou_matrix
 from coordexp_rl.evaluation.records import ImageRecord
 
 log = logging.getLogger(__name__)

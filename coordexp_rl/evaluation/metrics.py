@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from coordexp_rl.evaluation.coco import build_coco_inputs, run_cocoeval
-from coordexp_rl.evaluation.matching import iou_matrix, match_one_to_one
+from coordexp_rl.evaluation.greedy_match import iou_matrix, match_one_to_one
 from coordexp_rl.evaluation.records import ImageRecord, pair_records
 
 ANY_OVERLAP = 1e-9  # threshold for "matched pair" in the mean-IoU matching

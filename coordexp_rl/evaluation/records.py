@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from coordexp_rl.coords import bin_to_unit, parse_coord_token
+from coordexp_rl.method.coords import bin_to_unit, parse_coord_token
 
 PARSE_STATUSES = ("ok", "partial", "failed")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from coordexp_rl.coords import NUM_BINS
 from coordexp_rl.evaluation.metrics import ANY_OVERLAP, category_matches
 from coordexp_rl.evaluation.records import ImageRecord, pair_records
+from coordexp_rl.method.coords import NUM_BINS
 
 
 def near_bin_edge(c: float, margin: float = 0.1) -> bool:

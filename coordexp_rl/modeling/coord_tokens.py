@@ -25,7 +25,7 @@ import math
 import torch
 from transformers import AddedToken
 
-from coordexp_rl.coords import COORD_TOKENS, NUM_BINS, STRUCTURE_TOKENS, CoordVocab
+from coordexp_rl.method.coords import COORD_TOKENS, NUM_BINS, STRUCTURE_TOKENS, CoordVocab
 
 log = logging.getLogger(__name__)
 

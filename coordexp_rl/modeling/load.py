@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from coordexp_rl.coords import CoordVocab
+from coordexp_rl.method.coords import CoordVocab
 
 log = logging.getLogger(__name__)
 

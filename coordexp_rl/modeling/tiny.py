@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from coordexp_rl.modeling.coord_tokens import add_coord_tokens
-from coordexp_rl.modeling.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, build_local_tokenizer, load_qwen_tokenizer
+from coordexp_rl.modeling.tokenizer import (
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    build_local_tokenizer,
+    load_qwen_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 

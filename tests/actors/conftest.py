@@ -50,8 +50,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_engine(tiny_dir):
     """The transformers engine on ``tiny_dir`` (one per test module: tests load other weights into it)."""
-    from actors.engine import make_engine
-    from coordexp_rl.engine import EngineConfig
+    from actors.engines import make_engine
+    from coordexp_rl.rollout.engine import EngineConfig
 
     engine = make_engine(EngineConfig(str(tiny_dir), kind="hf"))
     yield engine
@@ -66,7 +66,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="session")
 def requests_(images):
-    from coordexp_rl.engine import GenerationRequest
+    from coordexp_rl.rollout.engine import GenerationRequest
 
     return [GenerationRequest(im, PROMPT, f"s{i}") for i, im in enumerate(images)]
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from actors.engine import GenerationRequest, GenerationResult, SamplingConfig
-from coordexp_rl.bench.rollout import run_engines
+from coordexp_rl.rollout.engine import GenerationRequest, GenerationResult, SamplingConfig
+from coordexp_rl.tools.bench.rollout import run_engines
 
 
 class FakeEngine:
@@ -24,7 +24,7 @@ class FakeEngine:
 
 
 def test_engines_alternate_batch_by_batch_after_one_warm_up_each(tiny_model_dir):
-    from coordexp_rl.coords import CoordVocab
+    from coordexp_rl.method.coords import CoordVocab
     from coordexp_rl.modeling.load import load_processor
 
     tok = load_processor(tiny_model_dir).tokenizer

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from actors.buffer import AsyncRolloutBuffer, BufferCore, SpillWriter, replay
-from coordexp_rl.protocol import ParsedObject
-from coordexp_rl.rollout_schema import RolloutRow, batch_to_rows, rows_to_batch
+from coordexp_rl.method.protocol import ParsedObject
+from coordexp_rl.rollout.schema import RolloutRow, batch_to_rows, rows_to_batch
 
 
 def batch(ids, version=0, actor="p"):

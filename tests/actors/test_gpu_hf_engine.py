@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.engine import make_engine
-from coordexp_rl.engine import EngineConfig, SamplingConfig
+from actors.engines import make_engine
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]  # fixture: tests/conftest.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordexp_rl.engine import GenerationResult, SamplingConfig, WeightLoadError
+from coordexp_rl.rollout.engine import GenerationResult, SamplingConfig, WeightLoadError
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 
 GREEDY = SamplingConfig(max_new_tokens=12)

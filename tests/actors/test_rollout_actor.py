@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from actors.rollout_actor import RolloutWorker, shard
-from coordexp_rl.engine import EngineConfig, SamplingConfig
-from coordexp_rl.protocol import parse_ids
-from coordexp_rl.rollout_schema import batch_to_rows
+from coordexp_rl.method.protocol import parse_ids
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
+from coordexp_rl.rollout.schema import batch_to_rows
 from tests.actors.conftest import PROMPT
 
 SAMPLING = SamplingConfig(max_new_tokens=8)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError
 
-import actors.supervisor as supervisor
+import coordexp_rl.driver.supervisor as supervisor
 
 
 class FakeActor:

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from actors.engine import make_engine
-from coordexp_rl.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError
+from actors.engines import make_engine
+from coordexp_rl.rollout.engine import EngineConfig, GenerationResult, SamplingConfig, WeightLoadError
 from tests.actors.conftest import PROMPT, checkpoint_state, learner_logprobs, perturbed
 from tests.actors.test_hf_engine import eos_forcing
 

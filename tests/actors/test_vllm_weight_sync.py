@@ -12,11 +12,11 @@ from collections import defaultdict
 import pytest
 import torch
 
-from actors.engine import EngineConfig, SamplingConfig, WeightLoadError
 from actors.rollout_actor import RolloutWorker
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_samples
-from coordexp_rl.weight_sync import ObjectStoreTransport
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig, WeightLoadError
+from coordexp_rl.rollout.weight_transport import ObjectStoreTransport
 from learner.learner import Learner
 
 pytestmark = pytest.mark.integration

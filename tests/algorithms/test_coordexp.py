@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from coordexp_rl.coordexp import bin_values, coord_expectation, coord_logits, coordexp, tau_at
+from coordexp_rl.method.coordexp import bin_values, coord_expectation, coord_logits, coordexp, tau_at
 
 K = 1000
 

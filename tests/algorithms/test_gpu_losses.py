@@ -6,8 +6,8 @@ Skipped without a CUDA device (tests/conftest.py); `pytest -m gpu` and deploy/gp
 import pytest
 import torch
 
-from coordexp_rl.coordexp import coord_expectation, coordexp
-from coordexp_rl.losses import geo_loss, giou_loss, weighted_token_ce
+from coordexp_rl.method.coordexp import coord_expectation, coordexp
+from coordexp_rl.method.losses import geo_loss, giou_loss, weighted_token_ce
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]  # fixture: tests/conftest.py
 

@@ -7,10 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from coordexp_rl.config import LossConfig
-from coordexp_rl.coordexp import coord_expectation
-from coordexp_rl.coords import CoordVocab
-from coordexp_rl.losses import (box_iou, coord_l1, coord_soft_ce, coord_terms, coord_w1, generalized_box_iou, geo_loss,
-                                giou_loss, l1_box_loss, position_weights, weighted_token_ce, weighted_total)
+from coordexp_rl.method.coordexp import coord_expectation
+from coordexp_rl.method.coords import CoordVocab
+from coordexp_rl.method.losses import (
+    box_iou,
+    coord_l1,
+    coord_soft_ce,
+    coord_terms,
+    coord_w1,
+    generalized_box_iou,
+    geo_loss,
+    giou_loss,
+    l1_box_loss,
+    position_weights,
+    weighted_token_ce,
+    weighted_total,
+)
 
 
 def naive_ce(hidden, W, targets, weights, bias=None):
@@ -48,7 +60,7 @@ def test_chunked_ce_matches_naive_value_and_gradients(chunk_size, with_bias):
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_fused_coord_logits_match_naive_gather_with_gradients(contiguous):
     # CE + a CoordExp loss on the same forward: value and gradients equal the full-logits way.
-    from coordexp_rl.coordexp import coord_expectation
+    from coordexp_rl.method.coordexp import coord_expectation
 
     torch.manual_seed(3)
     T, H, V, K = 9, 5, 60, 20

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from coordexp_rl.matching import MatchCurriculum, cost_matrix, geometry_terms, match_objects
+from coordexp_rl.method.matching import MatchCurriculum, cost_matrix, geometry_terms, match_objects
 
 CAT_GT, DOG_GT = (0.110, 0.310, 0.410, 0.705), (0.520, 0.285, 0.890, 0.660)  # SPEC 12, bins / 1000
 CAT_PRED, DOG_PRED = (0.120, 0.300, 0.420, 0.700), (0.500, 0.280, 0.880, 0.650)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from coordexp_rl.matching import MatchResult, match_objects
-from coordexp_rl.protocol import BoxObject
-from coordexp_rl.reorder import reorder_gt
+from coordexp_rl.method.matching import match_objects
+from coordexp_rl.method.protocol import BoxObject
+from coordexp_rl.method.reorder import reorder_gt
 
 CAT = BoxObject("black cat", (110, 310, 410, 705))
 DOG = BoxObject("yellow dog", (520, 285, 890, 660))

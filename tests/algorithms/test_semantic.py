@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from coordexp_rl.semantic import (MiniLMDistance, make_semantic_distance, normalise_text, text_distance,
-                                  text_distance_matrix)
+from coordexp_rl.method.semantic import (
+    MiniLMDistance,
+    make_semantic_distance,
+    normalise_text,
+    text_distance,
+    text_distance_matrix,
+)
 
 
 def test_normalise_and_text_distance_by_hand():

@@ -1,6 +1,6 @@
 import pytest
 
-from coordexp_rl.coords import COORD_TOKENS, STRUCTURE_TOKENS, CoordVocab
+from coordexp_rl.method.coords import COORD_TOKENS, STRUCTURE_TOKENS, CoordVocab
 
 
 @pytest.fixture(scope="session")

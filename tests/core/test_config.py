@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from coordexp_rl.config import Config, ConfigError, load_config
-from coordexp_rl.engine import EngineConfig, SamplingConfig
-from coordexp_rl.matching import MatchCurriculum
+from coordexp_rl.method.matching import MatchCurriculum
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
 
 
 def test_match_curriculum_takes_every_value_from_the_matching_section():
@@ -41,7 +41,7 @@ def test_sampling_takes_every_value_from_the_rollout_section():
 
 
 def test_infer_without_a_config_uses_the_config_defaults():
-    from coordexp_rl.infer_cli import add_arguments, resolve_settings
+    from coordexp_rl.tools.infer import add_arguments, resolve_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -1,7 +1,15 @@
 import pytest
 
-from coordexp_rl.coords import (NUM_BINS, bin_to_unit, bins_to_pixels, box_to_bins, coord_bin, coord_token,
-                                normalise_box, parse_coord_token)
+from coordexp_rl.method.coords import (
+    NUM_BINS,
+    bin_to_unit,
+    bins_to_pixels,
+    box_to_bins,
+    coord_bin,
+    coord_token,
+    normalise_box,
+    parse_coord_token,
+)
 
 
 @pytest.mark.parametrize("c, k", [
@@ -45,7 +53,7 @@ def test_vocab_on_real_qwen_ids(qwen_tokenizer, qwen_vocab):
 
 
 def test_vocab_names_the_fix_when_tokens_are_missing():
-    from coordexp_rl.coords import CoordVocab
+    from coordexp_rl.method.coords import CoordVocab
     from coordexp_rl.modeling.tokenizer import load_qwen_tokenizer
 
     with pytest.raises(ValueError, match="add-coord-tokens"):

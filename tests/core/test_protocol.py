@@ -4,9 +4,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordexp_rl.protocol import (COORD_COUNT, COORD_IN_DESC, EMPTY_DESC, INVERTED_BOX, MISSING_BOX, MISSING_DESC,
-                                  TRAILING_TOKENS, TRUNCATED, UNCLOSED, BoxObject, ProtocolError,
-                                  build_assistant_ids, canonical_order, parse_ids, random_order)
+from coordexp_rl.method.protocol import (
+    COORD_COUNT,
+    COORD_IN_DESC,
+    EMPTY_DESC,
+    INVERTED_BOX,
+    MISSING_BOX,
+    MISSING_DESC,
+    TRAILING_TOKENS,
+    TRUNCATED,
+    UNCLOSED,
+    BoxObject,
+    ProtocolError,
+    build_assistant_ids,
+    canonical_order,
+    parse_ids,
+    random_order,
+)
 
 CAT = BoxObject("black cat", (110, 310, 410, 705))
 DOG = BoxObject("yellow dog", (520, 285, 890, 660))

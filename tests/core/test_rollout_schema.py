@@ -7,10 +7,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from coordexp_rl.protocol import ParsedObject
-from coordexp_rl.rollout_schema import (
-    ROLLOUT_SCHEMA, SCHEMA_VERSION, VERSION_KEY, RolloutRow, SchemaError, batch_to_rows, check_schema,
-    concat_batches, empty_batch, rows_to_batch,
+from coordexp_rl.method.protocol import ParsedObject
+from coordexp_rl.rollout.schema import (
+    ROLLOUT_SCHEMA,
+    SCHEMA_VERSION,
+    VERSION_KEY,
+    RolloutRow,
+    SchemaError,
+    batch_to_rows,
+    check_schema,
+    concat_batches,
+    empty_batch,
+    rows_to_batch,
 )
 
 

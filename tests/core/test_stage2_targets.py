@@ -1,12 +1,12 @@
-"""The pure Stage-2 step (coordexp_rl/stage2_targets.py) on SPEC 12's worked example and its variants:
+"""The pure Stage-2 step (coordexp_rl/method/stage2_targets.py) on SPEC 12's worked example and its variants:
 token ids in, matched coord positions / GT coordinates / reordered GT / end-of-turn weight out."""
 
 import pytest
 
-from coordexp_rl.losses import position_weights
-from coordexp_rl.matching import MatchParams
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
-from coordexp_rl.stage2_targets import MatchSettings, stage2_targets
+from coordexp_rl.method.losses import position_weights
+from coordexp_rl.method.matching import MatchParams
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.method.stage2_targets import MatchSettings, stage2_targets
 
 CAT = BoxObject("black cat", (110, 310, 410, 705))
 DOG = BoxObject("yellow dog", (520, 285, 890, 660))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from coordexp_rl.bench.data import make_instances
 from coordexp_rl.cli import main
+from coordexp_rl.tools.bench.data import make_instances
 
 
 def test_instances_are_coco_shaped():

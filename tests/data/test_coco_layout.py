@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coordexp_rl.assets import prepare_assets
 from coordexp_rl.cli import main
 from coordexp_rl.config import load_config
 from coordexp_rl.data.coco_sample import make_coco_sample
 from coordexp_rl.data.loader import DataError, load_samples
+from coordexp_rl.driver.assets import prepare_assets
 from tests.data._util import read_jsonl
 
 

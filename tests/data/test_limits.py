@@ -9,12 +9,18 @@ import pytest
 from PIL import Image
 
 from coordexp_rl.config import ConfigError, load_config
-from coordexp_rl.data.limits import (check_prompt_budget, fit_targets, image_token_count, load_checked_samples,
-                                     prompt_token_counter, target_tokens)
+from coordexp_rl.data.limits import (
+    check_prompt_budget,
+    fit_targets,
+    image_token_count,
+    load_checked_samples,
+    prompt_token_counter,
+    target_tokens,
+)
 from coordexp_rl.data.loader import DataError, load_samples
+from coordexp_rl.method.protocol import build_assistant_ids
 from coordexp_rl.modeling.inputs import encode_prompt
 from coordexp_rl.modeling.load import load_processor
-from coordexp_rl.protocol import build_assistant_ids
 from tests.data._util import write_png
 
 PROMPT = "Detect all objects."
@@ -61,7 +67,7 @@ def test_prompt_over_max_model_len_names_line_sample_and_settings(processor, tmp
 
 
 def test_target_tokens_match_the_builder(processor, tmp_path):
-    from coordexp_rl.coords import CoordVocab
+    from coordexp_rl.method.coords import CoordVocab
 
     [s] = load_samples(_sample_file(tmp_path, [_rec(5, desc="traffic light")]))
     vocab = CoordVocab.from_tokenizer(processor.tokenizer)
@@ -103,13 +109,13 @@ def test_config_load_refuses_image_tokens_that_cannot_fit():
 
 def test_driver_logs_the_truncation_count_in_metrics(tiny_model_dir, tmp_path):
     """The launcher's data load (no Ray needed for it): truncated samples are counted in metrics.jsonl."""
-    from coordexp_rl.launch import Driver
+    from coordexp_rl.driver.driver import Driver
 
     path = _sample_file(tmp_path, [_rec(9, sid="many"), _rec(1, sid="one")])
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", f"data.val={path}",
                              "data.max_target_tokens=40", "data.too_many_objects=truncate",
                              f"run.out_dir={tmp_path / 'run'}"])
-    from coordexp_rl.run_log import RunLog
+    from coordexp_rl.driver.run_log import RunLog
 
     driver = Driver(cfg)
     driver.prepare()

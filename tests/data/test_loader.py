@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordexp_rl.data.loader import DataError, image_sha256, load_image, load_samples
-from coordexp_rl.protocol import BoxObject
+from coordexp_rl.method.protocol import BoxObject
 from tests.data._util import write_jsonl, write_png
 
 W, H = 640, 480

@@ -113,8 +113,8 @@ def test_cli_synth_then_validate(tmp_path: Path, capsys):
 @pytest.mark.parametrize("edge_prob", [0.0, 1.0])
 def test_config_edge_prob_reaches_the_generator(tmp_path: Path, monkeypatch, edge_prob):
     """data.synth_edge_prob: 1 pushes every shape against an image edge (bin 0 or 999 in its box)."""
-    from coordexp_rl.assets import synthetic_set
     from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import synthetic_set
 
     monkeypatch.setenv("COORDEXP_CACHE", str(tmp_path))
     cfg = load_config(None, ["data.synth_train=40", "data.synth_val=1", f"data.synth_edge_prob={edge_prob}"])

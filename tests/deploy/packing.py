@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from coordexp_rl.config import Config, load_config
-from coordexp_rl.placement import bundles as driver_bundles
+from coordexp_rl.driver.placement import bundles as driver_bundles
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from coordexp_rl import ablate
 from coordexp_rl.config import load_config
+from coordexp_rl.tools import ablate
 
 
 def _budget(name: str) -> int:

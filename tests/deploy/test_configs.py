@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from coordexp_rl.config import Config, load_config
-from coordexp_rl.launch import Driver
-from coordexp_rl.placement import placement_groups
+from coordexp_rl.driver.placement import placement_groups
 from tests.deploy.packing import CONFIGS, GPU_CONFIGS, ROOT, all_config_files, bundles, config, pack
 
 COCO_TRAIN_IMAGES = 118_287  # instances_train2017.json
@@ -154,7 +153,7 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
     """Stage-2 learns from rollouts; they must be what evaluation measures (greedy, no penalty)."""
     import dataclasses
 
-    from coordexp_rl.engine import SamplingConfig, evaluation_sampling
+    from coordexp_rl.rollout.engine import SamplingConfig, evaluation_sampling
 
     cfg = load_config(CONFIGS / name if name else None)
     rollout = dataclasses.replace(SamplingConfig.from_config(cfg.rollout), seed=None)  # a seed does not change greedy decoding

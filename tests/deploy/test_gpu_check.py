@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp_rl.gpu_check import STEPS, run_step
-from coordexp_rl.gpu_check.steps import gpu_test_files, junit_summary
+from coordexp_rl.tools.gpu_check import STEPS, run_step
+from coordexp_rl.tools.gpu_check.steps import gpu_test_files, junit_summary
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_NAMES = [name for name, _ in STEPS]

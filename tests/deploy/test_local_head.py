@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from coordexp_rl.local_head import _cluster_processes
+from coordexp_rl.tools.local_head import _cluster_processes
 
 # A process that starts one child, as the raylet starts the renamed ray:: workers.
 PARENT = [sys.executable, "-c", "import subprocess, sys, time; "

@@ -1,12 +1,19 @@
-"""The GPU configs' memory comments are what coordexp_rl/memory.py derives from their settings."""
+"""The GPU configs' memory comments are what coordexp_rl/tools/memory.py derives from their settings."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordexp_rl.config import load_config
-from coordexp_rl.memory import (GPU_GB, QWEN3VL, VOCAB_WITH_COORDS, budget_comment, count_params, engine_budget,
-                                learner_budget)
+from coordexp_rl.tools.memory import (
+    GPU_GB,
+    QWEN3VL,
+    VOCAB_WITH_COORDS,
+    budget_comment,
+    count_params,
+    engine_budget,
+    learner_budget,
+)
 from tests.deploy.packing import CONFIGS, GPU_CONFIGS
 
 

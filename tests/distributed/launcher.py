@@ -25,8 +25,8 @@ SMALL_RUN = ["stage1.steps=2", "stage2.steps=5", "stage2.sync_every=1", "buffer.
 def prepare_cache(cache: Path) -> Path:
     """Build the SMALL_RUN's assets (tiny model, synthetic set) into ``cache`` now: runs started together
     would each build them, on the same two cores."""
-    from coordexp_rl.assets import prepare_assets
     from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import prepare_assets
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("COORDEXP_CACHE", str(cache))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from coordexp_rl.config import load_config
-from coordexp_rl.launch import Driver
+from coordexp_rl.driver.driver import Driver
 
 pytestmark = pytest.mark.integration
 

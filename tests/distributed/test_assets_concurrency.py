@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordexp_rl.assets import _build_once
+from coordexp_rl.driver.assets import _build_once
 
 
 def _slow_build(folder: Path, barrier) -> None:
@@ -72,8 +72,8 @@ def _tiny_model_in_child(cache: str, barrier, results) -> None:
     from coordexp_rl.runtime import prepare_runtime
 
     prepare_runtime()  # a spawned child starts bare (the torchvision fix)
-    from coordexp_rl.assets import tiny_model
     from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import tiny_model
 
     cfg = load_config(None, [])
     barrier.wait(timeout=120)  # both start building the same model at once

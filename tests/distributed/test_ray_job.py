@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from coordexp_rl.local_head import RAY, ROOT, launch_job, local_ray_head, token_env
+from coordexp_rl.tools.local_head import RAY, ROOT, launch_job, local_ray_head, token_env
 
 pytestmark = pytest.mark.integration
 SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",

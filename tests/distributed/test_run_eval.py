@@ -11,8 +11,8 @@ from contextlib import closing
 
 import pytest
 
-from coordexp_rl.run_eval import Evaluations
-from coordexp_rl.run_log import RunLog
+from coordexp_rl.driver.evaluations import Evaluations
+from coordexp_rl.driver.run_log import RunLog
 
 
 @pytest.fixture
@@ -60,14 +60,14 @@ def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
     with closing(RunLog(tmp_path, tensorboard=False, resume_step=4)) as resumed:
         evals = Evaluations(never, resumed)
         assert evals.results == {"initial": {"mean_iou": 0.1}}
-        with caplog.at_level("INFO", logger="coordexp_rl.run_eval"):
+        with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
             evals.start("initial", 4)
             evals.wait()
             evals.once("initial", 4)
         assert "kept from before the resume" in caplog.text
     with closing(RunLog(tmp_path / "other", tensorboard=False, resume_step=5)) as fresh:
         evals = Evaluations(never, fresh)
-        with caplog.at_level("INFO", logger="coordexp_rl.run_eval"):
+        with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
             evals.start("initial", 5)
         assert evals.pending is None and "skipped (resumed at step 5" in caplog.text
     assert rows(tmp_path)[-1] == ("stage1", 4, None)

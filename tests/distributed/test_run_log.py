@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from coordexp_rl.run_log import RunLog
+from coordexp_rl.driver.run_log import RunLog
 
 
 def test_resume_rewinds_metrics_and_keeps_earlier_evaluations(tmp_path):

@@ -18,10 +18,10 @@ import pytest
 import ray
 import torch
 
-from actors.engine import EngineConfig, SamplingConfig
 from actors.rollout_actor import RolloutWorker
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_samples
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
 from tests.actors.conftest import PROMPT
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ class Predictor:
 
 def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_model_dir, synth_dir, tmp_path):
     from actors.buffer import RolloutBuffer
-    from actors.syncer import WeightSyncer
+    from coordexp_rl.driver.weight_sync import WeightSyncer
     from learner.group import LearnerGroup
 
     train = synth_dir / "train.jsonl"
@@ -133,7 +133,7 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
 @pytest.mark.parametrize("restarts", [1, 0])
 def test_an_evaluation_survives_a_dying_actor(ray_local, tmp_path, restarts):
     """Restarted: the shard runs again on the new process. No restarts left: another actor takes it."""
-    from actors.supervisor import predict_all
+    from coordexp_rl.driver.supervisor import predict_all
 
     marker = tmp_path / "die"
     marker.touch()

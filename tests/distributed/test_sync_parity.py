@@ -6,9 +6,9 @@ import torch
 from actors.rollout_actor import RolloutWorker
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_image, load_samples
-from coordexp_rl.engine import EngineConfig, SamplingConfig
 from coordexp_rl.modeling.inputs import collate, encode_example
-from coordexp_rl.weight_sync import ObjectStoreTransport
+from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
+from coordexp_rl.rollout.weight_transport import ObjectStoreTransport
 from learner.learner import Learner
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from coordexp_rl.weight_sync import (
-    Bucket, BroadcastTransport, ObjectStoreTransport, TensorSpec, WeightPayload, WeightSyncError,
-    init_weight_group, iter_buckets, pack_buckets, unpack_all, unpack_bucket,
+from coordexp_rl.rollout.weight_transport import (
+    BroadcastTransport,
+    Bucket,
+    ObjectStoreTransport,
+    TensorSpec,
+    WeightPayload,
+    WeightSyncError,
+    init_weight_group,
+    iter_buckets,
+    pack_buckets,
+    unpack_all,
+    unpack_bucket,
 )
 from learner.distributed import free_port
 

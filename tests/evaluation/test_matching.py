@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from coordexp_rl.evaluation.matching import iou_matrix, match_one_to_one
+from coordexp_rl.evaluation.greedy_match import iou_matrix, match_one_to_one
 
 
 def test_iou_of_known_boxes():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp_rl.protocol import BoxObject
+from coordexp_rl.method.protocol import BoxObject
 from coordexp_rl.runtime import prepare_runtime
 
 prepare_runtime()
@@ -29,9 +29,9 @@ def teach(model_dir: Path, out: Path, images, steps: int = 40, lr: float = 1e-2)
     """Copy ``model_dir`` to ``out`` and fit its language model to answer ``TAUGHT`` to any image."""
     from safetensors.torch import load_file, save_file
 
+    from coordexp_rl.method.protocol import build_assistant_ids
     from coordexp_rl.modeling.inputs import collate, encode_example
     from coordexp_rl.modeling.load import load_model_and_processor
-    from coordexp_rl.protocol import build_assistant_ids
 
     shutil.copytree(model_dir, out)
     model, processor, vocab = load_model_and_processor(out)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from coordexp_rl.cli import main
-from coordexp_rl.coords import bins_to_pixels
+from coordexp_rl.method.coords import bins_to_pixels
 from tests.inference.conftest import PROMPT, TAUGHT, read_jsonl, write_subset
 
 FIELDS = {"images", "width", "height", "objects", "sample_id", "parse_status", "parse_reasons", "finish_reason"}

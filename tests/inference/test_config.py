@@ -8,9 +8,9 @@ import yaml
 
 from coordexp_rl.cli import main
 from coordexp_rl.config import Config, load_config
-from coordexp_rl.engine import EngineConfig
-from coordexp_rl.infer_cli import add_arguments, resolve_settings
-from coordexp_rl.inference import predict
+from coordexp_rl.rollout.engine import EngineConfig
+from coordexp_rl.rollout.predict import predict
+from coordexp_rl.tools.infer import add_arguments, resolve_settings
 from tests.inference.conftest import PROMPT, read_jsonl, write_subset
 
 RUN = {"model": {"dtype": "float32"},
@@ -48,7 +48,7 @@ def test_settings_come_from_the_config_and_flags_win(tmp_path, synth_dir):
 
 
 def test_infer_with_config_equals_the_in_run_evaluation(taught_dir, synth_dir, tmp_path):
-    from actors.engine import make_engine
+    from actors.engines import make_engine
     from coordexp_rl.data.loader import load_samples
 
     cfg_path = write_config(tmp_path / "run.yaml", synth_dir)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from actors.engine import make_engine
-from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
+from actors.engines import make_engine
 from coordexp_rl.modeling.inputs import encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor, load_processor
+from coordexp_rl.rollout.engine import EngineConfig, GenerationRequest, SamplingConfig
 
 PROMPT = "Detect all objects."
 MAX_PIXELS, MIN_PIXELS = 128 * 128, 32 * 32 * 3  # folder's: 256 * 256 and 32 * 32 * 4

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from actors.engine import make_engine
+from actors.engines import make_engine
 from coordexp_rl.data.loader import load_image, load_samples
-from coordexp_rl.engine import DecoderModel, EngineConfig, GenerationRequest, SamplingConfig
-from coordexp_rl.inference import predict
-from coordexp_rl.protocol import parse_ids
+from coordexp_rl.method.protocol import parse_ids
+from coordexp_rl.rollout.engine import DecoderModel, EngineConfig, GenerationRequest, SamplingConfig
+from coordexp_rl.rollout.predict import predict
 from tests.inference.conftest import PROMPT, TAUGHT
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from coordexp_rl.coords import CoordVocab
 from coordexp_rl.data.loader import Sample
-from coordexp_rl.engine import GenerationResult
 from coordexp_rl.evaluation.records import to_image_record
-from coordexp_rl.inference import desc_positions, mean_prob, prediction_record
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.method.coords import CoordVocab
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, parse_ids
+from coordexp_rl.rollout.engine import GenerationResult
+from coordexp_rl.rollout.predict import desc_positions, mean_prob, prediction_record
 
 OBJECTS = [BoxObject("red circle", (100, 200, 300, 400)), BoxObject("cat", (0, 500, 999, 999))]
 COORD_P = [[0.9, 0.8, 0.7, 0.6], [0.5, 0.5, 0.5, 0.5]]  # per object, the 4 coord tokens' probabilities

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coordexp_rl.inference import resume_done_ids, write_predictions
+from coordexp_rl.rollout.predict import resume_done_ids, write_predictions
 
 
 def line(i: int, status: str = "ok") -> str:

@@ -13,8 +13,7 @@ import torch
 
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_samples
-from learner.checkpoint import (MARKER, CheckpointError, complete_checkpoints, latest_checkpoint,
-                                prune_checkpoints)
+from learner.checkpoint import MARKER, CheckpointError, complete_checkpoints, latest_checkpoint, prune_checkpoints
 from learner.learner import Learner
 
 

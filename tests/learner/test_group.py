@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_samples
-from coordexp_rl.rollout_schema import rows_to_batch
-from coordexp_rl.weight_sync import unpack_all
+from coordexp_rl.rollout.schema import rows_to_batch
+from coordexp_rl.rollout.weight_transport import unpack_all
 from tests.learner.test_multirank import OVERRIDES, TOL, make_rows
 
 pytestmark = pytest.mark.integration

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from coordexp_rl.config import load_config
-from coordexp_rl.coords import bin_to_unit
 from coordexp_rl.data.loader import load_image, load_samples
+from coordexp_rl.method.coords import bin_to_unit
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, canonical_order, parse_ids
 from coordexp_rl.modeling.inputs import encode_prompt
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, canonical_order, parse_ids
-from coordexp_rl.rollout_schema import RolloutRow
+from coordexp_rl.rollout.schema import RolloutRow
 from learner.learner import Learner, PromptMismatchError
 
 

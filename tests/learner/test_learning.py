@@ -5,13 +5,13 @@ import torch
 
 from actors.hf_engine import HFEngine
 from coordexp_rl.config import load_config
-from coordexp_rl.coords import bin_to_unit
 from coordexp_rl.data.loader import load_image, load_samples
 from coordexp_rl.data.stream import BatchStream
-from coordexp_rl.engine import EngineConfig, GenerationRequest, SamplingConfig
-from coordexp_rl.matching import match_objects
-from coordexp_rl.protocol import parse_ids
-from coordexp_rl.rollout_schema import RolloutRow
+from coordexp_rl.method.coords import bin_to_unit
+from coordexp_rl.method.matching import match_objects
+from coordexp_rl.method.protocol import parse_ids
+from coordexp_rl.rollout.engine import EngineConfig, GenerationRequest, SamplingConfig
+from coordexp_rl.rollout.schema import RolloutRow
 from learner.learner import Learner
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from coordexp_rl.config import load_config
 from coordexp_rl.data.loader import load_samples
-from coordexp_rl.protocol import BoxObject
+from coordexp_rl.method.protocol import BoxObject
 from learner.distributed import ParallelPlan, free_port, split
 from learner.learner import Learner
 from tests.learner.test_learner import rollout_of

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from coordexp_rl import cli
-from coordexp_rl.coords import COORD_TOKENS, NUM_BINS, STRUCTURE_TOKENS, CoordVocab
+from coordexp_rl.method.coords import COORD_TOKENS, NUM_BINS, STRUCTURE_TOKENS, CoordVocab
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, parse_ids
 from coordexp_rl.modeling.coord_tokens import add_coord_tokens, ordinal_rows
 from coordexp_rl.modeling.tiny import TinySize, tiny_config
 from coordexp_rl.modeling.tokenizer import build_local_tokenizer
-from coordexp_rl.protocol import BoxObject, build_assistant_ids, parse_ids
 
 
 @pytest.fixture(scope="module")

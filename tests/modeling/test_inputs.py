@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from coordexp_rl.method.protocol import BoxObject, build_assistant_ids
 from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt, render_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
-from coordexp_rl.protocol import BoxObject, build_assistant_ids
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from coordexp_rl.modeling.load import linear_patch_embed, load_model_and_processor
+from coordexp_rl.modeling.load import load_model_and_processor
 
 
 def test_linear_patch_embed_matches_the_conv(tiny_model_dir):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from coordexp_rl import cli
-from coordexp_rl.coords import NUM_BINS, STRUCTURE_TOKENS
+from coordexp_rl.method.coords import NUM_BINS, STRUCTURE_TOKENS
 from coordexp_rl.modeling.inputs import encode_prompt
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.modeling.tiny import make_tiny_model

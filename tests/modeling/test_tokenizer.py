@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordexp_rl.modeling.tokenizer import (CHAT_TEMPLATE, COLOURS, QWEN_SPECIAL_TOKENS, SHAPES,
-                                            build_local_tokenizer)
+from coordexp_rl.modeling.tokenizer import CHAT_TEMPLATE, COLOURS, QWEN_SPECIAL_TOKENS, SHAPES, build_local_tokenizer
 
 RENDERED = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Detect.<|im_end|>\n"
             "<|im_start|>assistant\n")

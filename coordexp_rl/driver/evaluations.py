@@ -1,0 +1,110 @@
+"""The driver's evaluation: greedy predictions from the rollout actors (their current weights), scored.
+
+Called by ``coordexp_rl.launch`` beside Stage-1 (the initial weights: the actors are idle until the first
+sync), after Stage-1 and after Stage-2; writes the folder ``eval/<label>/`` (predictions, metrics.json,
+plots, box overlays, report.md). ``Evaluations`` keeps them by label in the run log; ``results_table`` is
+the run's report table over them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+HEADLINE = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "object_prob/mAP"),
+            ("AP50 (constant)", "constant/AP50"), ("AP50 (coord prob)", "coord_prob/AP50"), ("F1@0.5", "f1@0.5/f1"),
+            ("mean IoU", "mean_iou"), ("mean IoU (class-agnostic)", "mean_iou_class_agnostic"),
+            ("parse failures", "parse_failure_rate")]
+
+
+def predict_on_actors(actors: list, samples: list, on_gone=lambda: None) -> list[dict]:
+    """Prediction records for ``samples``, in order: every actor predicts its every-n-th share; a dead
+    actor's share is retried (``coordexp_rl.driver.supervisor.predict_all``; ``on_gone`` runs when one is seen gone)."""
+    from coordexp_rl.driver.supervisor import predict_all
+
+    shards = [samples[i::len(actors)] for i in range(len(actors))]
+    by_id = {p["sample_id"]: p for p in predict_all(actors, shards, on_gone=on_gone)}
+    return [by_id[s.sample_id] for s in samples]
+
+
+def evaluate_on_actors(actors: list, samples: list, gt_path: Path, image_root: Path, folder: Path,
+                       on_gone=lambda: None) -> dict:
+    """Predict ``samples`` (the first of ``gt_path``'s records), score, write ``folder``; the headline metrics.
+    ``on_gone``: see ``predict_on_actors``."""
+    from coordexp_rl.evaluation.metrics import evaluate_paired
+    from coordexp_rl.evaluation.records import load_jsonl, pair_records
+    from coordexp_rl.evaluation.report import summary, write_outputs
+
+    gts = load_jsonl(gt_path)[: len(samples)]
+    preds = predict_on_actors(actors, samples, on_gone)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    gt_records, pred_records = pair_records(gts, preds)
+    metrics = evaluate_paired(gt_records, pred_records, score_modes=("constant", "coord_prob", "object_prob"))
+    # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
+    write_outputs(metrics, gt_records, pred_records, folder, image_root)
+    return summary(metrics)
+
+
+class Evaluations:
+    """The run's evaluations by label: ``score(label)`` (the headline metrics of the actors' weights) logged
+    to the run log as an ``eval`` row. Those kept from before a resume are not redone."""
+
+    def __init__(self, score: Callable[[str], dict], run_log):
+        self.score, self.log = score, run_log
+        self.results: dict[str, dict] = run_log.evaluations()
+        self.pending: tuple[threading.Thread, list] | None = None
+
+    def once(self, label: str, step: int) -> None:
+        if label in self.results:
+            log.info("eval %s: kept from before the resume", label)
+            return
+        headline = self.score(label)
+        self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
+        log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
+                                                                     "mean_iou", "parse_failure_rate")})
+        self.results[label] = headline
+
+    def start(self, label: str, step: int) -> None:
+        """``once`` in a thread while the learner trains; ``wait`` (before the weights change) joins it and
+        raises its error. Logged as soon as scored, so a run stopped meanwhile keeps it. Skipped past step 0
+        (a resumed run's actors hold a checkpoint's weights, not the initial ones)."""
+        if step > 0 and label not in self.results:
+            log.info("eval %s: skipped (resumed at step %d, past the initial weights)", label, step)
+            return
+        errors: list[BaseException] = []
+
+        def body():
+            try:
+                self.once(label, step)
+            except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread by wait()
+                errors.append(exc)
+
+        self.pending = (threading.Thread(target=body, name=f"eval-{label}", daemon=True), errors)
+        self.pending[0].start()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        (thread, errors), self.pending = self.pending, None
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A Markdown table: one row per evaluation label, the HEADLINE columns ("n/a" where missing).
+
+    >>> print(results_table({"initial": {"mean_iou": 0.5}}).splitlines()[2].split(" | ")[6])
+    0.5000
+    """
+    lines = ["| after | " + " | ".join(c for c, _ in HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for label, r in results.items():
+        cells = (r.get(k) for _, k in HEADLINE)
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""One Stage-2 sample's targets (SPEC 6.1-7.2), pure: parsed rollout + GT -> what the two forwards learn.
+
+    parsed rollout objects, GT objects
+      -> cost and Hungarian assignment (SPEC 6.1 step 3-4, over the GT in canonical order)
+      -> gate (step 5): which assigned pairs feed the geometric loss
+      -> self-context targets (SPEC 7.1): the gated pairs' coord positions in the rollout, GT coordinates
+      -> reordered GT (SPEC 7.2 step 11): GT j at the place of its assigned prediction i, unassigned GT
+         appended in canonical order; end-of-turn weight ``extra_eos_weight`` when the rollout has more
+         objects than the GT (SPEC 14.3), else ``eos_weight``
+
+No model, no Ray: the Learner only turns the result into token sequences for its forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from coordexp_rl.method.coords import bin_to_unit
+from coordexp_rl.method.matching import MatchParams, MatchResult, match_objects
+from coordexp_rl.method.protocol import BoxObject, ParsedObject, canonical_order
+from coordexp_rl.method.reorder import reorder_gt
+from coordexp_rl.method.semantic import SemanticDistance, text_distance_matrix
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    """The fixed part of matching (config ``matching``); the curriculum supplies ``MatchParams``."""
+
+    lambda_geo: float = 1.0
+    overlap: str = "giou"
+    missing_policy: str = "append"
+    eos_weight: float = 1.0
+    extra_eos_weight: float = 2.0
+    semantic: SemanticDistance = field(default=text_distance_matrix, compare=False)
+
+
+@dataclass
+class Stage2Targets:
+    match: MatchResult  # over the canonical GT list: pairs (gated in), rejected (gated out)
+    coord_positions: list[int]  # positions in the rollout's generated ids, 4 per gated pair (x1 y1 x2 y2)
+    coord_targets: list[float]  # the matched GT coordinate in [0, 1] for each position
+    gt_objects: list[BoxObject]  # the reordered GT, the target of the CE forward
+    eos_weight: float  # CE weight of the reordered GT's end of turn
+
+    @property
+    def stats(self) -> dict[str, float]:
+        m = self.match
+        return {"matched": float(len(m.pairs)), "rejected": float(len(m.rejected)),
+                "missed": float(m.num_gt - len(m.assignment)), "extra": float(m.num_pred - len(m.assignment))}
+
+
+def stage2_targets(pred: Sequence[ParsedObject], gt: Sequence[BoxObject], params: MatchParams,
+                   settings: MatchSettings = MatchSettings()) -> Stage2Targets:
+    """Targets of one rollout (``pred``: its parsed objects, ``coord_positions`` into the generated ids)
+    against its GT objects (any order; canonicalised here). See the module docstring."""
+    gt = canonical_order(gt)
+    match = match_objects(
+        [[bin_to_unit(b) for b in o.bins] for o in pred], [[bin_to_unit(b) for b in o.bins] for o in gt],
+        [o.desc for o in pred], [o.desc for o in gt], lambda_geo=settings.lambda_geo,
+        lambda_sem=params.lambda_sem, overlap=settings.overlap, iou_thr=params.iou_thr, l1_thr=params.l1_thr,
+        semantic=settings.semantic)
+    positions: list[int] = []
+    targets: list[float] = []
+    for i, j in match.pairs:
+        positions += list(pred[i].coord_positions)
+        targets += [bin_to_unit(b) for b in gt[j].bins]
+    reordered = reorder_gt(gt, match, settings.missing_policy)
+    eos = settings.extra_eos_weight if reordered.over_generated else settings.eos_weight
+    return Stage2Targets(match, positions, targets, reordered.objects, eos)

@@ -1,0 +1,124 @@
+"""GPU memory arithmetic for the shipped Qwen3-VL configs: the figures their comments quote, derived here.
+
+``budget_comment(cfg)`` renders the memory block that each GPU config carries verbatim; a test checks the
+file against it, so a comment cannot drift from the settings. Everything here is arithmetic from the
+model's config numbers and the run's settings; none of it is measured on a GPU.
+
+Learner (per rank, FSDP2 over ``learner.world_size`` ranks, learner/distributed.py): parameters stay
+float32 (master weights), so each parameter costs 4 B of weights, each trainable one 4 B of gradient and
+8 B of AdamW moments, all divided by the ranks. On top: what FSDP unshards at a time (the root group, i.e.
+embeddings, LM head and the other parameters outside the per-layer groups, for the whole step, with its
+gradients; two decoder layers with prefetch) and activations of one micro-batch. Activations use
+Korthikanti et al.'s ~34 B per token per hidden unit per decoder layer (bf16 autocast, flash-style
+attention without the s^2 term); with activation checkpointing only each layer's float32 input is kept,
+plus one layer being recomputed. Stage-2 forwards two sequences per rollout (self-context + reordered GT).
+
+>>> round(count_params(QWEN3VL["8b"])["text"] / 1e9, 2)
+8.2
+"""
+
+from __future__ import annotations
+
+GB = 1e9
+GPU_GB = 80  # A100 / H100 80 GB
+CUDA_OVERHEAD_GB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation: an assumption, not measured
+ACT_BYTES = 34  # per token x hidden x decoder layer, no checkpointing (bf16; see the docstring)
+
+# Config numbers of the released checkpoints (config.json), plus the rows that `add-coord-tokens` adds:
+# 151,669 tokens + 1,000 coord + 6 structure = 152,675 (the checkpoints' own 151,936 rows are padding).
+VOCAB_WITH_COORDS = 152_675
+QWEN3VL = {
+    "2b": {"name": "Qwen3-VL-2B",
+           "text": dict(hidden=2048, layers=28, intermediate=6144, heads=16, kv_heads=8, head_dim=128, tied=True),
+           "vision": dict(depth=24, hidden=1024, intermediate=4096, out_hidden=2048, deepstack=3, positions=2304)},
+    "8b": {"name": "Qwen3-VL-8B",
+           "text": dict(hidden=4096, layers=36, intermediate=12288, heads=32, kv_heads=8, head_dim=128, tied=False),
+           "vision": dict(depth=27, hidden=1152, intermediate=4304, out_hidden=4096, deepstack=3, positions=2304)},
+}
+PATCH_VOXELS = 3 * 2 * 16 * 16  # RGB x temporal patch 2 x 16 x 16 px: the patch embedding's input
+MERGE = 4  # spatial merge 2 x 2: the merger sees 4 vision tokens at once
+
+
+def count_params(spec: dict, vocab: int = VOCAB_WITH_COORDS) -> dict[str, int]:
+    """Parameter counts of a Qwen3-VL from its config numbers: text, vision, and the pieces FSDP needs."""
+    t, v = spec["text"], spec["vision"]
+    h, q, kv = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"]
+    layer = h * q + 2 * h * kv + q * h + 2 * t["head_dim"] + 3 * h * t["intermediate"] + 2 * h
+    embed = vocab * h
+    root_text = embed * (1 if t["tied"] else 2) + h  # embeddings, LM head, final norm
+    d, i, m = v["hidden"], v["intermediate"], v["hidden"] * MERGE
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * i + i) + (i * d + d)
+    merger = m * m + m + m * v["out_hidden"] + v["out_hidden"]
+    root_vision = (PATCH_VOXELS * d + d) + v["positions"] * d + (2 * d + merger) + v["deepstack"] * (2 * m + merger)
+    text = t["layers"] * layer + root_text
+    vision = v["depth"] * block + root_vision
+    return {"text": text, "vision": vision, "total": text + vision, "layer": layer, "embed": embed,
+            "root_text": root_text, "root_vision": root_vision}
+
+
+def model_key(cfg) -> str:
+    """Which released model a config trains, from its model.path (".../Qwen3-VL-8B-...")."""
+    for key, spec in QWEN3VL.items():
+        if spec["name"].lower() in cfg.model.path.lower():
+            return key
+    raise ValueError(f"model.path {cfg.model.path!r} names none of {[s['name'] for s in QWEN3VL.values()]}")
+
+
+def learner_budget(cfg) -> dict[str, float]:
+    """Bytes per learner rank (GB) for a config; keys as in ``budget_comment``."""
+    spec = QWEN3VL[model_key(cfg)]
+    t, lr = spec["text"], cfg.learner
+    p = count_params(spec)
+    trainable = p["text"] if cfg.model.freeze_vision else p["total"]
+    w = lr.world_size if lr.sharding == "fsdp" else 1
+    micro = cfg.optim.batch_size // (lr.world_size * lr.accum_steps)
+    tokens = 2 * micro * cfg.rollout.max_model_len  # Stage-2: self-context + reordered GT per rollout
+    per_layer = tokens * t["hidden"] * ACT_BYTES
+    if lr.activation_checkpointing:
+        acts = t["layers"] * tokens * t["hidden"] * 4 + per_layer  # fp32 layer inputs + one layer recomputed
+    else:
+        acts = t["layers"] * per_layer
+    ce = cfg.loss.ce_chunk_size * VOCAB_WITH_COORDS * 4 * 3  # fp32 logits, their softmax and gradient
+    out = {"micro": micro, "tokens": tokens, "weights": 4 * p["total"] / w / GB, "grads": 4 * trainable / w / GB,
+           "adam": 8 * trainable / w / GB, "activations": (acts + ce + tokens * t["hidden"] * 4) / GB}
+    out["sharded"] = out["weights"] + out["grads"] + out["adam"]
+    # Unsharded at a time under FSDP: the root group with its gradients, and 2 layers (prefetch) + 1 layer's grads.
+    out["unsharded"] = (8 * p["root_text"] + 4 * p["root_vision"] + 12 * p["layer"]) / GB if w > 1 else 0.0
+    out["total"] = out["sharded"] + out["unsharded"] + out["activations"] + CUDA_OVERHEAD_GB
+    return out
+
+
+def engine_budget(cfg) -> dict[str, float]:
+    """One rollout engine's GPU memory (GB): bf16 weights and the KV cache its concurrency needs."""
+    spec = QWEN3VL[model_key(cfg)]
+    t, r = spec["text"], cfg.rollout
+    kv_per_token = 2 * t["layers"] * t["kv_heads"] * t["head_dim"] * 2  # k and v, bf16
+    weights = 2 * count_params(spec)["total"] / GB
+    kv = r.max_num_seqs * r.max_model_len * kv_per_token / GB
+    return {"weights": weights, "kv_per_token_kib": kv_per_token / 1024, "kv": kv, "total": weights + kv,
+            "limit": r.gpu_memory_utilization * GPU_GB}
+
+
+def budget_comment(cfg) -> str:
+    """The memory block of a GPU config (tests/deploy/test_memory_budget.py finds it in the file verbatim)."""
+    spec = QWEN3VL[model_key(cfg)]
+    p, lb, eb, lr = count_params(spec), learner_budget(cfg), engine_budget(cfg), cfg.learner
+    b = lambda x: f"{x / 1e9:.2f} B"  # noqa: E731
+    frozen = " (vision frozen)" if cfg.model.freeze_vision else ""
+    return "\n".join([
+        "# Memory, derived by coordexp_rl/tools/memory.py from the settings below (a test checks this block; nothing",
+        "# here is measured on a GPU):",
+        f"#   {spec['name']}: {b(p['total'])} params (text {b(p['text'])}, vision {b(p['vision'])}), "
+        f"{'tied' if spec['text']['tied'] else 'untied'} LM head, vocab {VOCAB_WITH_COORDS:,} with coord tokens",
+        f"#   learner, per rank of {lr.world_size} ({lr.sharding}): fp32 weights {lb['weights']:.1f} GB + fp32 grads"
+        f"{frozen} {lb['grads']:.1f} GB + AdamW m,v {lb['adam']:.1f} GB = {lb['sharded']:.1f} GB;",
+        f"#     unsharded at a time (root group + grads, 2 layers + 1 layer's grads) {lb['unsharded']:.1f} GB;",
+        f"#     activations of {lb['micro']} rollout(s) per micro-batch x 2 sequences x {cfg.rollout.max_model_len:,} "
+        f"tokens{' (checkpointed)' if lr.activation_checkpointing else ''} {lb['activations']:.1f} GB;",
+        f"#     + {CUDA_OVERHEAD_GB:.0f} GB CUDA/NCCL (assumed) = ~{lb['total']:.0f} GB of {GPU_GB} GB",
+        f"#   rollout engine, per GPU: bf16 weights {eb['weights']:.1f} GB + KV {cfg.rollout.max_num_seqs} seqs x "
+        f"{cfg.rollout.max_model_len:,} tokens x {eb['kv_per_token_kib']:.0f} KiB = {eb['kv']:.1f} GB; "
+        f"= {eb['total']:.1f} GB of {eb['limit']:.0f} GB ({cfg.rollout.gpu_memory_utilization} x {GPU_GB})",
+        f"#   weight sync: {eb['weights']:.1f} GB of bf16 per engine"
+        + (f", {2 * p['text'] / GB:.1f} GB once the frozen vision tower is there" if cfg.model.freeze_vision else ""),
+    ])
