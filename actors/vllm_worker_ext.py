@@ -5,7 +5,7 @@ mixes the class into its worker, so ``self`` is the worker (``self.model_runner`
 Called as ``llm.collective_rpc("reload_weights_from", args=(named_tensors, omitted_names))``.
 
 Why ``reload_weights`` and not ``model.load_weights``: the CPU backend repacks linear weights after the
-first load, so a second ``load_weights`` fails (shared/CPU_STACK.md). ``reload_weights`` restores the
+first load, so a second ``load_weights`` fails (docs/PLATFORM.md). ``reload_weights`` restores the
 checkpoint layout layer by layer, loads, and re-runs the post-load processing.
 
 Why we validate first: ``reload_weights`` moves each layer to the meta device and materialises it only

@@ -2,6 +2,10 @@
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported
 only when their command runs, so `coordexp-rl --help` stays fast.
+
+A config or data error (``ConfigError``, ``DataError``: something the user fixes in a config or a data
+file) ends any command with its message on stderr and exit code 2, no traceback; ``--debug`` (anywhere on
+the command line) prints the traceback too.
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny-model": ("coordexp_rl.modeling.tiny", "build the tiny offline Qwen3-VL used by tests and the default run"),
-    "add-coord-tokens": ("coordexp_rl.modeling.coord_tokens", "add and initialise the 1000 coord tokens in a Qwen3-VL folder"),
+    "make-tiny-model": ("coordexp_rl.modeling.tiny",
+                        "build the tiny offline Qwen3-VL used by tests and the default run"),
+    "add-coord-tokens": ("coordexp_rl.modeling.coord_tokens",
+                         "add and initialise the 1000 coord tokens in a Qwen3-VL folder"),
     "synth": ("coordexp_rl.data.synth", "write the synthetic shapes detection set (PNG + JSONL)"),
     "validate": ("coordexp_rl.data.validate", "check a JSONL file against the data contract"),
     "convert": ("coordexp_rl.data.convert", "convert COCO / Pascal VOC / RefCOCO annotations to contract JSONL"),
@@ -25,10 +32,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gpu-check": ("coordexp_rl.tools.gpu_check", "the prepared GPU check: CUDA paths step by step, JSON lines"),
 }
 
+USER_ERROR_EXIT = 2  # config and data errors (argparse's usage errors exit 2 as well)
+
+
+def user_error(exc: BaseException) -> tuple[str, BaseException] | None:
+    """``("config error" | "data error", the error)`` when ``exc`` is one the user fixes in a config or
+    data file, else None. A Ray task's error that wraps one (``RayTaskError``) counts as its cause."""
+    from coordexp_rl.config import ConfigError
+    from coordexp_rl.data.loader import DataError
+    from coordexp_rl.data.paths import ImagePathError
+
+    ray_exceptions = sys.modules.get("ray.exceptions")  # only where Ray is in use already
+    if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, ConfigError):
+        return "config error", exc
+    if isinstance(exc, (DataError, ImagePathError)):
+        return "data error", exc
+    return None
+
+
+def report_user_error(exc: BaseException, debug: bool = False) -> int | None:
+    """For a config or data error: its message on stderr (after the traceback with ``debug``) and the exit
+    code; None for any other error (the caller re-raises it)."""
+    found = user_error(exc)
+    if found is None:
+        return None
+    kind, cause = found
+    if debug:
+        traceback.print_exception(exc)
+    print(f"{kind}: {cause}", file=sys.stderr)
+    return USER_ERROR_EXIT
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="coordexp-rl", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of config and data errors too (accepted anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -43,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"coordexp-rl {name}", description=module.__doc__)
     module.add_arguments(command_parser)
-    return int(module.run(command_parser.parse_args(rest)) or 0)
+    args = command_parser.parse_args(rest)
+    args.debug = debug or getattr(args, "debug", False)  # the launcher's own handler reads it too
+    try:
+        return int(module.run(args) or 0)
+    except Exception as exc:
+        code = report_user_error(exc, args.debug)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

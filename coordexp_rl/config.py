@@ -44,7 +44,7 @@ class DataConfig(_Section):
     # GT assistant tokens per sample: N objects take N x (10 + description tokens) + 1 (end of turn).
     max_target_tokens: int = 0  # 0 = rollout.max_new_tokens (a GT the rollout could not write either)
     too_many_objects: Literal["error", "truncate"] = "error"  # truncate: keep whole objects, counted in metrics
-    skip_bbox_norm: bool = False  # records hold "<|coord_k|>" strings already (SPEC 3.2)
+    skip_bbox_norm: bool = False  # records hold "<|coord_k|>" strings already (METHOD 3.2)
     prompt: str = DEFAULT_PROMPT
     # The synthetic set built when train is "" (coordexp_rl/data/synth.py): 1-3 shapes of 3 colours x 3
     # kinds (9 descriptions), 20-40 % of the side, on plain backgrounds.
@@ -60,11 +60,15 @@ class DataConfig(_Section):
     synth_background: Literal["plain", "noisy", "mixed"] = "plain"
     synth_colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue"])
     synth_shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
+    # Dense scenes (configs/dense_cpu.yaml; null / 0 = off, the default's set is drawn as before): shapes
+    # touch and overlap up to this IoU between any two boxes, and each image's objects repeat N descriptions.
+    synth_max_pair_iou: float | None = None
+    synth_distinct_descs: int = 0
 
 
 class CoordExpConfig(_Section):
     tau_start: float = 1.0  # softmax temperature over the 1000 coord logits
-    tau_end: float = 1.0  # annealed linearly to this over anneal_steps (SPEC 2.5)
+    tau_end: float = 1.0  # annealed linearly to this over anneal_steps (METHOD 2.5)
     anneal_steps: int = 0
     top_k: int = 0  # 0 = plain expectation; k > 0 = expectation over the k most probable bins
 
@@ -75,29 +79,29 @@ class LossConfig(_Section):
     # unit of CE weight. An object of 2 description tokens costs W = 2 desc_weight + 6 + 4 (1 +
     # lambda_coord_ce) (+ the end of turn once per image).
     desc_weight: float = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages
-    lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (SPEC 5.3 / 8)
+    lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (METHOD 5.3 / 8)
     lambda_coord_ce_stage2: float | None = None  # the same in Stage-2's reordered-GT CE; None = lambda_coord_ce
-    lambda_l1: float = 4.0  # Stage-1 CoordExp L1, summed over GT coord positions (SPEC 5.3)
+    lambda_l1: float = 4.0  # Stage-1 CoordExp L1, summed over GT coord positions (METHOD 5.3)
     lambda_giou: float = 8.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
     lambda_soft_ce: float = 0.0  # Stage-1 soft CE over neighbouring bins, summed over coord positions
     soft_ce_sigma: float = 2.0  # its Gaussian width in bins
     lambda_w1: float = 0.0  # Stage-1 Wasserstein-1 to the target bin, summed over coord positions
-    lambda_geo: float = 4.0  # Stage-2 self-context geometric loss, summed over gated pairs (SPEC 8)
+    lambda_geo: float = 4.0  # Stage-2 self-context geometric loss, summed over gated pairs (METHOD 8)
     alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU + inversion);
     beta_giou: float = 2.0  # with lambda_geo 4 this equals Stage-1's 4 L1 + 8 GIoU per box
     lambda_entropy: float = 0.0  # entropy regulariser on coord distributions
     eos_weight: float = 1.0  # CE weight of the end-of-turn token
-    extra_eos_weight: float = 2.0  # EOS weight when the rollout has more objects than the GT (SPEC 14.3)
+    extra_eos_weight: float = 2.0  # EOS weight when the rollout has more objects than the GT (METHOD 14.3)
     ce_chunk_size: int = 256  # positions per chunk: full-vocab logits never exist for the whole sequence
 
 
 class MatchingConfig(_Section):
     geometry: Literal["giou", "iou"] = "giou"
-    lambda_geo: float = 1.0
+    geo_cost_weight: float = 1.0  # weight of the geometric cost (L1 + 1 - GIoU) in the Hungarian cost
     semantic: Literal["text", "minilm"] = "text"  # cheap normalised text, or the frozen MiniLM encoder
-    lambda_sem_start: float = 0.0  # curriculum: geometry-only and strict first (SPEC 11)
-    lambda_sem_end: float = 0.5
-    # Gate (SPEC 6.1 step 5): a pair feeds the geometric loss if IoU > iou_thr or mean L1 < l1_thr. Both
+    sem_cost_weight_start: float = 0.0  # curriculum: geometry-only and strict first (METHOD 11)
+    sem_cost_weight_end: float = 0.5
+    # Gate (METHOD 6.1 step 5): a pair feeds the geometric loss if IoU > iou_thr or mean L1 < l1_thr. Both
     # stay strict: at l1_thr 0.03 only boxes under ~6 % of the side can pass with IoU 0.
     iou_thr_start: float = 0.5
     iou_thr_end: float = 0.3
@@ -124,7 +128,7 @@ class Stage1Config(_Section):
 class Stage2Config(_Section):
     steps: int = 300
     lr: float = 1e-4  # Stage-2's own learning rate, constant (where Stage-1's cosine ends: 10 % of optim.lr)
-    # "em" = SPEC 6-8; "sft" = the control arm: the same steps, lr and data stream as Stage-1 SFT on the
+    # "em" = METHOD 6-8; "sft" = the control arm: the same steps, lr and data stream as Stage-1 SFT on the
     # canonical GT, from the same Stage-1 state (answers "does the EM loop beat more SFT?")
     method: Literal["em", "sft"] = "em"
     sync_every: int = 5  # learner steps between weight syncs
@@ -235,7 +239,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(_problem(err) for err in e.errors())
         raise ConfigError(f"{source} (+ overrides {overrides or []}): {problems}") from None
     ranks = cfg.learner.world_size * cfg.learner.accum_steps
     if cfg.optim.batch_size < ranks:
@@ -243,6 +247,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           f"learner.world_size x learner.accum_steps = {ranks}")
     _check_token_budget(cfg, source)
     return cfg
+
+
+# Keys renamed since they were released: an old config is refused with the new name.
+RENAMED = {"matching.lambda_geo": "matching.geo_cost_weight",  # loss.lambda_geo is the Stage-2 loss weight
+           "matching.lambda_sem_start": "matching.sem_cost_weight_start",
+           "matching.lambda_sem_end": "matching.sem_cost_weight_end"}
+
+
+def _problem(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    hint = f" (renamed: use {RENAMED[key]})" if key in RENAMED else ""
+    return f"{key}: {err['msg']}{hint}"
 
 
 QWEN3VL_PIXELS_PER_TOKEN = 32 * 32  # patch 16 x spatial merge 2

@@ -1,6 +1,6 @@
 """Process setup that every entry point and Ray actor runs first: ``prepare_runtime()``.
 
-Two things (see shared/CPU_STACK.md):
+Two things (the measured facts behind them: docs/PLATFORM.md):
 
 1. The torchvision fix. On CPU machines PyPI's torchvision wheel is a CUDA build whose compiled ``_C``
    library fails to load beside ``torch+cpu``; torchvision then dies at import on

@@ -1,31 +1,14 @@
-"""Sequences the learner trains on, and how they are padded into one batch.
+"""The supervised positions of a padded batch: which hidden states feed CE and which feed CoordExp.
 
-Padding into a batch is `coordexp_rl.modeling.inputs.collate`. A `TrainSequence` is one image + one token
-sequence (prompt + assistant turn) with its CE weights and the coord positions that get CoordExp
-supervision. Stage-1 builds GT sequences; Stage-2 builds a self-context sequence (the rollout) and a
-reordered-GT sequence per sample.
+The sequences come from ``coordexp_rl.data.sequences`` (no model); padding them into one batch is
+``coordexp_rl.modeling.inputs.collate``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class TrainSequence:
-    enc: dict  # model inputs of one example (coordexp_rl.modeling.inputs): input_ids (L,), images, ...
-    prompt_len: int
-    ce_weights: torch.Tensor | None = None  # (T,) weight of predicting input_ids[t]; None = no CE
-    # Positions t of coord tokens to decode, 4 per box in x1 y1 x2 y2 order, and the GT coordinate in
-    # [0, 1] each should move toward.
-    coord_positions: list[int] = field(default_factory=list)
-    coord_targets: list[float] = field(default_factory=list)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.enc["input_ids"]
+from coordexp_rl.data.sequences import TrainSequence
 
 
 def gather_supervision(seqs: list[TrainSequence], hidden: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -47,8 +47,8 @@ class _FanOut:
 class LearnerGroup:
     """``world_size`` ``LearnerWorker`` ranks (rank i in ``bundle_indices[i]`` of ``placement_group``).
 
-    Methods are those of ``LearnerWorker`` (status, stage1_steps, stage2_step, publish_weights_ref,
-    save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
+    Methods are those of ``LearnerWorker`` (status, stage1_steps, stage2_step_from_buffer,
+    publish_weights_ref, save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
     ``plan``: learner.distributed.ParallelPlan fields (sharding, accum_steps, activation_checkpointing).
     """
 

@@ -1,7 +1,7 @@
 """The Learner: Stage-1 SFT steps and Stage-2 EM steps on one process (no Ray needed).
 
-Stage-1 (SPEC 5): teacher forcing on canonical GT sequences; CE (+ coord CE) (+ CoordExp L1).
-Stage-2 (SPEC 6-8), per rollout row: Hungarian match of the parsed predictions to GT; a self-context
+Stage-1 (METHOD 5): teacher forcing on canonical GT sequences; CE (+ coord CE) (+ CoordExp L1).
+Stage-2 (METHOD 6-8), per rollout row: Hungarian match of the parsed predictions to GT; a self-context
 forward on the rollout tokens with CoordExp L1 + GIoU at matched coord positions toward the GT boxes;
 a reordered-GT forward with CE. Both forwards of a whole batch run as one padded batch.
 
@@ -16,35 +16,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
 from coordexp_rl.config import Config
-from coordexp_rl.data.loader import Sample, load_image
+from coordexp_rl.data.loader import Sample
+from coordexp_rl.data.sequences import SequenceBuilder, TrainSequence
 from coordexp_rl.method.coordexp import coordexp, tau_at
-from coordexp_rl.method.coords import bin_to_unit
-from coordexp_rl.method.losses import coord_terms, position_weights, weighted_token_ce, weighted_total
+from coordexp_rl.method.losses import coord_terms, weighted_token_ce, weighted_total
 from coordexp_rl.method.matching import MatchCurriculum
-from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, canonical_order, random_order
-from coordexp_rl.method.semantic import make_semantic_distance
-from coordexp_rl.method.stage2_targets import MatchSettings, stage2_targets
-from coordexp_rl.modeling.inputs import collate, encode_example, encode_prompt
+from coordexp_rl.modeling.inputs import collate
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.rollout.schema import RolloutRow
-from learner.batching import TrainSequence, gather_supervision
+from learner.batching import gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
 
 log = logging.getLogger(__name__)
-
-
-class PromptMismatchError(ValueError):
-    """The learner's rebuilt prompt ids differ from the ones the rollout engine used."""
 
 
 class Learner:
@@ -75,24 +66,19 @@ class Learner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
-        m = cfg.matching
-        self.curriculum = MatchCurriculum.from_config(m)
-        self.match_settings = MatchSettings(
-            lambda_geo=m.lambda_geo, overlap=m.geometry, missing_policy=m.missing_policy,
-            eos_weight=cfg.loss.eos_weight, extra_eos_weight=cfg.loss.extra_eos_weight,
-            semantic=make_semantic_distance(m.semantic))
+        self.curriculum = MatchCurriculum.from_config(cfg.matching)
+        self.sequences = SequenceBuilder(cfg, self.processor, self.vocab)  # no model: data in, sequences out
         self.step = 0  # optimizer steps taken (both stages)
         self.stage2_steps = 0  # Stage-2 steps taken (drives the matching curriculum)
         self.version = 0  # published weight version: bumps when weights go to the rollout engines
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._prompt_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------------------------------------
     # Steps
     # ------------------------------------------------------------------------------------------------
 
     def stage1_step(self, samples: list[Sample]) -> dict[str, float]:
-        """SPEC 5.3 on a batch of GT samples; returns the logged terms."""
+        """METHOD 5.3 on a batch of GT samples; returns the logged terms."""
         return self._stage1_train(self._fail_together(lambda: self._stage1_sequences(samples, self.step)))
 
     def stage1_steps(self, next_batch: Callable[[], list[Sample]], n: int) -> list[dict[str, float]]:
@@ -113,11 +99,9 @@ class Learner:
         return out
 
     def _stage1_sequences(self, samples: list[Sample], step: int) -> list[TrainSequence]:
-        """This rank's GT sequences of a Stage-1 batch at optimizer step ``step`` (pure: no model)."""
-        loss_cfg = self.cfg.loss
-        geometric = any((loss_cfg.lambda_l1, loss_cfg.lambda_giou, loss_cfg.lambda_soft_ce, loss_cfg.lambda_w1))
-        return [self._gt_sequence(s, self._stage1_order(s, step), eos_weight=loss_cfg.eos_weight, with_coords=geometric)
-                for s in self._share(samples)]
+        """This rank's GT sequences of a Stage-1 batch at optimizer step ``step`` (no model: a thread builds
+        the next batch's while this one trains)."""
+        return self.sequences.stage1(self._share(samples), step)
 
     def _stage1_train(self, seqs: list[TrainSequence]) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -127,12 +111,13 @@ class Learner:
         return metrics
 
     def stage2_step(self, rows: list[RolloutRow], samples: dict[str, Sample]) -> dict[str, float]:
-        """SPEC 6-8 on a batch of rollout rows (their GT looked up by sample id)."""
+        """METHOD 6-8 on a batch of rollout rows (their GT looked up by sample id)."""
         t0 = time.perf_counter()
+        params = self.curriculum.at(self.stage2_steps)
         local = self._share(rows)
-        seqs, stats, ious = self._fail_together(lambda: self._stage2_sequences(local, samples))
+        batch = self._fail_together(lambda: self.sequences.stage2(local, samples, params))
+        seqs, stats, ious = batch.sequences, batch.stats, batch.ious
 
-        iou_thr = self.curriculum.at(self.stage2_steps).iou_thr
         self.stage2_steps += 1
         metrics = self._train_step(seqs, "stage2")
         totals = self.dist.sum({**stats, "iou_sum": sum(ious), "iou_count": float(len(ious)),
@@ -141,39 +126,10 @@ class Learner:
         metrics.update({f"match/{k}": totals[k] / n for k in stats if k != "parse_failed"})
         metrics["match/parse_failure_rate"] = totals["parse_failed"] / n
         metrics["match/mean_iou"] = totals["iou_sum"] / totals["iou_count"] if totals["iou_count"] else 0.0
-        metrics["match/iou_thr"] = iou_thr
+        metrics["match/iou_thr"] = params.iou_thr
         metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
         metrics["tokens_per_s"] = totals["tokens"] / (time.perf_counter() - t0)
         return metrics
-
-    def _stage2_sequences(self, rows: list[RolloutRow], samples: dict[str, Sample]
-                          ) -> tuple[list[TrainSequence], dict[str, float], list[float]]:
-        """Per row: a self-context sequence and a reordered-GT sequence (or the GT fallback); match stats."""
-        params = self.curriculum.at(self.stage2_steps)
-        seqs: list[TrainSequence] = []
-        stats = {"matched": 0.0, "missed": 0.0, "extra": 0.0, "rejected": 0.0, "parse_failed": 0.0}
-        ious: list[float] = []
-        for row in rows:
-            sample = samples[row.sample_id]
-            image = load_image(sample)
-            self._check_prompt(row, sample, image)
-            if not row.objects:  # SPEC 6.1 note: nothing usable -> Stage-1 loss for this sample
-                stats["parse_failed"] += 1
-                seqs.append(self._gt_sequence(sample, canonical_order(sample.objects), image=image,
-                                              eos_weight=self.cfg.loss.eos_weight, stage2=True))
-                continue
-            targets = stage2_targets(row.objects, sample.objects, params, self.match_settings)
-            for k, v in targets.stats.items():
-                stats[k] += v
-            ious += targets.match.ious
-            enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
-            prompt_len = enc.pop("prompt_len")
-            seqs.append(TrainSequence(enc, prompt_len,
-                                      coord_positions=[prompt_len + p for p in targets.coord_positions],
-                                      coord_targets=targets.coord_targets))
-            seqs.append(self._gt_sequence(sample, targets.gt_objects, image=image, eos_weight=targets.eos_weight,
-                                          stage2=True))
-        return seqs, stats, ious
 
     # ------------------------------------------------------------------------------------------------
     # Ranks
@@ -201,52 +157,6 @@ class Learner:
             raise RuntimeError(f"learner rank {self.dist.rank}: another rank failed to build its sequences "
                                "(see that rank's error)")
         return result
-
-    # ------------------------------------------------------------------------------------------------
-    # Sequences
-    # ------------------------------------------------------------------------------------------------
-
-    def _stage1_order(self, sample: Sample, step: int) -> list[BoxObject]:
-        if self.cfg.stage1.order == "random":
-            # A stable seed (not hash(), which changes per process) so resumed runs see the same orders.
-            seed = zlib.crc32(f"{self.cfg.run.seed}:{step}:{sample.sample_id}".encode())
-            return random_order(sample.objects, seed=seed)
-        return canonical_order(sample.objects)
-
-    def _gt_sequence(self, sample: Sample, objects: list[BoxObject], *, eos_weight: float,
-                     image: Image.Image | None = None, with_coords: bool = False,
-                     stage2: bool = False) -> TrainSequence:
-        """A GT sequence with CE weights (SPEC 5.2 / 7.2); optionally its coord positions for L1/GIoU.
-        ``stage2``: weigh the coord tokens with Stage-2's coord-CE weight instead of Stage-1's."""
-        assistant = build_assistant_ids(objects, self.tokenizer, self.vocab)
-        enc = encode_example(self.processor, image or load_image(sample), self.cfg.data.prompt, assistant)
-        prompt_len = enc.pop("prompt_len")
-        loss = self.cfg.loss
-        coord_ce = loss.lambda_coord_ce
-        if stage2 and loss.lambda_coord_ce_stage2 is not None:
-            coord_ce = loss.lambda_coord_ce_stage2
-        weights = position_weights(enc["input_ids"], self.vocab, prompt_len, lambda_coord_ce=coord_ce,
-                                   eos_weight=eos_weight, desc_weight=loss.desc_weight)
-        seq = TrainSequence(enc, prompt_len, ce_weights=weights)
-        if with_coords:
-            bins = [self.vocab.bin_of(t) for t in enc["input_ids"].tolist()]
-            seq.coord_positions = [t for t in range(prompt_len, len(bins)) if bins[t] is not None]
-            seq.coord_targets = [bin_to_unit(bins[t]) for t in seq.coord_positions]
-        return seq
-
-    def _check_prompt(self, row: RolloutRow, sample: Sample, image: Image.Image) -> None:
-        """LESSONS: preprocessing drift silently corrupts training; refuse rows whose prompt differs."""
-        ids = self._prompt_cache.get(sample.sample_id)
-        if ids is None:
-            ids = encode_prompt(self.processor, image, self.cfg.data.prompt)["input_ids"].tolist()
-            self._prompt_cache[sample.sample_id] = ids
-        if ids != list(row.prompt_ids):
-            first = next((i for i, (a, b) in enumerate(zip(ids, row.prompt_ids)) if a != b),
-                         min(len(ids), len(row.prompt_ids)))
-            raise PromptMismatchError(
-                f"rollout row {row.sample_id!r} (engine {row.engine!r}): prompt ids differ from the learner's "
-                f"at position {first} (engine {len(row.prompt_ids)} tokens, learner {len(ids)}); the engine and "
-                "the learner must use the same processor settings and prompt")
 
     # ------------------------------------------------------------------------------------------------
     # Forward, losses, optimizer

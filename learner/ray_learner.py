@@ -70,7 +70,7 @@ class LearnerWorker:
         """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
         return self.learner.stage1_steps(self.stream.next_batch, n)
 
-    def stage2_step(self, buffer, timeout_s: float = 600.0) -> dict | None:
+    def stage2_step_from_buffer(self, buffer, timeout_s: float = 600.0) -> dict | None:
         """One Stage-2 step on the next batch of rollout rows; None if none came within ``timeout_s``."""
         from coordexp_rl.rollout.schema import batch_to_rows
 

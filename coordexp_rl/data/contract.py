@@ -1,4 +1,4 @@
-"""The JSONL data contract (SPEC 3.2, docs/DATA_JSONL_CONTRACT.md): one pydantic model per line.
+"""The JSONL data contract (METHOD 3.2, docs/DATA_JSONL_CONTRACT.md): one pydantic model per line.
 
 Two layers: the pydantic models check the *shape* of a line (types, required keys, no extra keys,
 exactly one geometry per object, coordinate syntax); ``record_problems`` checks what needs the whole

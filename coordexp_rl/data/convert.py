@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from coordexp_rl.data.loader import DataError
+
 log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
@@ -101,14 +103,17 @@ def coco_records(instances: dict, crowd: str = "drop", stats: Counter | None = N
 def voc_record(xml_path: Path, image_root: Path, stats: Counter | None = None) -> dict:
     """One Pascal VOC XML file -> record (image size read from the image when the XML lacks it)."""
     stats = Counter() if stats is None else stats
-    root = ET.parse(xml_path).getroot()
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise DataError(f"{xml_path}:{exc.position[0]}: xml: malformed XML: {exc}") from None
     filename = _text(root, "filename", xml_path)
     width, height = _voc_size(root, image_root / filename)
     objects, difficult = [], []
     for obj in root.findall("object"):
         bb = obj.find("bndbox")
         if bb is None:
-            raise ValueError(f"{xml_path}: an <object> has no <bndbox>")
+            raise DataError(f"{xml_path}: an <object> has no <bndbox>")
         xmin, ymin, xmax, ymax = (float(_text(bb, k, xml_path)) for k in ("xmin", "ymin", "xmax", "ymax"))
         box = clip_box([xmin - 1, ymin - 1, xmax, ymax], width, height)
         if box is None:
@@ -124,7 +129,7 @@ def voc_record(xml_path: Path, image_root: Path, stats: Counter | None = None) -
 def _text(node: ET.Element, tag: str, where: Path) -> str:
     value = node.findtext(tag)
     if value is None or not value.strip():
-        raise ValueError(f"{where}: missing <{tag}>")
+        raise DataError(f"{where}: missing <{tag}>")
     return value.strip()
 
 
@@ -169,10 +174,29 @@ def refcoco_records(refs: list[dict], instances: dict, split: str | None = None,
 
 def read_refs(path: Path) -> list[dict]:
     """A JSON list, or JSONL with one ref per line."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
+        return _json(text, path)
+    return [_json(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def read_json(path: Path, encoding: str = "utf-8") -> Any:
+    """A JSON file's content; DataError naming the file (and line) when it cannot be read or parsed."""
+    return _json(_read_text(path, encoding), path)
+
+
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as {encoding} text: {exc}") from None
+
+
+def _json(text: str, path: Path, line: int = 0) -> Any:
+    try:
         return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{line or exc.lineno}: json: malformed JSON: {exc.msg} at column {exc.colno}") from None
 
 
 def write_jsonl(records: list[dict], out: Path) -> None:
@@ -216,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     stats: Counter = Counter()
     if args.source == "coco":
-        records = coco_records(json.loads(args.ann.read_text(encoding="utf-8-sig")), args.crowd, stats, args.prefix)
+        records = coco_records(read_json(args.ann, "utf-8-sig"), args.crowd, stats, args.prefix)
     elif args.source == "voc":
         xmls = sorted(args.xml_dir.glob("*.xml"))
         if not xmls:
@@ -224,8 +248,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         records = [voc_record(x, args.image_root, stats) for x in xmls]
     else:
-        records = refcoco_records(read_refs(args.refs), json.loads(args.ann.read_text(encoding="utf-8")),
-                                  args.split, stats)
+        records = refcoco_records(read_refs(args.refs), read_json(args.ann), args.split, stats)
     write_jsonl(records, args.out)
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if k != "objects") or "nothing dropped"
     print(f"wrote {len(records)} records ({stats['objects']} objects; {dropped}) to {args.out}")

@@ -54,7 +54,7 @@ def load_samples(path: str | Path, image_root: str | Path | None = None,
                  skip_bbox_norm: bool = False, check_images: bool = True) -> list[Sample]:
     """Read and check a contract JSONL file; raise ``DataError`` listing the problems if any.
 
-    skip_bbox_norm: the config's ``custom.coord_tokens.skip_bbox_norm``; must be True exactly when the
+    skip_bbox_norm: the config's ``data.skip_bbox_norm``; must be True exactly when the
         file holds pre-tokenised ``<|coord_k|>`` coordinates (a mismatch is reported per line).
     """
     path = Path(path)

@@ -142,11 +142,11 @@ def _kind_problems(record: Record, lineno: int, skip_bbox_norm: bool | None,
         return []
     field = f"objects[0].{record.objects[0].geometry_field}"
     if skip_bbox_norm is True and kind == PIXEL:
-        return [(field, "pixel coordinates, but skip_bbox_norm is true (custom.coord_tokens.skip_bbox_norm) "
+        return [(field, "pixel coordinates, but skip_bbox_norm is true (data.skip_bbox_norm) "
                         "which expects pre-tokenised '<|coord_k|>' values; set it to false for pixel data")]
     if skip_bbox_norm is False and kind == TOKEN:
         return [(field, "pre-tokenised '<|coord_k|>' values must not be normalised again; set "
-                        "custom.coord_tokens.skip_bbox_norm: true")]
+                        "data.skip_bbox_norm: true")]
     if skip_bbox_norm is None and first_kind is not None and first_kind[1] != kind:
         return [(field, f"{kind} coordinates, but line {first_kind[0]} uses {first_kind[1]}; "
                         "a file holds one kind")]

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordexp_rl.config import Config
+from coordexp_rl.config import Config, ConfigError
 from coordexp_rl.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ class Assets:
 def prepare_assets(cfg: Config) -> Assets:
     model = Path(cfg.model.path) if cfg.model.path else tiny_model(cfg)
     if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={model}: no config.json there; point it at a Qwen3-VL folder "
-                                "prepared with `coordexp-rl add-coord-tokens`, or leave it empty for the tiny model")
+        raise ConfigError(f"model.path={model}: no config.json there; point it at a Qwen3-VL folder "
+                          "prepared with `coordexp-rl add-coord-tokens`, or leave it empty for the tiny model")
     if cfg.data.train:
         train, val = Path(cfg.data.train), Path(cfg.data.val or cfg.data.train)
     else:
@@ -86,14 +86,26 @@ def tiny_model(cfg: Config) -> Path:
     return _build_once(target, lambda d: make_tiny_model(d, seed=cfg.model.tiny_seed, **cfg.model.tiny_size))
 
 
+DENSE_OPTIONS = ("max_pair_iou", "distinct_descs")  # data.synth_<name>; in the cache key only when set
+
+
+def synth_options(cfg: Config) -> dict:
+    """The ``make_synthetic_set`` keywords of ``cfg.data.synth_*`` (all but train / val / seed)."""
+    d = cfg.data
+    return {"image_size": d.synth_image_size, "min_objects": d.synth_min_objects,
+            "max_objects": d.synth_max_objects, "min_size": d.synth_min_size, "max_size": d.synth_max_size,
+            "edge_prob": d.synth_edge_prob, "background": d.synth_background, "colours": tuple(d.synth_colours),
+            "shapes": tuple(d.synth_shapes), **{k: getattr(d, f"synth_{k}") for k in DENSE_OPTIONS}}
+
+
 def synthetic_set(cfg: Config) -> Path:
-    from coordexp_rl.data.synth import make_synthetic_set
+    from coordexp_rl.data.synth import SynthConfig, make_synthetic_set
 
     d = cfg.data
-    options = {"image_size": d.synth_image_size, "min_objects": d.synth_min_objects,
-               "max_objects": d.synth_max_objects, "min_size": d.synth_min_size, "max_size": d.synth_max_size,
-               "edge_prob": d.synth_edge_prob, "background": d.synth_background, "colours": tuple(d.synth_colours), "shapes": tuple(d.synth_shapes)}
-    params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, **options}
+    options = synth_options(cfg)
+    # The dense settings join the cache key only when set: the default's folder keeps its name.
+    key = {k: v for k, v in options.items() if k not in DENSE_OPTIONS or v != getattr(SynthConfig(), k)}
+    params = {"train": d.synth_train, "val": d.synth_val, "seed": d.synth_seed, **key}
     target = _keyed_dir("synth", params)
     if not target.exists():
         log.info("building the synthetic set into %s", target)

@@ -18,10 +18,22 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+from tqdm import tqdm
+
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
-from coordexp_rl.driver.evaluations import Evaluations, results_table
+from coordexp_rl.data.limits import load_checked_samples
+from coordexp_rl.driver.assets import Assets, prepare_assets
+from coordexp_rl.driver.evaluations import Evaluations, evaluate_on_actors, results_table
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
-from coordexp_rl.driver.run_control import RunStopped, flatten, stop_on_signals
+from coordexp_rl.driver.rollout import Rollout, start_rollout
+from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
+from coordexp_rl.driver.run_log import RunLog
+from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
+from coordexp_rl.driver.weight_sync import WeightSyncer
+from coordexp_rl.evaluation.plots import plot_training_curves
+from coordexp_rl.modeling.load import load_processor
+from learner.group import LearnerGroup
 
 log = logging.getLogger("coordexp_rl.launch")
 
@@ -35,19 +47,36 @@ class Driver:
         self.step = 0  # the learner's step as the driver last saw it
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
-        self.supervisor = None  # keeps the rollout actors busy in Stage-2 (coordexp_rl/driver/supervisor.py)
-        self.failed_calls_seen = 0  # failed actor calls the driver has answered (weights left for the restarted)
-        self.woken = False  # the learner's wait for rows was cut short to answer a death
-        self.starting: list = []  # refs that answer once each rollout actor is up (check_actors)
+        # Made by run(), in this order (None until then):
+        self.assets: Assets | None = None  # model and data paths (built into the cache for the default)
+        self.learner = None  # learner.group.LearnerGroup
+        self.val_samples: list = []  # the checked validation samples
+        self.run_log: RunLog | None = None  # metrics.jsonl + TensorBoard (rewound on a resume)
+        self.checkpoints: Checkpoints | None = None
+        self.evals: Evaluations | None = None
+        self.rollout: Rollout | None = None  # buffer, actors, their work list
+        self.syncer: WeightSyncer | None = None
+        self.supervisor: RolloutSupervisor | None = None  # Stage-2 only: the actors' faults
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
     # ------------------------------------------------------------------------------------------------
 
     def run(self) -> str:
-        assets = self.prepare()
+        self.prepare()
         connect_ray(self.cfg)
-        self.start_workers(assets, reserve_resources(self.cfg))
+        groups = reserve_resources(self.cfg)
+        self.learner = self.start_learner(groups["learner"])
+        train, counts = self.check_data()  # beside the learner's start-up
+        resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
+        if not resumed:  # a resumed run logged them before
+            self.run_log.log("data", 0, counts)
+        self.rollout = start_rollout(self.cfg, groups["rollout"], train, self.assets.model_path, self.out, resumed)
+        log.info("learner up %s; %d rollout actors starting", ray.get(self.learner.status.remote()),
+                 len(self.rollout.actors))
+        self.syncer = self.weight_syncer()
+        if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
+            self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
         with stop_on_signals(self):
             self.evals.start("initial", self.step)  # the actors idle through Stage-1
             self.stage1()
@@ -62,104 +91,56 @@ class Driver:
     # Set-up
     # ------------------------------------------------------------------------------------------------
 
-    def prepare(self):
-        from coordexp_rl.driver.assets import prepare_assets
-
+    def prepare(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.assets = prepare_assets(self.cfg)
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
-        return self.assets
 
     def describe(self) -> str:
         return dump_config(self.cfg) + f"# placement bundles: {json.dumps(bundles(self.cfg))}\n"
 
-    def start_workers(self, assets, pgs) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def start_learner(self, group) -> LearnerGroup:
+        """The learner ranks in their placement group (they load the model while the driver checks data)."""
+        cfg, a, plan = self.cfg, self.assets, self.cfg.learner
+        return LearnerGroup(
+            cfg.model_dump(), str(a.model_path), str(a.train_path),
+            str(a.train_image_root) if a.train_image_root else None, world_size=plan.world_size,
+            placement_group=group, bundle_indices=list(range(plan.world_size)), num_cpus=plan.cpus,
+            num_gpus=plan.gpus, plan={"sharding": plan.sharding, "accum_steps": plan.accum_steps,
+                                      "activation_checkpointing": plan.activation_checkpointing})
 
-        from actors.buffer import RolloutBuffer
-        from actors.rollout_actor import RolloutActor
-        from coordexp_rl.rollout.engine import EngineConfig, SamplingConfig
-        from learner.group import LearnerGroup
-
-        cfg, r = self.cfg, self.cfg.rollout
-        in_bundle = lambda i: PlacementGroupSchedulingStrategy(pgs["rollout"], placement_group_bundle_index=i)  # noqa: E731
-        spill = str(self.out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-        ln = cfg.learner  # the learner section (not a learning rate: that is cfg.optim.lr)
-        self.learner = LearnerGroup(
-            cfg.model_dump(), str(assets.model_path), str(assets.train_path),
-            str(assets.train_image_root) if assets.train_image_root else None, world_size=ln.world_size,
-            placement_group=pgs["learner"], bundle_indices=list(range(ln.world_size)), num_cpus=ln.cpus,
-            num_gpus=ln.gpus, plan={"sharding": ln.sharding, "accum_steps": ln.accum_steps,
-                                    "activation_checkpointing": ln.activation_checkpointing})
-        train = self.load_data(assets.train_path, assets.train_image_root, cfg.data.check_images, train=True)
-        self._val = self.load_data(assets.val_path, assets.val_image_root, cfg.data.check_images, train=False)
-        items = [(s.sample_id, str(s.image_path), s.image_rel) for s in train]
-        engine = EngineConfig.from_config(cfg, assets.model_path)  # `coordexp-rl infer --config` uses it too
-        self.sampling = SamplingConfig.from_config(cfg.rollout)
-        resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
-        self.evals = Evaluations(self.score, self.log)
-        if not resumed:  # a resumed run logged them before
-            self.log_data_counts()
-        self.buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
-                                           rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
-                                           spill_dir=spill, version=resumed.get("version", 0),
-                                           next_seq=resumed.get("consumed"))
-        # Held for the run: a restarted actor's constructor reads it again, and Ray alone frees a large
-        # argument once the first construction is done (ray-project/ray#53727; restarts then fail).
-        self.items_ref = ray.put(items)
-        self.actors = [
-            RolloutActor.options(scheduling_strategy=in_bundle(i), num_cpus=r.cpus_per_actor,
-                                 num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts).remote(
-                engine, self.items_ref, cfg.data.prompt, self.sampling, batch_size=r.batch_size,
-                actor_id=f"rollout-{i}", num_shards=r.num_actors, shard_index=i, buffer=self.buffer)
-            for i in range(r.num_actors)]
-        # The actors start beside Stage-1 (it needs only the learner); check_actors raises a failed start.
-        self.starting = [a.weight_version.remote() for a in self.actors]
-        log.info("learner up %s; %d rollout actors starting", ray.get(self.learner.status.remote()), len(self.actors))
-        self.syncer = self.weight_syncer()
-        if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
-            self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
+    def check_data(self) -> tuple[list, dict]:
+        """The up-front checks (images once, prompt and target lengths): the training samples and their
+        counts; the validation samples are kept for the evaluations."""
+        cfg, a = self.cfg, self.assets
+        processor = load_processor(a.model_path, cfg.data.max_pixels, cfg.data.min_pixels)
+        train, counts = load_checked_samples(cfg, a.train_path, a.train_image_root, processor,
+                                             check_images=cfg.data.check_images, train=True)
+        if counts.get("data/truncated_samples"):
+            log.warning("%s: %d samples truncated to data.max_target_tokens (%d objects dropped)", a.train_path,
+                        counts["data/truncated_samples"], counts["data/dropped_objects"])
+        self.val_samples, _ = load_checked_samples(cfg, a.val_path, a.val_image_root, processor,
+                                                   check_images=cfg.data.check_images, train=False)
+        return train, counts
 
     def resume(self) -> dict:
         """Load ``run.resume`` (a folder, or ``auto``: the newest complete one here) and open the run log
         rewound to it; {} on a fresh start. Returns the checkpoint's step, version, consumed ids, driver state."""
-        from coordexp_rl.driver.run_control import Checkpoints, load_resume_point
-        from coordexp_rl.driver.run_log import RunLog
-
-        self.checkpoints = Checkpoints(self.learner, self.out / "checkpoints", self.cfg.run.checkpoint_every,
-                                       self.cfg.run.keep_last)
-        resumed = load_resume_point(self.learner, self.cfg.run.resume, self.out / "checkpoints")
-        if not resumed:
-            self.log = RunLog(self.out)
-            return {}
-        self.step = self.checkpoints.last_step = resumed["step"]
-        self.checkpoints.last_path = resumed["path"]
-        self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
-        self.log = RunLog(self.out, resume_step=self.step)
-        log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"], self.step,
-                 resumed["version"], sorted(self.log.evaluations()) or "none")
+        cfg = self.cfg
+        self.checkpoints = Checkpoints(self.learner, self.out / "checkpoints", cfg.run.checkpoint_every,
+                                       cfg.run.keep_last)
+        resumed = load_resume_point(self.learner, cfg.run.resume, self.out / "checkpoints")
+        if resumed:
+            self.step = self.checkpoints.last_step = resumed["step"]
+            self.checkpoints.last_path = resumed["path"]
+            self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
+        self.run_log = RunLog(self.out, resume_step=self.step if resumed else None)
+        self.evals = Evaluations(self.score, self.run_log)
+        if resumed:
+            log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"],
+                     self.step, resumed["version"], sorted(self.run_log.evaluations()) or "none")
         return resumed
-
-    def log_data_counts(self) -> None:
-        self.log.log("data", 0, self._data_counts)
-
-    def load_data(self, path, image_root, check_images: bool, train: bool) -> list:
-        """Samples after the up-front checks (images once, prompt and target lengths); counts logged."""
-        from coordexp_rl.data.limits import load_checked_samples
-        from coordexp_rl.modeling.load import load_processor
-
-        if getattr(self, "_processor", None) is None:
-            self._processor = load_processor(self.assets.model_path, self.cfg.data.max_pixels, self.cfg.data.min_pixels)
-        samples, counts = load_checked_samples(self.cfg, path, image_root, self._processor, check_images=check_images,
-                                               train=train)
-        if train:
-            self._data_counts = counts  # logged once the run log is open (not again on a resume)
-            if counts.get("data/truncated_samples"):
-                log.warning("%s: %d samples truncated to data.max_target_tokens (%d objects dropped)", path,
-                            counts["data/truncated_samples"], counts["data/dropped_objects"])
-        return samples
 
     # ------------------------------------------------------------------------------------------------
     # Stages
@@ -167,23 +148,20 @@ class Driver:
 
     def stage1(self, steps: int | None = None, label: str = "stage1") -> None:
         """SFT steps on the canonical GT until the learner has taken ``steps`` (default: Stage-1's)."""
-        import ray
-        from tqdm import tqdm
-
         done = self.step
         steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
         with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
                 self.check_stop()
-                self.check_actors()
+                self.rollout.raise_start_failure()
                 n = min(chunk, steps - done)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
-                    self.log.log(label, m["step"], m)
+                    self.run_log.log(label, m["step"], m)
                 done = self.step = self.step + n
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
-                self.checkpoints.maybe(self.step, self.driver_state())
+                self.save_checkpoint_if_due()
         log.info("%s done: %d steps, loss %.4f", label, steps, m["loss/total"])
 
     def end_stage1(self) -> None:
@@ -194,81 +172,51 @@ class Driver:
             self.checkpoints.save(self.step, self.driver_state())
 
     def stage2(self) -> None:
-        """Actors generate continuously (one queued step each); the learner consumes; weights sync back."""
-        from tqdm import tqdm
-
-        from coordexp_rl.driver.supervisor import RolloutSupervisor
-
+        """Actors generate continuously (one queued step each); the learner consumes; weights sync back.
+        Every actor fault is the supervisor's (coordexp_rl/driver/supervisor.py)."""
         s1, total = self.cfg.stage1.steps, self.cfg.stage2.steps
         if self.cfg.stage2.method == "sft":  # the control arm: Stage-2's steps spent on more SFT
             self.stage1(s1 + total, label="stage2")
             return self.sync_weights()  # evaluation reads the actors' weights (the EM loop syncs as it goes)
         start = max(0, self.step - s1)
-        self.supervisor = RolloutSupervisor(self.actors, self.cfg.rollout.gone_timeout_s, on_death=self.wake_learner)
+        self.supervisor = RolloutSupervisor(self.rollout.actors, self.cfg.rollout.gone_timeout_s,
+                                            buffer=self.rollout.buffer, syncer=self.syncer,
+                                            max_restarts=self.cfg.rollout.max_restarts)
         self.supervisor.start()
         with tqdm(total=total, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
             for k in range(start, total):
-                metrics = self.stage2_step(k)
+                self.check_stop()
+                try:
+                    metrics = self.supervisor.learner_step(self.learner)
+                except ActorsGone as e:
+                    raise self.stopped(str(e), exit_code=4) from None
                 self.step = s1 + k + 1
-                self.log.log("stage2", metrics["step"], metrics)
+                self.run_log.log("stage2", metrics["step"], metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", iou=f"{metrics['match/mean_iou']:.3f}")
                 if (k + 1) % self.cfg.stage2.sync_every == 0:
                     self.sync_weights()
-                self.checkpoints.maybe(self.step, self.driver_state())
+                self.save_checkpoint_if_due()
         self.supervisor.drain()
         self.log_rollout_stats()
         log.info("stage-2 done; %s", self.supervisor.stats())
 
-    def stage2_step(self, k: int) -> dict:
-        """One learner step while the supervisor keeps the actors busy; stops the run when all are gone.
-        After an actor death the learner (idle then) leaves its weights where the restarted actor looks."""
-        import ray
-
-        self.check_stop()
-        while True:
-            step_ref = self.learner.stage2_step.remote(self.buffer)
-            if not self.supervisor.wait_for(step_ref):
-                ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
-                ray.get(step_ref)
-                raise self.stopped(self.supervisor.gone_message(self.cfg.rollout.max_restarts), exit_code=4)
-            metrics = ray.get(step_ref)
-            if self.supervisor.failed_calls > self.failed_calls_seen:  # a death, or a restart still under way
-                self.failed_calls_seen = self.supervisor.failed_calls
-                self.catch_up_restarted()
-            if metrics is not None:
-                return metrics
-            if not self.woken:
-                raise RuntimeError(f"stage-2 step {k}: no rollouts arrived; actor stats "
-                                   f"{ray.get([a.stats.remote() for a in self.actors])}")
-            self.woken = False  # woken by wake_learner: the step again, now that the weights are there
-
-    def wake_learner(self, actor: int) -> None:
-        """An actor died. If the buffer lacks the last sync's weights (broadcast transport), a learner
-        waiting for rows (which only that actor may bring) lets go, so that stage2_step can leave them."""
-        if self.syncer.needs_publish:
-            self.woken = True
-            self.buffer.wake.remote()
-
     def log_rollout_stats(self) -> None:
         """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""
-        from coordexp_rl.driver.supervisor import rollout_stats
-
-        self.log.log("rollout", self.step, flatten(rollout_stats(self.actors, self.buffer, self.supervisor)))
+        stats = rollout_stats(self.rollout.actors, self.rollout.buffer, self.supervisor)
+        self.run_log.log("rollout", self.step, flatten(stats))
 
     # ------------------------------------------------------------------------------------------------
     # Weights, evaluation, checkpoints
     # ------------------------------------------------------------------------------------------------
 
-    def weight_syncer(self):
+    def weight_syncer(self) -> WeightSyncer:
         """One control call per actor per sync; the `broadcast` transport's group forms here (strict: a
         group that cannot form at start-up is a set-up problem) and re-forms after actor deaths."""
-        from coordexp_rl.driver.weight_sync import WeightSyncer
-
         ws = self.cfg.weight_sync
         backend = "nccl" if self.cfg.learner.gpus and self.cfg.rollout.gpus_per_actor else "gloo"
-        syncer = WeightSyncer(self.learner, self.actors, self.buffer, ws.transport, ws.bucket_mb, ws.timeout_s,
-                              backend)
+        syncer = WeightSyncer(self.learner, self.rollout.actors, self.rollout.buffer, ws.transport, ws.bucket_mb,
+                              ws.timeout_s, backend)
         if ws.transport == "broadcast":
             syncer.form_group(strict=True)
         return syncer
@@ -278,45 +226,31 @@ class Driver:
         buffer move on, and the buffer's admission stops the laggard until it catches up (at the next
         sync, or at its restart, from the weights kept in the buffer). See coordexp_rl/driver/weight_sync.py."""
         t0 = time.perf_counter()
-        down = set(self.supervisor.down) if self.supervisor else set()
-        res = self.syncer.sync(bump, down)
+        res = self.syncer.sync(bump, set(self.supervisor.down) if self.supervisor else set())
         seconds = time.perf_counter() - t0
-        if self.supervisor:  # actors that died during the sync: counted as deaths, caught up at restart
-            for i in sorted(res.gone):
-                self.supervisor.mark_gone(i, "died during a weight sync")
+        if self.supervisor:
+            self.supervisor.record_sync(res)
         if res.failed:
             log.error("weight sync v%d failed on %d actors: %s", res.version, len(res.failed),
                       {f"rollout-{i}": why for i, why in res.failed.items()})
         self.last_sync_step = self.step
         fallback = sum(v == "object_store" for v in res.via.values()) if self.syncer.transport == "broadcast" else 0
-        self.log.log(label, self.step, {"version": res.version, "seconds": seconds, "failed_actors": len(res.failed),
-                                        "object_store_fallbacks": fallback})
+        self.run_log.log(label, self.step, {"version": res.version, "seconds": seconds,
+                                            "failed_actors": len(res.failed), "object_store_fallbacks": fallback})
         log.info("weight sync v%d to %d actors in %.3f s", res.version, len(res.via), seconds)
         if label == "sync":
             self.log_rollout_stats()
 
-    def catch_up_restarted(self) -> None:
-        """After an actor death: the current weights wait in the buffer for the restarted actor."""
-        self.syncer.publish_for_restarts()
-
     def score(self, label: str) -> dict:
-        """The headline metrics of the actors' weights on the validation set (writes eval/<label>/)."""
-        from coordexp_rl.driver.evaluations import evaluate_on_actors
+        """The headline metrics of the actors' weights on the validation set (writes eval/<label>/); an
+        actor that dies meanwhile gets the current weights at its restart and its share runs again."""
+        a = self.assets
+        return evaluate_on_actors(self.rollout.actors, self.val_samples[:self.cfg.eval.max_samples], a.val_path,
+                                  a.val_image_root or a.val_path.parent, self.out / "eval" / label,
+                                  on_gone=self.syncer.publish_for_restarts)
 
-        return evaluate_on_actors(self.actors, self._val[:self.cfg.eval.max_samples], self.assets.val_path,
-                                  self.assets.val_image_root or self.assets.val_path.parent,
-                                  self.out / "eval" / label,
-                                  on_gone=self.catch_up_restarted)  # survives a dead actor
-
-    def check_actors(self) -> None:
-        """Raise a rollout actor's start-up error as soon as it is there (not at the end of Stage-1)."""
-        import ray
-
-        if self.starting:
-            ready, self.starting = ray.wait(self.starting, num_returns=len(self.starting), timeout=0)
-            ray.get(ready)
-            if not self.starting:
-                log.info("%d rollout actors up", len(self.actors))
+    def save_checkpoint_if_due(self) -> None:
+        self.checkpoints.save_if_due(self.step, self.driver_state())
 
     def driver_state(self) -> dict:
         return {"last_sync_step": self.last_sync_step}
@@ -327,22 +261,16 @@ class Driver:
 
     def stopped(self, why: str, exit_code: int) -> RunStopped:
         """A final checkpoint, the buffer closed (spilled), the log closed: the error to raise."""
-        import ray
-
         path = self.checkpoints.ensure(self.step, self.driver_state())
-        ray.get(self.buffer.close.remote())
-        self.log.close()
+        ray.get(self.rollout.buffer.close.remote())
+        self.run_log.close()
         return RunStopped(why, path, exit_code)
 
     def finish(self) -> str:
-        import ray
-
-        from coordexp_rl.evaluation.plots import plot_training_curves
-
         self.checkpoints.save(self.step, self.driver_state(), "final")
         ray.get(self.learner.export.remote(str(self.out / "final_model")))
-        ray.get(self.buffer.close.remote())
-        self.log.close()
+        ray.get(self.rollout.buffer.close.remote())
+        self.run_log.close()
         plot_training_curves(self.out / "metrics.jsonl", self.out / "plots")
         table = results_table(self.evals.results)
         (self.out / "results.json").write_text(json.dumps(self.evals.results, indent=2, default=float) + "\n")
@@ -356,14 +284,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded tiny CPU default)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=3e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and bundles, then stop")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of config and data errors too")
 
 
 def run(args: argparse.Namespace) -> int:
+    """The launch; a config or data error ends it with its message and exit code 2 (``--debug``: and the
+    traceback), a resource error with 3, a stop with the checkpoint to resume from."""
+    from coordexp_rl.cli import report_user_error
+
+    debug = getattr(args, "debug", False)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e, debug)
     driver = Driver(cfg)
     if args.dry_run:
         print(driver.describe())
@@ -378,6 +311,11 @@ def run(args: argparse.Namespace) -> int:
               f"{'--config ' + args.config + ' ' if args.config else ''}{' '.join(args.overrides)} "
               f"run.resume={e.checkpoint}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a data file the driver's checks refuse (DataError), also from a Ray task
+        code = report_user_error(e, debug)
+        if code is None:
+            raise
+        return code
     return 0
 
 

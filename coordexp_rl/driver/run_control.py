@@ -1,6 +1,6 @@
 """Run control for the launcher: resume points, stopping on signals, the early-stop error.
 
-Kept apart from ``launch.Driver`` so the driver's main flow stays on one screen.
+Kept apart from ``coordexp_rl.driver.driver.Driver`` so the driver's main flow stays on one screen.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Checkpoints:
         self.learner, self.folder, self.every, self.keep_last = learner, folder, every, keep_last
         self.last_step, self.last_path = -1, ""
 
-    def maybe(self, step: int, driver_state: dict) -> None:
+    def save_if_due(self, step: int, driver_state: dict) -> None:
         if self.every and step % self.every == 0:
             self.save(step, driver_state)
 

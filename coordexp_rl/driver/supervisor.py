@@ -1,17 +1,21 @@
-"""Keep every rollout actor busy during Stage-2 and survive actors that die.
+"""Stage-2's fault handling, all of it: keep every rollout actor busy and survive the ones that die.
 
-Each actor has one ``step`` call queued at all times; when it returns, the next is queued. An actor whose
-process died (SIGKILL, the OOM killer or Ray's memory monitor, a lost node) makes its call fail with an
-actor error: it is marked down and called again after ``retry_s``. Ray restarts it (``max_restarts``), and
-calls queued meanwhile run in the new process, which registers with the buffer and loads the newest
-weights first (see rollout_actor). Its first successful call marks it up again. An actor that raises from
-its own code (a bug, a bad row) is not a death: that error reaches the caller.
+Runs in the driver. Each actor has one ``step`` call queued at all times; when it returns, the next is
+queued. An actor whose process died (SIGKILL, the OOM killer or Ray's memory monitor, a lost node) makes
+its call fail with an actor error: it is marked down and called again after ``retry_s``. Ray restarts it
+(``max_restarts``), and calls queued meanwhile run in the new process, which registers with the buffer and
+loads the newest weights first (see actors/rollout_actor.py). Its first successful call marks it up again.
+An actor that raises from its own code (a bug, a bad row) is not a death: that error reaches the caller.
 
-``wait_for(ref)`` blocks until ``ref`` (the learner's step) is ready and returns False if meanwhile every
-actor has been down for more than ``gone_timeout_s`` (then nobody fills the buffer: stop, do not hang).
+``learner_step(learner)`` runs one Stage-2 learner step under that watch: after a death it leaves the
+learner's current weights in the buffer for the restarted actor (``WeightSyncer.publish_for_restarts``);
+a learner blocked on rows that only the dead actor could bring is woken first, and its step runs again;
+when every actor has been down for more than ``gone_timeout_s`` it raises ``ActorsGone`` (then nobody
+fills the buffer: stop, do not hang). Deaths a weight sync saw reach it through ``record_sync``.
+``predict_all`` is the evaluation's counterpart (a dead actor's share runs again).
 
->>> sup = RolloutSupervisor(actors, gone_timeout_s=300)  # doctest: +SKIP
->>> sup.start(); sup.wait_for(learner.stage2_step.remote(buffer))  # doctest: +SKIP
+>>> sup = RolloutSupervisor(actors, gone_timeout_s=300, buffer=buffer, syncer=syncer)  # doctest: +SKIP
+>>> sup.start(); metrics = sup.learner_step(learner)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,17 +33,24 @@ log = logging.getLogger(__name__)
 ACTOR_GONE = (RayActorError, ActorUnavailableError, OutOfMemoryError)
 
 
+class ActorsGone(RuntimeError):
+    """Every rollout actor has been gone longer than ``rollout.gone_timeout_s``."""
+
+
 class RolloutSupervisor:
-    def __init__(self, actors: list, gone_timeout_s: float, retry_s: float = 1.0, clock=time.monotonic,
-                 on_death=lambda i: None):
+    def __init__(self, actors: list, gone_timeout_s: float, *, buffer=None, syncer=None, max_restarts: int = 0,
+                 retry_s: float = 1.0, clock=time.monotonic):
+        """``buffer`` / ``syncer``: the run's (``learner_step`` needs them); ``max_restarts``: for messages."""
         self.actors, self.gone_timeout_s, self.retry_s, self.clock = actors, gone_timeout_s, retry_s, clock
-        self.on_death = on_death  # called with the actor's index when it is first seen gone
+        self.buffer, self.syncer, self.max_restarts = buffer, syncer, max_restarts
         self.pending: dict[ray.ObjectRef, int] = {}
         self.stale: set[ray.ObjectRef] = set()  # calls queued before their actor's death was seen
         self.down: dict[int, float] = {}  # actor index -> when its last call failed
         self.last_up = clock()  # the last time any actor was known to be up
         self.deaths = 0  # times an actor was seen gone (up -> down)
         self.failed_calls = 0  # calls that failed because their actor was gone (retries while it restarts too)
+        self.failed_calls_answered = 0  # failed calls after which the weights were left for restarts
+        self.learner_woken = False  # the learner's wait for rows was cut short to answer a death
         self.recoveries = 0  # actors that came back after being down
         self.rows = 0  # rows put by all actors' steps
 
@@ -49,6 +60,26 @@ class RolloutSupervisor:
 
     def _submit(self, i: int) -> None:
         self.pending[self.actors[i].step.remote()] = i
+
+    def learner_step(self, learner, timeout_s: float = 600.0) -> dict:
+        """One Stage-2 step of ``learner`` (a LearnerGroup) on the buffer's rows while the actors are kept
+        busy; after a death, the weights wait in the buffer for the restarted actor. Raises ActorsGone."""
+        while True:
+            step_ref = learner.stage2_step_from_buffer.remote(self.buffer, timeout_s)
+            if not self.wait_for(step_ref):
+                ray.get(self.buffer.interrupt.remote())  # the learner's blocked get returns None
+                ray.get(step_ref)
+                raise ActorsGone(self.gone_message())
+            metrics = ray.get(step_ref)
+            if self.failed_calls > self.failed_calls_answered:  # a death, or a restart still under way
+                self.failed_calls_answered = self.failed_calls
+                self.syncer.publish_for_restarts()
+            if metrics is not None:
+                return metrics
+            if not self.learner_woken:
+                raise RuntimeError(f"stage-2: no rollouts arrived within {timeout_s:g} s; actor stats "
+                                   f"{rollout_stats(self.actors, self.buffer)['actors']}")
+            self.learner_woken = False  # woken by _wake_learner: the step again, now that the weights are there
 
     def wait_for(self, ref: ray.ObjectRef, poll_s: float = 1.0) -> bool:
         """Until ``ref`` is ready (True), keeping actors busy; False when every actor is gone too long."""
@@ -84,12 +115,24 @@ class RolloutSupervisor:
         again at its next successful step."""
         if i not in self.down:
             log.warning("rollout-%d is gone (%s); Ray restarts it if it has restarts left", i, why)
-            self.on_death(i)
+            self._wake_learner()
             self.deaths += 1
             # A death seen by a weight sync: the call still queued may return from the old process.
             self.stale.update(ref for ref, a in self.pending.items() if a == i)
         self.failed_calls += 1
         self.down[i] = self.clock()
+
+    def record_sync(self, result) -> None:
+        """The actors a weight sync (a ``SyncResult``) found dead: counted as deaths, caught up at restart."""
+        for i in sorted(result.gone):
+            self.mark_gone(i, "died during a weight sync")
+
+    def _wake_learner(self) -> None:
+        """If the buffer lacks the last sync's weights (broadcast transport), a learner waiting for rows,
+        which only the dead actor may bring, lets go, so that ``learner_step`` can leave them there."""
+        if self.syncer is not None and self.syncer.needs_publish:
+            self.learner_woken = True
+            self.buffer.wake.remote()
 
     def _retry_down(self) -> None:
         now = self.clock()
@@ -119,9 +162,9 @@ class RolloutSupervisor:
         return {"actor_deaths": self.deaths, "failed_calls": self.failed_calls, "actor_recoveries": self.recoveries,
                 "actors_down": len(self.down)}
 
-    def gone_message(self, max_restarts: int) -> str:
+    def gone_message(self) -> str:
         return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
-                f"(restarts used up: rollout.max_restarts={max_restarts})")
+                f"(restarts used up: rollout.max_restarts={self.max_restarts})")
 
 
 def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s: float = 1.0) -> list[dict]:

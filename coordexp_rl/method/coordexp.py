@@ -1,4 +1,4 @@
-"""CoordExp (SPEC 2): a differentiable coordinate from the LM's coord-token logits.
+"""CoordExp (METHOD 2): a differentiable coordinate from the LM's coord-token logits.
 
 At a coord position the LM head scores the 1000 coord tokens ``s_k``; CoordExp decodes
 ``c = sum_k softmax(s / tau)_k * k / 1000`` in [0, 0.999]. We project the hidden states onto the
@@ -68,7 +68,7 @@ def coord_rows(table: torch.Tensor, coord_ids: Sequence[int] | torch.Tensor) -> 
 def coord_expectation(logits: torch.Tensor, tau: float = 1.0, top_k: int | None = None) -> CoordExpOutput:
     """(P, K) coord logits -> CoordExp decode.
 
-    ``top_k``: keep the k largest logits per position and renormalise (SPEC 2.5); None or K = all.
+    ``top_k``: keep the k largest logits per position and renormalise (METHOD 2.5); None or K = all.
 
     >>> out = coord_expectation(torch.tensor([[0.0, 0.0] + [-1e4] * 998]))
     >>> round(out.expectation.item(), 4)  # half on bin 0, half on bin 1 -> 0.0005

@@ -1,4 +1,4 @@
-"""Coordinate binning (SPEC 3.3) and the coordinate vocabulary (SPEC 2.1, 10.1).
+"""Coordinate binning (METHOD 3.3) and the coordinate vocabulary (METHOD 2.1, 10.1).
 
 norm1000: a coordinate c in [0, 1] becomes bin ``clamp(round(1000 * c), 0, 999)`` and bin k decodes to
 ``k / 1000``. Bin 0 is the near edge, bin 999 lies just inside the far edge.
@@ -14,7 +14,7 @@ from typing import Sequence
 NUM_BINS = 1000
 COORD_TOKEN_RE = re.compile(r"^<\|coord_(\d{1,3})\|>$")
 
-# Structure tokens of SPEC 1.1, in a fixed order (their ids follow the coord tokens when added).
+# Structure tokens of METHOD 1.1, in a fixed order (their ids follow the coord tokens when added).
 OBJ_OPEN, OBJ_CLOSE = "<obj>", "</obj>"
 DESC_OPEN, DESC_CLOSE = "<desc>", "</desc>"
 BOX_OPEN, BOX_CLOSE = "<box>", "</box>"

@@ -1,10 +1,10 @@
-"""Losses of SPEC 5.3, 7 and 8: weighted token CE (chunked), box L1/GIoU, and the stage combiners.
+"""Losses of METHOD 5.3, 7 and 8: weighted token CE (chunked), box L1/GIoU, and the stage combiners.
 
 Boxes are (x1, y1, x2, y2) in normalised [0, 1] coordinates. An inverted box (x2 < x1 or y2 < y1) has
 area 0, as evaluation counts it (IoU 0 with anything); :func:`giou_loss` adds the inversion depth so its
 gradient un-inverts the box instead of pushing the crossed coordinates further apart.
 
-Normalisation (one rule for both stages, SPEC 5.3 / 8 in their sum form). With W the batch's total CE
+Normalisation (one rule for both stages, METHOD 5.3 / 8 in their sum form). With W the batch's total CE
 weight, ``W = sum_t w_t`` over every supervised token of the batch's GT (Stage-1) or reordered-GT
 (Stage-2) sequences, and ``w_t`` from :func:`position_weights`:
 
@@ -182,7 +182,7 @@ def position_weights(token_ids: Sequence[int] | torch.Tensor, vocab: CoordVocab,
     weights[t] is the weight of predicting token_ids[t]: prompt positions (t < prompt_len) 0; structure
     and other text tokens ``text_weight``; description tokens (strictly between ``<desc>`` and
     ``</desc>``) ``desc_weight`` (None = ``text_weight``); coord tokens ``text_weight + lambda_coord_ce``
-    (SPEC 5.3: CE_all plus the coord-focused CE); the first end-of-turn token ``eos_weight``; anything
+    (METHOD 5.3: CE_all plus the coord-focused CE); the first end-of-turn token ``eos_weight``; anything
     after it 0 (the template's trailing newline is never generated). Use ``weights[1:]`` with
     ``hidden[:-1]``.
 
@@ -282,13 +282,13 @@ def giou_loss(pred: torch.Tensor, gt: torch.Tensor, reduction: str = "sum") -> t
 
 def geo_loss(pred: torch.Tensor, gt: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0,
              reduction: str = "sum") -> torch.Tensor:
-    """SPEC 7.1 step E: ``alpha * L1 + beta * (1 - GIoU)`` per matched box, summed by default."""
+    """METHOD 7.1 step E: ``alpha * L1 + beta * (1 - GIoU)`` per matched box, summed by default."""
     per_box = alpha * l1_box_loss(pred, gt, "none") + beta * giou_loss(pred, gt, "none")
     return _reduce(per_box, reduction)
 
 
 def coord_l1(expectation: torch.Tensor, target_bins: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """SPEC 5.3 ``L_L1_coord``: ``|c_t - bin_t / 1000|`` over coord positions (P,)."""
+    """METHOD 5.3 ``L_L1_coord``: ``|c_t - bin_t / 1000|`` over coord positions (P,)."""
     target = target_bins.to(expectation.dtype) / NUM_BINS
     return _reduce((expectation - target).abs(), reduction)
 

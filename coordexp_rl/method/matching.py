@@ -1,8 +1,8 @@
-"""Hungarian matching of predicted to GT objects with gating and a curriculum (SPEC 6.1 step B, 14.1).
+"""Hungarian matching of predicted to GT objects with gating and a curriculum (METHOD 6.1 step B, 14.1).
 
 Cost of predicted box i against GT box j (both (x1, y1, x2, y2) in [0, 1]):
 
-    C[i, j] = lambda_geo * (L1[i, j] + 1 - IoU[i, j])  (or 1 - GIoU)  +  lambda_sem * D_sem(desc_i, desc_j)
+    C[i, j] = geo_cost_weight * (L1[i, j] + 1 - IoU[i, j])  (or 1 - GIoU)  +  sem_cost_weight * D_sem(desc_i, desc_j)
 
 where L1 is the *mean* absolute coordinate difference (in [0, 1], the same scale as 1 - IoU).
 A Hungarian assignment is accepted only if ``IoU > iou_thr`` or ``L1 < l1_thr``.
@@ -41,20 +41,20 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class MatchParams:
-    lambda_sem: float
+    sem_cost_weight: float
     iou_thr: float
     l1_thr: float
 
 
 @dataclass(frozen=True)
 class MatchCurriculum:
-    """SPEC 11 / 14.1: geometry-only and strict until ``start_step``, then linear relaxation over
+    """METHOD 11 / 14.1: geometry-only and strict until ``start_step``, then linear relaxation over
     ``ramp_steps`` to the end values (semantic term switched in, looser gates). No defaults here: a run
     builds it with ``from_config`` (the values' one home is ``coordexp_rl.config.MatchingConfig``)."""
 
     ramp_steps: int
-    lambda_sem_start: float
-    lambda_sem_end: float
+    sem_cost_weight_start: float
+    sem_cost_weight_end: float
     iou_thr_start: float
     iou_thr_end: float
     l1_thr_start: float
@@ -64,14 +64,14 @@ class MatchCurriculum:
     @classmethod
     def from_config(cls, m) -> "MatchCurriculum":
         """From the config's ``matching`` section (coordexp_rl.config.MatchingConfig), the one home of defaults."""
-        return cls(ramp_steps=m.curriculum_steps, lambda_sem_start=m.lambda_sem_start,
-                   lambda_sem_end=m.lambda_sem_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
+        return cls(ramp_steps=m.curriculum_steps, sem_cost_weight_start=m.sem_cost_weight_start,
+                   sem_cost_weight_end=m.sem_cost_weight_end, iou_thr_start=m.iou_thr_start, iou_thr_end=m.iou_thr_end,
                    l1_thr_start=m.l1_thr_start, l1_thr_end=m.l1_thr_end)
 
     def at(self, step: int) -> MatchParams:
         """Parameters at ``step``.
 
-        >>> c = MatchCurriculum(ramp_steps=10, lambda_sem_start=0.0, lambda_sem_end=0.5, iou_thr_start=0.5,
+        >>> c = MatchCurriculum(ramp_steps=10, sem_cost_weight_start=0.0, sem_cost_weight_end=0.5, iou_thr_start=0.5,
         ...                     iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1, start_step=10)
         >>> round(c.at(15).iou_thr, 6)  # half way from 0.5 to 0.1
         0.3
@@ -81,7 +81,7 @@ class MatchCurriculum:
         else:
             frac = min(max((step - self.start_step) / self.ramp_steps, 0.0), 1.0)
         lerp = lambda a, b: a + (b - a) * frac  # noqa: E731
-        return MatchParams(lambda_sem=lerp(self.lambda_sem_start, self.lambda_sem_end),
+        return MatchParams(sem_cost_weight=lerp(self.sem_cost_weight_start, self.sem_cost_weight_end),
                            iou_thr=lerp(self.iou_thr_start, self.iou_thr_end),
                            l1_thr=lerp(self.l1_thr_start, self.l1_thr_end))
 
@@ -102,28 +102,28 @@ def geometry_terms(pred_boxes, gt_boxes) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def cost_matrix(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
-                gt_descs: Sequence[str] | None = None, *, lambda_geo: float = 1.0, lambda_sem: float = 0.0,
+                gt_descs: Sequence[str] | None = None, *, geo_cost_weight: float = 1.0, sem_cost_weight: float = 0.0,
                 overlap: str = "iou", semantic: SemanticDistance = text_distance_matrix) -> np.ndarray:
     """(N, M) matching cost (see the module docstring). ``overlap``: ``"iou"`` or ``"giou"``."""
-    return _cost(geometry_terms(pred_boxes, gt_boxes), pred_descs, gt_descs, lambda_geo=lambda_geo,
-                 lambda_sem=lambda_sem, overlap=overlap, semantic=semantic)
+    return _cost(geometry_terms(pred_boxes, gt_boxes), pred_descs, gt_descs, geo_cost_weight=geo_cost_weight,
+                 sem_cost_weight=sem_cost_weight, overlap=overlap, semantic=semantic)
 
 
-def _cost(terms: tuple[np.ndarray, np.ndarray, np.ndarray], pred_descs, gt_descs, *, lambda_geo: float,
-          lambda_sem: float, overlap: str, semantic: SemanticDistance) -> np.ndarray:
+def _cost(terms: tuple[np.ndarray, np.ndarray, np.ndarray], pred_descs, gt_descs, *, geo_cost_weight: float,
+          sem_cost_weight: float, overlap: str, semantic: SemanticDistance) -> np.ndarray:
     l1, iou, giou = terms
     if overlap not in ("iou", "giou"):
         raise ValueError(f"overlap must be 'iou' or 'giou', got {overlap!r}")
-    cost = lambda_geo * (l1 + 1.0 - (iou if overlap == "iou" else giou))
-    if lambda_sem and cost.size:
+    cost = geo_cost_weight * (l1 + 1.0 - (iou if overlap == "iou" else giou))
+    if sem_cost_weight and cost.size:
         if pred_descs is None or gt_descs is None:
-            raise ValueError("lambda_sem > 0 needs pred_descs and gt_descs")
-        cost = cost + lambda_sem * np.asarray(semantic(list(pred_descs), list(gt_descs)), dtype=np.float64)
+            raise ValueError("sem_cost_weight > 0 needs pred_descs and gt_descs")
+        cost = cost + sem_cost_weight * np.asarray(semantic(list(pred_descs), list(gt_descs)), dtype=np.float64)
     return cost
 
 
 def match_objects(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
-                  gt_descs: Sequence[str] | None = None, *, lambda_geo: float = 1.0, lambda_sem: float = 0.0,
+                  gt_descs: Sequence[str] | None = None, *, geo_cost_weight: float = 1.0, sem_cost_weight: float = 0.0,
                   overlap: str = "iou", iou_thr: float = 0.5, l1_thr: float = 0.02,
                   semantic: SemanticDistance = text_distance_matrix) -> MatchResult:
     """Hungarian matching (rectangular) of N predicted to M GT objects, then gating.
@@ -137,8 +137,8 @@ def match_objects(pred_boxes, gt_boxes, pred_descs: Sequence[str] | None = None,
     terms = geometry_terms(pred_boxes, gt_boxes)  # once: the cost and the gate both read it
     l1, iou, _ = terms
     if n and m:
-        cost = _cost(terms, pred_descs, gt_descs, lambda_geo=lambda_geo, lambda_sem=lambda_sem, overlap=overlap,
-                     semantic=semantic)
+        cost = _cost(terms, pred_descs, gt_descs, geo_cost_weight=geo_cost_weight, sem_cost_weight=sem_cost_weight,
+                     overlap=overlap, semantic=semantic)
         rows, cols = linear_sum_assignment(cost)
         for i, j in sorted(zip(rows.tolist(), cols.tolist())):
             if iou[i, j] > iou_thr or l1[i, j] < l1_thr:

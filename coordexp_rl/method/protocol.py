@@ -1,4 +1,4 @@
-"""The token protocol of SPEC 1: building object records and parsing them back.
+"""The token protocol of METHOD 1: building object records and parsing them back.
 
 A record is ``<obj><desc> text </desc><box> cx1 cy1 cx2 cy2 </box></obj>`` where each ``c`` is one
 ``<|coord_k|>`` token. The assistant turn is the records in order followed by the end-of-turn token.

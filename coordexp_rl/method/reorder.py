@@ -1,7 +1,7 @@
-"""Reordered-GT sequence for the Stage-2 SFT path (SPEC 7.2 step F, 14.2, 14.3).
+"""Reordered-GT sequence for the Stage-2 SFT path (METHOD 7.2 step F, 14.2, 14.3).
 
-SPEC 7.2 step 11: "if predicted object i matched to GT j, place GT object j at position i". The order
-follows the full Hungarian assignment; the gate (SPEC 6.1 step 5) only decides which pairs feed the
+METHOD 7.2 step 11: "if predicted object i matched to GT j, place GT object j at position i". The order
+follows the full Hungarian assignment; the gate (METHOD 6.1 step 5) only decides which pairs feed the
 geometric loss, so a gated-out pair keeps its place here. GT objects with no partner at all (the rollout
 had fewer objects than the GT) are appended as completion objects in the order given (policy
 ``"append"``; the caller passes the GT in canonical order) or left out (``"drop"``). When the rollout

@@ -1,4 +1,4 @@
-"""Semantic distance between descriptions, for the optional matching cost ``D_sem`` (SPEC 6.1 step B).
+"""Semantic distance between descriptions, for the optional matching cost ``D_sem`` (METHOD 6.1 step B).
 
 Two back-ends, both ``(preds: list[str], gts: list[str]) -> (N, M) float64 array`` in [0, 1]:
 

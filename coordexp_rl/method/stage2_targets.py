@@ -1,12 +1,12 @@
-"""One Stage-2 sample's targets (SPEC 6.1-7.2), pure: parsed rollout + GT -> what the two forwards learn.
+"""One Stage-2 sample's targets (METHOD 6.1-7.2), pure: parsed rollout + GT -> what the two forwards learn.
 
     parsed rollout objects, GT objects
-      -> cost and Hungarian assignment (SPEC 6.1 step 3-4, over the GT in canonical order)
+      -> cost and Hungarian assignment (METHOD 6.1 step 3-4, over the GT in canonical order)
       -> gate (step 5): which assigned pairs feed the geometric loss
-      -> self-context targets (SPEC 7.1): the gated pairs' coord positions in the rollout, GT coordinates
-      -> reordered GT (SPEC 7.2 step 11): GT j at the place of its assigned prediction i, unassigned GT
+      -> self-context targets (METHOD 7.1): the gated pairs' coord positions in the rollout, GT coordinates
+      -> reordered GT (METHOD 7.2 step 11): GT j at the place of its assigned prediction i, unassigned GT
          appended in canonical order; end-of-turn weight ``extra_eos_weight`` when the rollout has more
-         objects than the GT (SPEC 14.3), else ``eos_weight``
+         objects than the GT (METHOD 14.3), else ``eos_weight``
 
 No model, no Ray: the Learner only turns the result into token sequences for its forwards.
 """
@@ -27,7 +27,7 @@ from coordexp_rl.method.semantic import SemanticDistance, text_distance_matrix
 class MatchSettings:
     """The fixed part of matching (config ``matching``); the curriculum supplies ``MatchParams``."""
 
-    lambda_geo: float = 1.0
+    geo_cost_weight: float = 1.0
     overlap: str = "giou"
     missing_policy: str = "append"
     eos_weight: float = 1.0
@@ -57,8 +57,8 @@ def stage2_targets(pred: Sequence[ParsedObject], gt: Sequence[BoxObject], params
     gt = canonical_order(gt)
     match = match_objects(
         [[bin_to_unit(b) for b in o.bins] for o in pred], [[bin_to_unit(b) for b in o.bins] for o in gt],
-        [o.desc for o in pred], [o.desc for o in gt], lambda_geo=settings.lambda_geo,
-        lambda_sem=params.lambda_sem, overlap=settings.overlap, iou_thr=params.iou_thr, l1_thr=params.l1_thr,
+        [o.desc for o in pred], [o.desc for o in gt], geo_cost_weight=settings.geo_cost_weight,
+        sem_cost_weight=params.sem_cost_weight, overlap=settings.overlap, iou_thr=params.iou_thr, l1_thr=params.l1_thr,
         semantic=settings.semantic)
     positions: list[int] = []
     targets: list[float] = []

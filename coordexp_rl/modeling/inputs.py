@@ -1,7 +1,8 @@
 """The one place where model inputs are built (learner, HF engine and inference all call these).
 
 Image preprocessing that drifts between the rollout engine and the learner silently changes the number of
-image tokens (shared/LESSONS.md), so nobody else calls the processor directly.
+image tokens (other RL systems saw deadlocks and silently wrong training from it), so nobody else calls
+the processor directly.
 
 Shapes (one example, L tokens, N image patches):
   input_ids (L,) int64, mm_token_type_ids (L,) int64 (1 on image tokens; needed for M-RoPE),

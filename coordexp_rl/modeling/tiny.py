@@ -2,7 +2,7 @@
 
 Usage: ``coordexp-rl make-tiny-model --out DIR [--seed S] [--tokenizer local|qwen] [--shape qwen3vl-2b]``.
 
-The default size (shared/CPU_STACK.md) is about 1.2 M parameters and a few MB on disk; every size knob
+The default size (docs/PLATFORM.md) is about 1.2 M parameters and a few MB on disk; every size knob
 is a keyword of ``make_tiny_model``. The folder holds weights (``model.safetensors``), config,
 generation config, tokenizer (with coord + structure tokens), image/video processor and chat template.
 """
@@ -125,7 +125,8 @@ def tiny_config(sizes: TinySize, tokenizer):
 
 
 def tiny_processor(tokenizer, max_pixels: int = MAX_PIXELS, min_pixels: int = MIN_PIXELS):
-    """Qwen3-VL processor: Qwen2-VL image processor (the class AutoProcessor reloads) (patch 16, merge 2) + video processor."""
+    """Qwen3-VL processor: Qwen2-VL image processor (the class AutoProcessor reloads; patch 16, merge 2) +
+    video processor."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 

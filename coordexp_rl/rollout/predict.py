@@ -1,4 +1,4 @@
-"""Inference (SPEC 9), the library behind `coordexp-rl infer` (``coordexp_rl.tools.infer``) and evaluation.
+"""Inference (METHOD 9), the library behind `coordexp-rl infer` (``coordexp_rl.tools.infer``) and evaluation.
 
 Greedy generation for every record, parsing of the generated ids, coord bins -> pixel boxes, one
 prediction line per input record (an unparseable output is a line with empty ``objects``, never dropped).

@@ -1,6 +1,6 @@
 """Sending the learner's weights to the rollout engines: streamed buckets and two transports.
 
-Weight sync cost is dominated by per-tensor calls, not bytes (shared/LESSONS.md), so tensors travel in
+Weight sync cost is dominated by per-tensor calls, not bytes (open-instruct: >120 s to 0.5 s), so tensors travel in
 buckets: each bucket is a run of consecutive tensors of one dtype with a manifest that says where each
 tensor lives in the bucket's flat buffer. Buckets are STREAMED: ``iter_buckets`` fills one bucket, the
 transport ships it, the next one reuses nothing of it, so the sender holds about one bucket of extra

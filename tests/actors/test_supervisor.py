@@ -26,11 +26,28 @@ class FakeActor:
         self.step = self.predict = Method
 
 
+class FakeSyncer:
+    needs_publish = True  # the buffer lacks the last sync's weights: a death wakes the learner
+
+
+class FakeBuffer:
+    def __init__(self):
+        self.wakes = 0
+        buffer = self
+
+        class Wake:
+            @staticmethod
+            def remote():
+                buffer.wakes += 1
+
+        self.wake = Wake
+
+
 @pytest.mark.parametrize("death", [OutOfMemoryError("killed by Ray's memory monitor"), ActorDiedError()],
                          ids=["memory_monitor", "died"])
 def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
-    actors, seen = [FakeActor(), FakeActor()], []
-    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, on_death=seen.append)
+    actors, buffer = [FakeActor(), FakeActor()], FakeBuffer()
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, buffer=buffer, syncer=FakeSyncer())
     sup.start()
     failing = next(ref for ref, i in sup.pending.items() if i == 1)
 
@@ -41,11 +58,12 @@ def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
 
     monkeypatch.setattr(supervisor.ray, "get", get)
     sup._collect(failing)
-    assert seen == [1] and sup.deaths == 1 and 1 in sup.down and 1 not in sup.pending.values()
+    assert buffer.wakes == 1 and sup.learner_woken and sup.deaths == 1
+    assert 1 in sup.down and 1 not in sup.pending.values()
     sup._retry_down()  # called again while Ray restarts it: that call fails too, still one death
     failing = next(ref for ref, i in sup.pending.items() if i == 1)
     sup._collect(failing)
-    assert seen == [1] and (sup.deaths, sup.failed_calls) == (1, 2)
+    assert buffer.wakes == 1 and sup.learner_woken and (sup.deaths, sup.failed_calls) == (1, 2)
     sup._retry_down()  # its next call succeeds
     retried = next(ref for ref, i in sup.pending.items() if i == 1)
     sup._collect(retried)
@@ -58,8 +76,8 @@ def test_a_death_seen_by_a_weight_sync_counts_once_and_ends_at_a_step_of_the_new
     returned; the next one runs in the restarted process): the syncer reports it, and it counts. The call
     queued before that report may still return from the old process: it does not mark the actor back
     (the launcher's kill test once counted two deaths for one kill that way); only a later call does."""
-    actors, seen = [FakeActor(), FakeActor()], []
-    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, on_death=seen.append)
+    actors, buffer = [FakeActor(), FakeActor()], FakeBuffer()
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, buffer=buffer, syncer=FakeSyncer())
     sup.start()
     old_step = next(ref for ref, i in sup.pending.items() if i == 1)
     restarting = []
@@ -71,15 +89,15 @@ def test_a_death_seen_by_a_weight_sync_counts_once_and_ends_at_a_step_of_the_new
 
     monkeypatch.setattr(supervisor.ray, "get", get)
     sup.mark_gone(1, "died during a weight sync")
-    assert seen == [1] and 1 in sup.down and sup.stats()["actor_deaths"] == 1
+    assert buffer.wakes == 1 and sup.learner_woken and 1 in sup.down and sup.stats()["actor_deaths"] == 1
     sup._collect(old_step)  # the old process's last step: rows counted, still down, the next call queued
     assert 1 in sup.down and sup.recoveries == 0 and sup.rows == 4 and 1 in sup.pending.values()
     restarting.append(next(ref for ref, i in sup.pending.items() if i == 1))
     sup._collect(restarting[0])  # refused while Ray restarts it: still the one death
-    assert seen == [1] and sup.deaths == 1 and 1 in sup.down
+    assert buffer.wakes == 1 and sup.learner_woken and sup.deaths == 1 and 1 in sup.down
     sup._retry_down()
     sup._collect(next(ref for ref, i in sup.pending.items() if i == 1))  # the new process's first step
-    assert seen == [1] and not sup.down and sup.recoveries == 1 and sup.rows == 8
+    assert buffer.wakes == 1 and sup.learner_woken and not sup.down and sup.recoveries == 1 and sup.rows == 8
     assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0}
 
 

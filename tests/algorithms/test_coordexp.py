@@ -1,4 +1,4 @@
-"""CoordExp (SPEC 2): projection, expectation, gradient identity, top-k, entropy, tau schedule."""
+"""CoordExp (METHOD 2): projection, expectation, gradient identity, top-k, entropy, tau schedule."""
 
 import math
 
@@ -35,7 +35,7 @@ def test_uniform_and_one_hot_extremes():
 
 
 def test_gradient_identity_matches_autograd():
-    # SPEC 2.4: d c / d s_k = (1 / tau) * p_k * (phi_k - c)
+    # METHOD 2.4: d c / d s_k = (1 / tau) * p_k * (phi_k - c)
     torch.manual_seed(0)
     tau = 0.7
     s = (3 * torch.randn(4, K, dtype=torch.float64)).requires_grad_()

@@ -276,7 +276,7 @@ def test_w1_by_hand_and_against_l1_of_the_expectation():
 
 
 def test_sum_normalisation_hand_worked_two_objects():
-    """SPEC 12's two objects as the learner weighs them: every term summed, one divisor W (losses.py)."""
+    """METHOD 12's two objects as the learner weighs them: every term summed, one divisor W (losses.py)."""
     # Per object: 2 desc tokens x desc_weight 4 + 6 structure x 1 + 4 coords x (1 + 1); then eos 1 once.
     ids = [7, 1, 3, 50, 51, 4, 5, 210, 310, 410, 705, 6, 2, 1, 3, 52, 53, 4, 5, 620, 385, 990, 760, 6, 2, 9]
     w = position_weights(ids, VOCAB, prompt_len=1, lambda_coord_ce=1.0, desc_weight=4.0)

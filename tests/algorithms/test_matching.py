@@ -1,4 +1,4 @@
-"""Hungarian matching: one table of cases, brute-force optimality, gating, curriculum, SPEC 12 by hand."""
+"""Hungarian matching: one table of cases, brute-force optimality, gating, curriculum, METHOD 12 by hand."""
 
 import dataclasses
 import itertools
@@ -8,7 +8,7 @@ import pytest
 
 from coordexp_rl.method.matching import MatchCurriculum, cost_matrix, geometry_terms, match_objects
 
-CAT_GT, DOG_GT = (0.110, 0.310, 0.410, 0.705), (0.520, 0.285, 0.890, 0.660)  # SPEC 12, bins / 1000
+CAT_GT, DOG_GT = (0.110, 0.310, 0.410, 0.705), (0.520, 0.285, 0.890, 0.660)  # METHOD 12, bins / 1000
 CAT_PRED, DOG_PRED = (0.120, 0.300, 0.420, 0.700), (0.500, 0.280, 0.880, 0.650)
 A, B = (0.1, 0.1, 0.3, 0.3), (0.6, 0.6, 0.9, 0.9)
 
@@ -75,7 +75,7 @@ def test_hungarian_is_optimal_against_brute_force(n, m, overlap):
         preds, gts = random_boxes(rng, n), random_boxes(rng, m)
         words = ["cat", "dog", "black cat", "red cup", "cup"]
         pd, gd = [words[i % 5] for i in range(n)], [words[(2 * j) % 5] for j in range(m)]
-        kw = dict(overlap=overlap, lambda_sem=0.3, lambda_geo=1.5)
+        kw = dict(overlap=overlap, sem_cost_weight=0.3, geo_cost_weight=1.5)
         cost = cost_matrix(preds, gts, pd, gd, **kw)
         r = match_objects(preds, gts, pd, gd, iou_thr=-1.0, **kw)  # gate accepts everything
         assert len(r.pairs) == min(n, m) and not r.rejected
@@ -84,12 +84,12 @@ def test_hungarian_is_optimal_against_brute_force(n, m, overlap):
 
 def test_semantic_term_breaks_a_geometric_tie():
     # two GT objects with the same box; the description decides who gets the prediction
-    r = match_objects([A], [A, A], ["yellow dog"], ["black cat", "yellow dog"], lambda_sem=1.0)
+    r = match_objects([A], [A, A], ["yellow dog"], ["black cat", "yellow dog"], sem_cost_weight=1.0)
     assert r.pairs == [(0, 1)] and r.unmatched_gt == [0]
-    r = match_objects([A], [A, A], ["yellow dog"], ["black cat", "yellow dog"], lambda_sem=0.0)
+    r = match_objects([A], [A, A], ["yellow dog"], ["black cat", "yellow dog"], sem_cost_weight=0.0)
     assert r.pairs == [(0, 0)]  # geometry-only: first of the tied columns
     with pytest.raises(ValueError, match="needs pred_descs"):
-        match_objects([A], [A], lambda_sem=1.0)
+        match_objects([A], [A], sem_cost_weight=1.0)
 
 
 def test_gating_thresholds():
@@ -107,22 +107,22 @@ def test_bad_input_is_rejected():
 
 
 def test_curriculum_starts_strict_and_relaxes_linearly():
-    c = MatchCurriculum(start_step=100, ramp_steps=200, lambda_sem_start=0.0, lambda_sem_end=0.4, iou_thr_start=0.5,
-                        iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1)
+    c = MatchCurriculum(start_step=100, ramp_steps=200, sem_cost_weight_start=0.0, sem_cost_weight_end=0.4,
+                        iou_thr_start=0.5, iou_thr_end=0.1, l1_thr_start=0.02, l1_thr_end=0.1)
     for step in (0, 100):
         p = c.at(step)
-        assert (p.lambda_sem, p.iou_thr, p.l1_thr) == (0.0, 0.5, 0.02)
+        assert (p.sem_cost_weight, p.iou_thr, p.l1_thr) == (0.0, 0.5, 0.02)
     mid = c.at(200)
-    assert (mid.lambda_sem, mid.iou_thr, mid.l1_thr) == pytest.approx((0.2, 0.3, 0.06))
+    assert (mid.sem_cost_weight, mid.iou_thr, mid.l1_thr) == pytest.approx((0.2, 0.3, 0.06))
     end = c.at(10_000)
-    assert (end.lambda_sem, end.iou_thr, end.l1_thr) == pytest.approx((0.4, 0.1, 0.1))
+    assert (end.sem_cost_weight, end.iou_thr, end.l1_thr) == pytest.approx((0.4, 0.1, 0.1))
     step_at_5 = dataclasses.replace(c, start_step=5, ramp_steps=0)  # no ramp: the end values from start_step on
     assert (step_at_5.at(4).iou_thr, step_at_5.at(5).iou_thr) == pytest.approx((0.5, 0.1))
 
 
 @pytest.mark.parametrize("step", [0, 100, 200, 10_000])
 def test_default_gate_never_admits_a_box_that_misses_its_gt(step):
-    """SPEC 6.1 step 5 with the config's defaults: strict at every step of the curriculum (a looser L1 gate
+    """METHOD 6.1 step 5 with the config's defaults: strict at every step of the curriculum (a looser L1 gate
     once let a box with IoU 0 feed the geometric loss)."""
     from coordexp_rl.config import load_config
 

@@ -1,4 +1,4 @@
-"""GT reordering for the Stage-2 SFT path (SPEC 7.2 step F), on the SPEC 12 example and with misses/extras."""
+"""GT reordering for the Stage-2 SFT path (METHOD 7.2 step F), on the METHOD 12 example and with misses/extras."""
 
 import pytest
 
@@ -54,7 +54,7 @@ def test_extras_flag_over_generation():
 
 
 def test_gated_out_pair_keeps_its_place():
-    """SPEC 7.2 step 11 places GT j at position i for every assigned pair; the gate only guards Path A."""
+    """METHOD 7.2 step 11 places GT j at position i for every assigned pair; the gate only guards Path A."""
     off = [b / 1000 for b in (400, 20, 700, 110)]  # assigned to the cup (IoU 0) but gated out
     m = match_objects([off, unit(CAT)], [unit(CUP), unit(CAT)], iou_thr=0.5, l1_thr=0.02)
     assert m.pairs == [(1, 1)] and m.rejected == [(0, 0)]

@@ -19,7 +19,8 @@ def test_match_curriculum_takes_every_value_from_the_matching_section():
     m = Config().matching
     c = MatchCurriculum.from_config(m)
     assert (c.start_step, c.ramp_steps) == (0, m.curriculum_steps)
-    for name in ("lambda_sem_start", "lambda_sem_end", "iou_thr_start", "iou_thr_end", "l1_thr_start", "l1_thr_end"):
+    for name in ("sem_cost_weight_start", "sem_cost_weight_end", "iou_thr_start", "iou_thr_end", "l1_thr_start",
+                 "l1_thr_end"):
         assert getattr(c, name) == getattr(m, name), name
 
 
@@ -62,9 +63,9 @@ def test_learner_takes_matching_and_loss_values_from_the_config(tiny_model_dir):
     cfg = Config()
     learner = Learner(cfg, tiny_model_dir)
     assert learner.curriculum == MatchCurriculum.from_config(cfg.matching)
-    s = learner.match_settings
-    assert (s.lambda_geo, s.overlap, s.missing_policy, s.eos_weight, s.extra_eos_weight) == (
-        cfg.matching.lambda_geo, cfg.matching.geometry, cfg.matching.missing_policy, cfg.loss.eos_weight,
+    s = learner.sequences.match_settings
+    assert (s.geo_cost_weight, s.overlap, s.missing_policy, s.eos_weight, s.extra_eos_weight) == (
+        cfg.matching.geo_cost_weight, cfg.matching.geometry, cfg.matching.missing_policy, cfg.loss.eos_weight,
         cfg.loss.extra_eos_weight)
     group = learner.optimizer.param_groups[0]
     assert (group["initial_lr"], group["weight_decay"]) == (cfg.optim.lr, cfg.optim.weight_decay)

@@ -1,4 +1,4 @@
-"""The pure Stage-2 step (coordexp_rl/method/stage2_targets.py) on SPEC 12's worked example and its variants:
+"""The pure Stage-2 step (coordexp_rl/method/stage2_targets.py) on METHOD 12's worked example and its variants:
 token ids in, matched coord positions / GT coordinates / reordered GT / end-of-turn weight out."""
 
 import pytest
@@ -10,7 +10,7 @@ from coordexp_rl.method.stage2_targets import MatchSettings, stage2_targets
 
 CAT = BoxObject("black cat", (110, 310, 410, 705))
 DOG = BoxObject("yellow dog", (520, 285, 890, 660))
-STRICT = MatchParams(lambda_sem=0.0, iou_thr=0.5, l1_thr=0.02)
+STRICT = MatchParams(sem_cost_weight=0.0, iou_thr=0.5, l1_thr=0.02)
 SETTINGS = MatchSettings(eos_weight=1.0, extra_eos_weight=3.0)
 
 
@@ -21,7 +21,7 @@ def rollout(objects, tokenizer, vocab):
 
 
 def test_spec12_worked_example(qwen_tokenizer, qwen_vocab):
-    # SPEC 12: the rollout writes cat then dog, each box a few bins off its GT
+    # METHOD 12: the rollout writes cat then dog, each box a few bins off its GT
     ids, pred = rollout([BoxObject("black cat", (120, 300, 420, 700)), BoxObject("yellow dog", (500, 280, 880, 650))],
                         qwen_tokenizer, qwen_vocab)
     t = stage2_targets(pred, [DOG, CAT], STRICT, SETTINGS)  # GT given in any order

@@ -119,10 +119,10 @@ def test_driver_logs_the_truncation_count_in_metrics(tiny_model_dir, tmp_path):
 
     driver = Driver(cfg)
     driver.prepare()
-    train = driver.load_data(driver.assets.train_path, driver.assets.train_image_root, True, train=True)
-    driver.log = RunLog(tmp_path / "run")  # what a fresh (not resumed) run opens once the learner is up
-    driver.log_data_counts()
-    driver.log.close()
+    train, counts = driver.check_data()
+    run_log = RunLog(tmp_path / "run")  # what a fresh (not resumed) run opens once the learner is up
+    run_log.log("data", 0, counts)
+    run_log.close()
     assert len(train[0].objects) < 9 and len(train[1].objects) == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     data = [r for r in rows if r["stage"] == "data"]

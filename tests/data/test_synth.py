@@ -122,3 +122,165 @@ def test_config_edge_prob_reaches_the_generator(tmp_path: Path, monkeypatch, edg
     touching = [any(v <= 0 or v >= r["width"] for v in o["bbox_2d"]) for r in rows for o in r["objects"]]
     # with 0, only shapes that land on the border by chance touch it (their position is uniform)
     assert all(touching) if edge_prob == 1.0 else sum(touching) / len(touching) < 0.2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense scenes (configs/dense_cpu.yaml): many objects, repeated descriptions, touching shapes
+# ----------------------------------------------------------------------------------------------------
+
+DENSE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dense_cpu.yaml"
+
+
+def dense_options() -> dict:
+    from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import synth_options
+
+    return synth_options(load_config(DENSE_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def dense_set(tmp_path_factory) -> dict[str, Path]:
+    """300 validation images of the dense task (the config's first 300; ~3 s)."""
+    return make_synthetic_set(tmp_path_factory.mktemp("dense"), 0, 300, seed=0, **dense_options())
+
+
+def test_dense_statistics(dense_set):
+    opts = dense_options()
+    recs = read_jsonl(dense_set["val"])
+    counts = np.array([len(r["objects"]) for r in recs])
+    assert counts.min() >= opts["min_objects"] == 3 and counts.max() <= opts["max_objects"] == 12
+    assert counts.mean() >= 6 and (counts >= 10).mean() > 0.2  # measured on 1,000: 7.46, 29 % with 10+
+    descs = [[o["desc"] for o in r["objects"]] for r in recs]
+    assert all(len(set(d)) <= opts["distinct_descs"] == 4 for d in descs)
+    assert np.mean([len(set(d)) < len(d) for d in descs]) > 0.9  # measured: 95 % repeat a description
+    overlapping, max_iou = 0, 0.0
+    for r in recs:
+        bs = [o["bbox_2d"] for o in r["objects"]]
+        ious = [iou(bs[i], bs[j]) for i in range(len(bs)) for j in range(i)]
+        max_iou = max(max_iou, *ious)
+        overlapping += any(v > 0 for v in ious)
+    assert 0.2 < max_iou <= opts["max_pair_iou"] == 0.3  # the bound holds on the written (visible) boxes
+    assert overlapping / len(recs) > 0.5  # measured: 68 % of images hold an overlapping pair
+    boxes = np.array([o["bbox_2d"] for r in recs for o in r["objects"]])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    lo, hi = round(opts["min_size"] * 256), round(opts["max_size"] * 256)  # 20, 51 px
+    assert (w <= hi).all() and (h <= hi).all() and max(w.max(), h.max()) == hi
+    # a box is the visible part: only a shape partly painted over by a later one is narrower than lo
+    assert (np.maximum(w, h) >= lo).mean() > 0.99 and (np.minimum(w, h) >= lo).mean() > 0.95
+    assert validate_file(dense_set["val"], skip_bbox_norm=False) == []
+
+
+def test_dense_shapes_stay_visible_and_boxes_are_their_visible_bounds(tmp_path: Path):
+    """Two shapes of different colours on a plain background: each box spans exactly its colour's pixels."""
+    paths = make_synthetic_set(tmp_path, 60, 0, seed=2, image_size=64, min_objects=2, max_objects=2, min_size=0.3,
+                               max_size=0.5, max_pair_iou=0.3, distinct_descs=2, background="plain",
+                               shapes=("square", "circle"), colours=("red", "blue"))
+    overlapped = 0
+    for rec in read_jsonl(paths["train"]):
+        objs = rec["objects"]
+        if len(objs) < 2 or objs[0]["desc"].split()[0] == objs[1]["desc"].split()[0]:
+            continue  # same colour: the pixels cannot be told apart
+        pixels = np.asarray(Image.open(tmp_path / rec["images"][0]).convert("RGB")).astype(int)
+        for obj in objs:
+            ys, xs = np.nonzero((pixels == np.array(COLOURS[obj["desc"].split()[0]])).all(axis=2))
+            assert obj["bbox_2d"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        overlapped += iou(objs[0]["bbox_2d"], objs[1]["bbox_2d"]) > 0
+    assert overlapped > 0
+
+
+def test_dense_same_seed_same_bytes(tmp_path: Path):
+    opts = dense_options()
+    make_synthetic_set(tmp_path / "a", 6, 3, seed=1, **opts)
+    make_synthetic_set(tmp_path / "b", 6, 3, seed=1, **opts)
+    make_synthetic_set(tmp_path / "c", 6, 3, seed=2, **opts)
+    assert all_bytes(tmp_path / "a") == all_bytes(tmp_path / "b")
+    assert (tmp_path / "a" / "val.jsonl").read_bytes() != (tmp_path / "c" / "val.jsonl").read_bytes()
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert (meta["max_pair_iou"], meta["distinct_descs"], meta["image_size"]) == (0.3, 4, 256)
+
+
+def test_default_set_is_unchanged_by_the_dense_settings(tmp_path: Path):
+    """The embedded default's bytes, pinned from before the dense settings existed (the default run's
+    results depend on them): JSONL, decoded pixels and meta.json. A numpy / Pillow upgrade that changes
+    them changes the default set: note it in docs/RESULTS.md before re-pinning."""
+    import hashlib
+
+    from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import synth_options
+
+    paths = make_synthetic_set(tmp_path, 20, 5, seed=0, **synth_options(load_config(None)))
+    jsonl = hashlib.sha256(paths["train"].read_bytes() + paths["val"].read_bytes()).hexdigest()
+    pixels = hashlib.sha256(b"".join(np.asarray(Image.open(p).convert("RGB")).tobytes()
+                                     for p in sorted((tmp_path / "images").glob("*.png")))).hexdigest()
+    meta = hashlib.sha256(paths["meta"].read_bytes()).hexdigest()
+    assert jsonl == "d7dacdb0af2244a5d2e4ba08518c24cd02dcb00e189bac7a32516e19cee0226f"
+    assert pixels == "05a60646f67ee646e8726f45c451af3b77441e3422ffc6d106a54482d1be1f89"
+    assert meta == "814491529eca13ce4940720937a4e99593932c63b83884626f72851afed64b6f"
+
+
+def test_dense_token_budget_fits_the_longest_gt(tiny_model_dir, dense_set):
+    """The longest possible GT (max_objects x the longest description) fits data.max_target_tokens and a
+    rollout of rollout.max_new_tokens can write it; the prompt + max_new_tokens fits max_model_len."""
+    from coordexp_rl.config import load_config
+    from coordexp_rl.data.limits import (
+        OBJECT_OVERHEAD_TOKENS,
+        check_prompt_budget,
+        fit_targets,
+        prompt_token_counter,
+    )
+    from coordexp_rl.modeling.load import load_processor
+
+    cfg = load_config(DENSE_CONFIG)
+    d, r = cfg.data, cfg.rollout
+    processor = load_processor(tiny_model_dir, max_pixels=d.max_pixels, min_pixels=d.min_pixels)
+    tok = processor.tokenizer
+    longest_desc = max(len(tok.encode(f"{c} {s}", add_special_tokens=False))
+                       for c in d.synth_colours for s in d.synth_shapes)
+    longest_gt = d.synth_max_objects * (OBJECT_OVERHEAD_TOKENS + longest_desc) + 1
+    limit = d.max_target_tokens or r.max_new_tokens
+    assert (longest_desc, longest_gt, limit) == (2, 145, 192)  # the arithmetic in the config's header
+    prompt = prompt_token_counter(processor, d.prompt)(d.synth_image_size, d.synth_image_size)
+    assert prompt + r.max_new_tokens <= r.max_model_len and prompt == 90
+    # and the generated images pass the driver's own checks
+    samples = load_samples(dense_set["val"])
+    check_prompt_budget(samples, processor, d.prompt, r.max_new_tokens, r.max_model_len, dense_set["val"])
+    kept, counts = fit_targets(samples, tok, limit, "error", dense_set["val"])
+    assert len(kept) == len(samples) and counts["data/max_target_tokens"] == 145  # a 12-object image is there
+
+
+def test_dense_config_builds_its_own_cached_set(tmp_path: Path, monkeypatch):
+    from coordexp_rl.config import load_config
+    from coordexp_rl.driver.assets import synthetic_set
+
+    monkeypatch.setenv("COORDEXP_CACHE", str(tmp_path))
+    small = ["data.synth_train=2", "data.synth_val=20"]
+    dense = synthetic_set(load_config(DENSE_CONFIG, small))
+    default = synthetic_set(load_config(None, small))
+    assert dense != default
+    assert synthetic_set(load_config(DENSE_CONFIG, [*small, "data.synth_distinct_descs=2"])) not in (dense, default)
+    recs = read_jsonl(dense / "val.jsonl")
+    assert all(3 <= len(r["objects"]) <= 12 and r["width"] == 256 for r in recs)
+    assert json.loads((dense / "meta.json").read_text())["max_pair_iou"] == 0.3
+    assert "max_pair_iou" not in json.loads((default / "meta.json").read_text())
+
+
+def test_cli_synth_dense_flags(tmp_path: Path, capsys):
+    out = tmp_path / "dense"
+    assert main(["synth", "--out", str(out), "--train", "30", "--val", "0", "--size", "96", "--min-objects", "6",
+                 "--max-objects", "8", "--min-size", "0.1", "--max-size", "0.2", "--max-pair-iou", "0.2",
+                 "--distinct-descs", "2", "--edge-prob", "0"]) == 0
+    recs = read_jsonl(out / "train.jsonl")
+    assert all(6 <= len(r["objects"]) <= 8 and len({o["desc"] for o in r["objects"]}) <= 2 for r in recs)
+    for r in recs:
+        bs = [o["bbox_2d"] for o in r["objects"]]
+        assert all(iou(bs[i], bs[j]) <= 0.2 for i in range(len(bs)) for j in range(i))
+        assert all(b[2] - b[0] <= round(0.2 * 96) for b in bs)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["max_pair_iou"], meta["distinct_descs"], meta["edge_prob"]) == (0.2, 2, 0.0)
+
+
+def test_bad_dense_arguments_are_rejected(tmp_path: Path):
+    with pytest.raises(ValueError, match="max_pair_iou"):
+        make_synthetic_set(tmp_path, 1, 1, seed=0, max_pair_iou=1.0)
+    with pytest.raises(ValueError, match="distinct_descs"):
+        make_synthetic_set(tmp_path, 1, 1, seed=0, distinct_descs=-1)

@@ -1,4 +1,4 @@
-"""The rollout actors start beside Stage-1 (launch.Driver.check_actors): an actor that cannot start stops the
+"""The rollout actors start beside Stage-1 (``Rollout.raise_start_failure``): an actor that cannot start stops the
 run at the next Stage-1 chunk with its own error, not after Stage-1 at the first sync."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from coordexp_rl.config import load_config
-from coordexp_rl.driver.driver import Driver
+from coordexp_rl.driver.rollout import Rollout
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +25,12 @@ def test_an_actor_that_fails_to_start_is_reported_during_stage1(ray_local, tmp_p
         def weight_version(self) -> int:
             return 0
 
-    driver = Driver(load_config(None, [f"run.out_dir={tmp_path}"]))
-    driver.actors = [Actor.remote(False), Actor.remote(True)]
-    driver.starting = [a.weight_version.remote() for a in driver.actors]
-    driver.check_actors()  # neither is up yet: Stage-1 goes on
-    assert len(driver.starting) == 2
+    actors = [Actor.remote(False), Actor.remote(True)]
+    rollout = Rollout(buffer=None, actors=actors, work_list=ray.put([]),
+                      starting=[a.weight_version.remote() for a in actors])
+    rollout.raise_start_failure()  # neither is up yet: Stage-1 goes on
+    assert len(rollout.starting) == 2
     with pytest.raises(ray.exceptions.RayActorError, match="no model at /nowhere"):
         for _ in range(300):
-            driver.check_actors()
+            rollout.raise_start_failure()
             time.sleep(0.1)

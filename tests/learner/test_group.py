@@ -53,9 +53,9 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     samples = load_samples(train)[:4]
     buffer = RolloutBuffer.remote(capacity=16)
     assert ray.get(buffer.put.remote(rows_to_batch(make_rows(one.learner, samples)), 10))
-    metrics = ray.get(group.stage2_step.remote(buffer, 30))
+    metrics = ray.get(group.stage2_step_from_buffer.remote(buffer, 30))
     assert metrics["match/parse_failure_rate"] == 0.25 and metrics["loss/geo_self"] > 0
-    assert ray.get(group.stage2_step.remote(buffer, 0.5)) is None
+    assert ray.get(group.stage2_step_from_buffer.remote(buffer, 0.5)) is None
 
     # Export gathers the shards into one loadable folder, equal to what a sync would send now.
     model, _, _ = load_model_and_processor(ray.get(group.export.remote(str(tmp_path / "export"))))

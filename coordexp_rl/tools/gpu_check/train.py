@@ -71,7 +71,7 @@ def run(work: Path, p: Profile) -> dict:
     out["learner"] = {"load_s": round(t.s, 1), "param_dtype": str(next(params).dtype),
                       "autocast": learner.autocast, "device": str(learner.device)}
     if learner.autocast != (p.device == "cuda"):
-        raise RuntimeError(f"learner.autocast is {learner.autocast} on {learner.device}")
+        raise RuntimeError(f"the Learner's autocast is {learner.autocast} on {learner.device}")
     out["stage1"] = stage1(learner, samples, p)
     with Timer() as t:
         # from_config, as the launcher does: the engine's dtype (model.dtype) and image resize (data.max_pixels)
