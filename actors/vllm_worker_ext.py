@@ -72,6 +72,7 @@ class WeightLoaderExtension:
     """Mixed into vLLM's worker; methods run on every worker via ``collective_rpc``."""
 
     def _checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        # A mixin: vLLM constructs the worker (no __init__ of ours runs), so the cache is made on first use.
         cached = getattr(self, "_coordexp_shapes", None)
         if cached is None:
             cached = checkpoint_shapes(self.model_runner.model_config.model)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
+
+from coordexp_rl.errors import report_user_error
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,39 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("coordexp_rl.tools.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),
     "gpu-check": ("coordexp_rl.tools.gpu_check", "the prepared GPU check: CUDA paths step by step, JSON lines"),
 }
-
-USER_ERROR_EXIT = 2  # config and data errors (argparse's usage errors exit 2 as well)
-
-
-def user_error(exc: BaseException) -> tuple[str, BaseException] | None:
-    """``("config error" | "data error", the error)`` when ``exc`` is one the user fixes in a config or
-    data file, else None. A Ray task's error that wraps one (``RayTaskError``) counts as its cause."""
-    from coordexp_rl.config import ConfigError
-    from coordexp_rl.data.loader import DataError
-    from coordexp_rl.data.paths import ImagePathError
-
-    ray_exceptions = sys.modules.get("ray.exceptions")  # only where Ray is in use already
-    if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
-        exc = exc.cause
-    if isinstance(exc, ConfigError):
-        return "config error", exc
-    if isinstance(exc, (DataError, ImagePathError)):
-        return "data error", exc
-    return None
-
-
-def report_user_error(exc: BaseException, debug: bool = False) -> int | None:
-    """For a config or data error: its message on stderr (after the traceback with ``debug``) and the exit
-    code; None for any other error (the caller re-raises it)."""
-    found = user_error(exc)
-    if found is None:
-        return None
-    kind, cause = found
-    if debug:
-        traceback.print_exception(exc)
-    print(f"{kind}: {cause}", file=sys.stderr)
-    return USER_ERROR_EXIT
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)

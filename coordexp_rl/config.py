@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coordexp_rl.errors import UserError
+
 DEFAULT_PROMPT = "Detect all objects. For each, write its description and box."
 
 
@@ -213,8 +215,8 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    kind = "config error"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -57,6 +57,7 @@ class LearnerWorker:
         self.stream = BatchStream(samples, self.cfg.optim.batch_size, self.cfg.run.seed)
         self.consumed: dict[str, int] = {}  # per rollout actor: the seq of the next row expected from it
         self.resumed: dict = {}  # the data state of the checkpoint loaded last
+        self._broadcast = None  # a BroadcastTransport once the learner joins a weight group (rank 0)
         self._frozen_ref = None  # the frozen parameters' payload (object store; rank 0), built at the first sync
         self._frozen_published = False
         self._group_has_frozen = False  # broadcast: the current weight group got the frozen parameters

@@ -1,6 +1,6 @@
 """Imports point down the layers, function-level imports included (none may hide an upward one).
 
-    coordexp_rl.config, coordexp_rl.runtime     the foundation: the config schema, process set-up
+    coordexp_rl.errors, .config, .runtime        the foundation: user errors, the config schema, process set-up
     coordexp_rl.method                          the pure method: protocol, coords, CoordExp, losses, matching
     coordexp_rl.modeling                        building and feeding the model (no Ray)
     coordexp_rl.data, coordexp_rl.evaluation    the data contract, sequences; scoring predictions
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("coordexp_rl", "coordexp_rl.config", "coordexp_rl.runtime"),
+    ("coordexp_rl", "coordexp_rl.errors", "coordexp_rl.config", "coordexp_rl.runtime"),
     ("coordexp_rl.method",),
     ("coordexp_rl.modeling",),
     ("coordexp_rl.data", "coordexp_rl.evaluation"),
@@ -113,3 +113,21 @@ def test_the_scan_keeps_actors_and_learner_apart(monkeypatch):
 
 
 _read = Path.read_text
+
+
+def test_the_readme_layout_names_every_package_and_only_paths_that_exist():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout"):text.index("## Tests")]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = set()
+    for cell in first_cells:
+        paths = re.findall(r"`([^`]+)`", cell)
+        folder = paths[0].rsplit("/", 1)[0] + "/" if "/" in paths[0].rstrip("/") else ""
+        for p in paths:
+            full = p if "/" in p else folder + p  # `config.py` after `coordexp_rl/errors.py`
+            assert (ROOT / full).exists(), f"README layout names {full}, which is not in the tree"
+            named.add(full.rstrip("/"))
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "coordexp_rl").glob("*/__init__.py")}
+    assert packages <= named, f"README layout misses {sorted(packages - named)}"

@@ -17,6 +17,7 @@ from PIL import Image
 from coordexp_rl.data.contract import TOKEN, Record
 from coordexp_rl.data.paths import resolve_image_path
 from coordexp_rl.data.validate import check_file
+from coordexp_rl.errors import UserError
 from coordexp_rl.method.coords import bins_to_pixels, box_to_bins, normalise_box
 from coordexp_rl.method.protocol import BoxObject
 
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file breaks the contract; the message lists ``FILE:LINE: field: message`` lines."""
+
+    kind = "data error"
 
 
 @dataclass(frozen=True)

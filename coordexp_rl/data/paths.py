@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+from coordexp_rl.errors import UserError
 
-class ImagePathError(ValueError):
+
+class ImagePathError(UserError):
     """An image path that is absolute, climbs out with ``..``, or resolves outside its image root."""
+
+    kind = "data error"
 
 
 def path_escape_reason(rel: str) -> str | None:

@@ -31,6 +31,7 @@ from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, loa
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
 from coordexp_rl.driver.weight_sync import WeightSyncer
+from coordexp_rl.errors import report_user_error
 from coordexp_rl.evaluation.plots import plot_training_curves
 from coordexp_rl.modeling.load import load_processor
 from learner.group import LearnerGroup
@@ -49,8 +50,8 @@ class Driver:
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
         # Made by run(), in this order (None until then):
         self.assets: Assets | None = None  # model and data paths (built into the cache for the default)
-        self.learner = None  # learner.group.LearnerGroup
         self.val_samples: list = []  # the checked validation samples
+        self.learner = None  # learner.group.LearnerGroup
         self.run_log: RunLog | None = None  # metrics.jsonl + TensorBoard (rewound on a resume)
         self.checkpoints: Checkpoints | None = None
         self.evals: Evaluations | None = None
@@ -64,10 +65,10 @@ class Driver:
 
     def run(self) -> str:
         self.prepare()
+        train, counts = self.check_data()  # a data error ends the run here, before Ray starts
         connect_ray(self.cfg)
         groups = reserve_resources(self.cfg)
         self.learner = self.start_learner(groups["learner"])
-        train, counts = self.check_data()  # beside the learner's start-up
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before
             self.run_log.log("data", 0, counts)
@@ -101,7 +102,7 @@ class Driver:
         return dump_config(self.cfg) + f"# placement bundles: {json.dumps(bundles(self.cfg))}\n"
 
     def start_learner(self, group) -> LearnerGroup:
-        """The learner ranks in their placement group (they load the model while the driver checks data)."""
+        """The learner ranks in their placement group (each loads the model and the training samples)."""
         cfg, a, plan = self.cfg, self.assets, self.cfg.learner
         return LearnerGroup(
             cfg.model_dump(), str(a.model_path), str(a.train_path),
@@ -290,8 +291,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The launch; a config or data error ends it with its message and exit code 2 (``--debug``: and the
     traceback), a resource error with 3, a stop with the checkpoint to resume from."""
-    from coordexp_rl.cli import report_user_error
-
     debug = getattr(args, "debug", False)
     try:
         cfg = load_config(args.config, args.overrides)

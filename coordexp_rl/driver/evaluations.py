@@ -14,6 +14,11 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from coordexp_rl.driver.supervisor import predict_all
+from coordexp_rl.evaluation.metrics import evaluate_paired
+from coordexp_rl.evaluation.records import load_jsonl, pair_records
+from coordexp_rl.evaluation.report import summary, write_outputs
+
 log = logging.getLogger(__name__)
 
 HEADLINE = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "object_prob/mAP"),
@@ -25,8 +30,6 @@ HEADLINE = [("AP50 (object prob)", "object_prob/AP50"), ("mAP (object prob)", "o
 def predict_on_actors(actors: list, samples: list, on_gone=lambda: None) -> list[dict]:
     """Prediction records for ``samples``, in order: every actor predicts its every-n-th share; a dead
     actor's share is retried (``coordexp_rl.driver.supervisor.predict_all``; ``on_gone`` runs when one is seen gone)."""
-    from coordexp_rl.driver.supervisor import predict_all
-
     shards = [samples[i::len(actors)] for i in range(len(actors))]
     by_id = {p["sample_id"]: p for p in predict_all(actors, shards, on_gone=on_gone)}
     return [by_id[s.sample_id] for s in samples]
@@ -36,10 +39,6 @@ def evaluate_on_actors(actors: list, samples: list, gt_path: Path, image_root: P
                        on_gone=lambda: None) -> dict:
     """Predict ``samples`` (the first of ``gt_path``'s records), score, write ``folder``; the headline metrics.
     ``on_gone``: see ``predict_on_actors``."""
-    from coordexp_rl.evaluation.metrics import evaluate_paired
-    from coordexp_rl.evaluation.records import load_jsonl, pair_records
-    from coordexp_rl.evaluation.report import summary, write_outputs
-
     gts = load_jsonl(gt_path)[: len(samples)]
     preds = predict_on_actors(actors, samples, on_gone)
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,7 +55,7 @@ class Evaluations:
     to the run log as an ``eval`` row. Those kept from before a resume are not redone."""
 
     def __init__(self, score: Callable[[str], dict], run_log):
-        self.score, self.log = score, run_log
+        self.score, self.run_log = score, run_log
         self.results: dict[str, dict] = run_log.evaluations()
         self.pending: tuple[threading.Thread, list] | None = None
 
@@ -65,7 +64,7 @@ class Evaluations:
             log.info("eval %s: kept from before the resume", label)
             return
         headline = self.score(label)
-        self.log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
+        self.run_log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
         self.results[label] = headline

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+from ray.util.placement_group import placement_group
+
 from coordexp_rl.config import Config
 
 log = logging.getLogger("coordexp_rl.launch")
@@ -20,10 +23,10 @@ class ResourceError(RuntimeError):
 
 def bundles(cfg: Config) -> list[dict[str, float]]:
     """One bundle per rollout actor, then one per learner rank (dedicated devices for each)."""
-    r, ln = cfg.rollout, cfg.learner
-    actor = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
-    learner = {"CPU": ln.cpus, **({"GPU": ln.gpus} if ln.gpus else {})}
-    return [dict(actor) for _ in range(r.num_actors)] + [dict(learner) for _ in range(ln.world_size)]
+    rollout, learner = cfg.rollout, cfg.learner
+    actor = {"CPU": rollout.cpus_per_actor, **({"GPU": rollout.gpus_per_actor} if rollout.gpus_per_actor else {})}
+    rank = {"CPU": learner.cpus, **({"GPU": learner.gpus} if learner.gpus else {})}
+    return [dict(actor) for _ in range(rollout.num_actors)] + [dict(rank) for _ in range(learner.world_size)]
 
 
 def placement_groups(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str]]:
@@ -35,8 +38,6 @@ def placement_groups(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str
 
 def connect_ray(cfg: Config) -> None:
     """Join ``run.ray_address`` / ``RAY_ADDRESS`` (inside `ray job submit`), else start a local Ray."""
-    import ray
-
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -50,9 +51,6 @@ def connect_ray(cfg: Config) -> None:
 def reserve_resources(cfg: Config) -> dict:
     """The ``placement_groups(cfg)``, ready (role -> group, None for a role without bundles); ResourceError
     naming the knobs when the cluster is too small."""
-    import ray
-    from ray.util.placement_group import placement_group
-
     wanted = bundles(cfg)
     have = ray.cluster_resources()
     for key in ("CPU", "GPU"):

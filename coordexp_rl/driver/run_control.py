@@ -10,6 +10,8 @@ import logging
 import signal
 from pathlib import Path
 
+import ray
+
 log = logging.getLogger("coordexp_rl.launch")
 
 
@@ -33,8 +35,6 @@ class Checkpoints:
             self.save(step, driver_state)
 
     def save(self, step: int, driver_state: dict, name: str | None = None) -> str:
-        import ray
-
         target = self.folder / (name or f"step-{step:06d}")
         path = ray.get(self.learner.save_checkpoint.remote(str(target), self.keep_last, driver_state))
         self.last_step, self.last_path = step, path
@@ -51,8 +51,6 @@ class Checkpoints:
 def load_resume_point(learner, resume: str, checkpoints: Path) -> dict:
     """Load ``resume`` (a checkpoint folder, ``auto`` = the newest complete one in ``checkpoints``, or ""
     = none) into the learner; returns {path, step, version, consumed, driver}, or {} for a fresh start."""
-    import ray
-
     path = resume
     if path == "auto":
         path = ray.get(learner.latest_checkpoint.remote(str(checkpoints)))

@@ -9,6 +9,8 @@
   ``mean_iou_tp`` is the mean over the F1 true positives only.
 - Parse-failure rate (a failed line is an empty prediction; no image is dropped), duplicate rate, and a
   per-description table.
+- ``breakdown`` (breakdown.py): the same by GT objects per image, errors per image (duplicates, extras,
+  misses, outputs cut at the token limit), by output position, late recall and written order.
 
     >>> gt = [{"images": ["a.png"], "width": 10, "height": 10, "objects": [{"desc": "cat", "bbox_2d": [0, 0, 5, 5]}]}]
     >>> pred = [{"images": ["a.png"], "width": 10, "height": 10, "parse_status": "ok",
@@ -25,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from coordexp_rl.evaluation.breakdown import breakdown
 from coordexp_rl.evaluation.coco import build_coco_inputs, run_cocoeval
 from coordexp_rl.evaluation.greedy_match import iou_matrix, match_one_to_one
 from coordexp_rl.evaluation.records import ImageRecord, pair_records
@@ -107,6 +110,7 @@ def evaluate_paired(
         "per_description": per_description(gts, preds, tp_by_desc, coco),
         "per_image": per_image,
         "notes": NOTES,
+        "breakdown": breakdown(gts, preds, iou_thr, score_modes),
     }
 
 

@@ -42,6 +42,7 @@ class ImageRecord:
     parse_status: str = "ok"
     parse_reasons: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # "FILE line N", for error messages
+    finish_reason: str | None = None  # predictions: the engine's "stop" / "length" / ...; None = not recorded
 
 
 def normalise_desc(desc: str) -> str:
@@ -119,7 +120,11 @@ def to_image_record(rec: dict[str, Any], *, is_pred: bool, index: int = 0) -> Im
     reasons = rec.get("parse_reasons") or {}
     if not isinstance(reasons, dict):
         raise ValueError(f"{where}: 'parse_reasons' must be a JSON object, got {type(reasons).__name__}")
-    out = ImageRecord(images[0], width, height, [], [], [], parse_status=status, parse_reasons=reasons, where=where)
+    finish = rec.get("finish_reason") if is_pred else None
+    if finish is not None and not isinstance(finish, str):
+        raise ValueError(f"{where}: 'finish_reason' must be a string, got {finish!r}")
+    out = ImageRecord(images[0], width, height, [], [], [], parse_status=status, parse_reasons=reasons, where=where,
+                      finish_reason=finish)
     for j, obj in enumerate(objects):
         owhere = f"{where} objects[{j}]"
         if not isinstance(obj, dict) or not isinstance(obj.get("desc"), str):

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from coordexp_rl.evaluation.breakdown import render_markdown as breakdown_markdown
+from coordexp_rl.evaluation.breakdown import summary_items as breakdown_summary
+
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers: a flat dict small enough to print."""
@@ -22,6 +25,8 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     out["parse_failure_rate"] = metrics["parse"]["failure_rate"]
     out["duplicate_rate"] = metrics["duplicate_rate"]
     out["unmatched_desc_rate"] = metrics["unmatched_desc"]["rate"]
+    if "breakdown" in metrics:
+        out.update(breakdown_summary(metrics["breakdown"]))
     return out
 
 
@@ -70,6 +75,8 @@ def render_markdown(metrics: dict[str, Any], images: dict[str, str] | None = Non
         lines.append(f"| {r['desc']} | {r['gt']} | {r['pred']} | {r['tp']} | {_fmt(r['f1'])} | {aps} |")
     if len(m["per_description"]) > top:
         lines.append(f"\n({len(m['per_description']) - top} more rows in metrics.json)")
+    if "breakdown" in m:
+        lines += ["", *breakdown_markdown(m["breakdown"])]
     if images:
         lines += ["", "## Plots", ""] + [f"![{caption}]({path})" for caption, path in images.items()]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""What the rollout actors and the learner share: the engine interface, rollout rows, weight transports."""

@@ -64,10 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the data file holds '<|coord_k|>' coordinates (as in the training config)")
     parser.add_argument("--dtype", help="torch dtype name (default float32; bfloat16 on GPUs)")
     parser.add_argument("--device", help="HF engine / coordexp decoder device (default cpu)")
-    parser.add_argument("--max-model-len", type=int, help=f"vLLM: prompt + generated tokens (default {_D.max_model_len})")
+    parser.add_argument("--max-model-len", type=int,
+                        help=f"vLLM: prompt + generated tokens (default {_D.max_model_len})")
     parser.add_argument("--max-num-seqs", type=int, help="vLLM: sequences decoded together (default: --batch-size)")
-    parser.add_argument("--gpu-memory-utilization", type=float, help=f"vLLM on GPUs: share of device memory ({_D.gpu_memory_utilization})")
-    parser.add_argument("--tensor-parallel-size", type=int, help=f"vLLM tensor parallelism (default {_D.tensor_parallel_size})")
+    parser.add_argument("--gpu-memory-utilization", type=float,
+                        help=f"vLLM on GPUs: share of device memory ({_D.gpu_memory_utilization})")
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        help=f"vLLM tensor parallelism (default {_D.tensor_parallel_size})")
     parser.add_argument("--max-pixels", type=int, help="image resize upper bound (default: the model folder's)")
     parser.add_argument("--min-pixels", type=int, help="image resize lower bound (default: the model folder's)")
 

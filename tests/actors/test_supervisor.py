@@ -114,3 +114,53 @@ def test_an_evaluation_waits_for_an_actor_the_memory_monitor_killed(monkeypatch)
     monkeypatch.setattr(supervisor.ray, "get", get)
     out = supervisor.predict_all([actor], [["a", "b"]], on_gone=lambda: gone.append(1), retry_s=0)
     assert out == [{"sample_id": "a"}, {"sample_id": "b"}] and gone == [1] and actor.calls == 2
+
+
+class FakeLearner:
+    def __init__(self):
+        self.calls = 0
+        learner = self
+
+        class Step:
+            @staticmethod
+            def remote(buffer, timeout_s):
+                learner.calls += 1
+                return "step", learner.calls
+
+        self.stage2_step_from_buffer = Step
+
+
+class RecordingSyncer(FakeSyncer):
+    def __init__(self):
+        self.published = 0
+
+    def publish_for_restarts(self):
+        self.published += 1
+
+
+def test_learner_step_after_a_death_leaves_the_weights_and_retries_the_woken_step(monkeypatch):
+    """A death wakes the learner waiting for rows (its step returns None); the weights go to the buffer
+    for the restarted actor and the step runs again."""
+    actors, buffer, syncer, learner = [FakeActor()], FakeBuffer(), RecordingSyncer(), FakeLearner()
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=60, retry_s=0, buffer=buffer, syncer=syncer)
+    monkeypatch.setattr(supervisor.ray, "wait", lambda refs, num_returns, timeout: (refs[:1], refs[1:]))
+    monkeypatch.setattr(supervisor.ray, "get", lambda ref: None if ref == ("step", 1) else {"loss/total": 1.0})
+    sup.mark_gone(0, "killed")
+    assert sup.learner_step(learner) == {"loss/total": 1.0}
+    assert learner.calls == 2 and syncer.published == 1 and buffer.wakes == 1 and not sup.learner_woken
+
+
+def test_learner_step_stops_when_every_actor_is_gone_too_long(monkeypatch):
+    actors, buffer, learner, now = [FakeActor()], FakeBuffer(), FakeLearner(), [0.0]
+    interrupted = []
+    buffer.interrupt = type("Interrupt", (), {"remote": staticmethod(lambda: interrupted.append(1))})
+    sup = supervisor.RolloutSupervisor(actors, gone_timeout_s=5, retry_s=100, buffer=buffer,
+                                       syncer=RecordingSyncer(), max_restarts=2, clock=lambda: now[0])
+    sup.mark_gone(0, "killed")
+    now[0] = 10.0  # gone for longer than gone_timeout_s, and the learner's step never comes
+
+    monkeypatch.setattr(supervisor.ray, "wait", lambda refs, num_returns, timeout: ([], refs))
+    monkeypatch.setattr(supervisor.ray, "get", lambda ref: None)
+    with pytest.raises(supervisor.ActorsGone, match=r"rollout.gone_timeout_s=5 s.*rollout.max_restarts=2"):
+        sup.learner_step(learner)
+    assert interrupted == [1]  # the learner's blocked wait for rows was released first

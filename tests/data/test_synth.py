@@ -106,8 +106,8 @@ def test_cli_synth_then_validate(tmp_path: Path, capsys):
     assert len(recs) == 5 and all(1 <= len(r["objects"]) <= 3 for r in recs)
     assert {o["desc"] for r in recs for o in r["objects"]} <= {"red circle", "red square", "blue circle", "blue square"}
     assert main(["validate", str(out / "val.jsonl")]) == 0
-    assert capsys.readouterr().out.strip().endswith("val.jsonl: OK, 2 records, " +
-                                                    f"{sum(len(r['objects']) for r in read_jsonl(out / 'val.jsonl'))} objects")
+    n_objects = sum(len(r["objects"]) for r in read_jsonl(out / "val.jsonl"))
+    assert capsys.readouterr().out.strip().endswith(f"val.jsonl: OK, 2 records, {n_objects} objects")
 
 
 @pytest.mark.parametrize("edge_prob", [0.0, 1.0])

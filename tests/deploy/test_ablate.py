@@ -46,7 +46,8 @@ def test_verdict_separates_noise_from_a_real_difference():
 
 def test_write_results_replaces_only_the_marked_block(tmp_path):
     path = tmp_path / "RESULTS.md"
-    path.write_text("# Results\n\nintro\n\n<!-- ablation table: begin -->\nold\n<!-- ablation table: end -->\n\noutro\n")
+    path.write_text("# Results\n\nintro\n\n<!-- ablation table: begin -->\nold\n"
+                    "<!-- ablation table: end -->\n\noutro\n")
     ablate.write_results(path, "new table\n")
     text = path.read_text()
     assert "old" not in text and "new table" in text and text.startswith("# Results\n\nintro") and "outro" in text
@@ -102,7 +103,8 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, capsys):
     (out / "results.json").write_text(json.dumps({"stage2": {"object_prob/AP50": 0.25, "mean_iou": 0.5}}))
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
-    common = ["--arms", "default", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")]
+    common = ["--arms", "default", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+              "--out", str(tmp_path / "R.md")]
     assert ablate.run(parser.parse_args([*common, "--scale", "0.5"])) == 0  # read back, nothing launched
     assert "| default | 1/1 | 0.2500 |" in (tmp_path / "R.md").read_text()
     assert ablate.run(parser.parse_args([*common, "--scale", "0.25"])) == 2

@@ -156,5 +156,6 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
     from coordexp_rl.rollout.engine import SamplingConfig, evaluation_sampling
 
     cfg = load_config(CONFIGS / name if name else None)
-    rollout = dataclasses.replace(SamplingConfig.from_config(cfg.rollout), seed=None)  # a seed does not change greedy decoding
+    # a seed does not change greedy decoding
+    rollout = dataclasses.replace(SamplingConfig.from_config(cfg.rollout), seed=None)
     assert rollout == evaluation_sampling(cfg.rollout.max_new_tokens)

@@ -41,7 +41,8 @@ def test_learner_and_engine_logprobs_agree_after_sync(tiny_model_dir, synth_dir,
     for row in rows:
         assert row.weight_version == 1
         ours = learner_logprobs(learner, by_id[row.sample_id], row)
-        assert torch.allclose(ours, torch.tensor(row.logprobs), atol=1e-4), (ours - torch.tensor(row.logprobs)).abs().max()
+        assert torch.allclose(ours, torch.tensor(row.logprobs), atol=1e-4), \
+            (ours - torch.tensor(row.logprobs)).abs().max()
     # Before the sync the engine ran other weights: the same check fails there, so the test can tell.
     gaps = [(learner_logprobs(learner, by_id[r.sample_id], r) - torch.tensor(r.logprobs)).abs().max() for r in stale]
     assert max(gaps) > 1e-2

@@ -93,7 +93,8 @@ def test_training_curves_one_png_per_group(tmp_path, drawn):
                                           "loss/ce [stage1]": [(s, 1.5 / s) for s in range(1, 6)]}
     assert drawn["curves_mean_iou.png"] == {"match/mean_iou [stage1]": [(s, 0.1 * s) for s in range(1, 6)],
                                             "eval/mean_iou [eval]": [(5, 0.5), (10, 0.6)]}
-    assert drawn["curves_map.png"] == {"eval/AP50 [eval]": [(5, 0.3), (10, 0.4)], "eval/mAP [eval]": [(5, 0.1), (10, 0.2)]}
+    assert drawn["curves_map.png"] == {"eval/AP50 [eval]": [(5, 0.3), (10, 0.4)],
+                                       "eval/mAP [eval]": [(5, 0.1), (10, 0.2)]}
 
 
 def test_near_bin_edge_uses_half_bin_boundaries():

@@ -45,7 +45,8 @@ def test_crowd_region_is_ignored_and_results_file_is_official(tmp_path, capsys):
             {"id": 2, "image_id": 7, "category_id": 1, "bbox": [120, 10, 70, 80], "area": 5600, "iscrowd": 1}]})
     # The crowd box has the higher score: were it a false positive, AP would be 0.5, not 1.
     preds = write_preds(tmp_path / "p.jsonl", [pred_line("val2017/000007.jpg", 200, 100, [
-        ("Person ", (10, 10, 60, 70), 0.9), ("person", (120, 10, 190, 90), 0.95), ("zebra crossing", (0, 0, 9, 9), 1.0)])])
+        ("Person ", (10, 10, 60, 70), 0.9), ("person", (120, 10, 190, 90), 0.95),
+        ("zebra crossing", (0, 0, 9, 9), 1.0)])])
     out = run_eval(capsys, "--coco-ann", str(ann), "--pred", str(preds), "--out", str(tmp_path / "o"),
                    "--score-modes", "coord_prob")
     assert out["coord_prob"]["AP"] == pytest.approx(1.0)
@@ -77,7 +78,8 @@ def random_case(tmp_path: Path, seed: int) -> tuple[Path, Path]:
                 objects.append((name, (x + j, y, x + bw + j, y + bh), round(rng.random(), 1)))
         for _ in range(rng.randint(0, 3)):
             x, y = rng.uniform(0, w - 40), rng.uniform(0, h - 40)
-            objects.append((rng.choice(["person", "car", "traffic light"]), (x, y, x + 40, y + 30), round(rng.random(), 1)))
+            objects.append((rng.choice(["person", "car", "traffic light"]), (x, y, x + 40, y + 30),
+                            round(rng.random(), 1)))
         rng.shuffle(objects)
         lines.append(pred_line(f"{100 + i:012d}.jpg", w, h, objects, "failed" if i == 5 else "ok"))
     ann = write_json(tmp_path / "instances.json", {"images": images, "annotations": anns, "categories": CATS})

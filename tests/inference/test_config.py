@@ -44,7 +44,8 @@ def test_settings_come_from_the_config_and_flags_win(tmp_path, synth_dir):
     assert (flagged.max_new_tokens, flagged.engine, flagged.max_pixels) == (7, "vllm", 4096)
     bare = parse()  # without a config: the config's defaults, the model folder's pixels
     d = Config().rollout
-    assert (bare.engine, bare.max_new_tokens, bare.max_pixels, bare.max_num_seqs) == (d.engine, d.max_new_tokens, None, 8)
+    assert (bare.engine, bare.max_new_tokens, bare.max_pixels, bare.max_num_seqs) == \
+        (d.engine, d.max_new_tokens, None, 8)
 
 
 def test_infer_with_config_equals_the_in_run_evaluation(taught_dir, synth_dir, tmp_path):

@@ -101,7 +101,8 @@ def test_vllm_predictions_equal_hf(taught_dir, samples, hf_engine, hf_preds):
     engine = make_engine(EngineConfig(str(taught_dir), kind="vllm"))
     try:
         preds = list(predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20))
-        cont = list(predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp", decoder_model=decoder))
+        cont = list(predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp",
+                            decoder_model=decoder))
         with pytest.raises(ValueError, match="decoder_model"):
             predict(engine, samples, PROMPT, batch_size=2, max_new_tokens=20, decode="coordexp")
     finally:

@@ -48,8 +48,9 @@ def test_stage1_learns_then_stage2_runs_on_real_rollouts(tiny_model_dir, tmp_pat
     train, held_out = load_samples(paths["train"]), load_samples(paths["val"])
     # CE only, lr decaying over ~300 steps after a 20-step warmup: the format is learned within 200 steps.
     # (The default's L1 + GIoU terms, 500-step warmup and 8,500-step schedule need longer to learn it.)
-    cfg = load_config(None, ["optim.batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=20", "matching.l1_thr_start=1.0",
-                             "loss.lambda_l1=0", "loss.lambda_giou=0", "stage1.steps=300", "stage2.steps=60"])
+    cfg = load_config(None, ["optim.batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=20",
+                             "matching.l1_thr_start=1.0", "loss.lambda_l1=0", "loss.lambda_giou=0",
+                             "stage1.steps=300", "stage2.steps=60"])
     learner = Learner(cfg, tiny_model_dir)
     before = greedy_rollouts(learner, held_out, tmp_path / "before")
     stream = BatchStream(train, 8, seed=0)

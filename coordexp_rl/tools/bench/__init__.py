@@ -7,11 +7,16 @@ import importlib
 
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "loss": ("coordexp_rl.tools.bench.loss", "Stage-2 loss path (chunked CE + coord-row CoordExp) vs full-vocab logits"),
-    "data": ("coordexp_rl.tools.bench.data", "convert / validate / load at COCO size: time and peak memory, image checks on vs off"),
-    "stage1": ("coordexp_rl.tools.bench.stage1", "Stage-1 learning curve in one process: train, greedy-evaluate every N steps"),
-    "rollout": ("coordexp_rl.tools.bench.rollout", "rollout throughput: vLLM vs transformers engine, actor layer vs bare engine, 1 vs 2 actors"),
-    "sync": ("coordexp_rl.tools.bench.sync", "weight sync seconds: object store and broadcast vs the in-process load_state_dict floor"),
+    "loss": ("coordexp_rl.tools.bench.loss",
+             "Stage-2 loss path (chunked CE + coord-row CoordExp) vs full-vocab logits"),
+    "data": ("coordexp_rl.tools.bench.data",
+             "convert / validate / load at COCO size: time and peak memory, image checks on vs off"),
+    "stage1": ("coordexp_rl.tools.bench.stage1",
+               "Stage-1 learning curve in one process: train, greedy-evaluate every N steps"),
+    "rollout": ("coordexp_rl.tools.bench.rollout",
+                "rollout throughput: vLLM vs transformers engine, actor layer vs bare engine, 1 vs 2 actors"),
+    "sync": ("coordexp_rl.tools.bench.sync",
+             "weight sync seconds: object store and broadcast vs the in-process load_state_dict floor"),
 }
 
 

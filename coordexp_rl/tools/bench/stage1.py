@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             train_s += time.perf_counter() - t0
             done += n
             engine = HFEngine(EngineConfig(model_path=str(learner.export_pretrained(Path(tmp) / "model")), kind="hf"))
-            preds = list(predict(engine, val, cfg.data.prompt, batch_size=16, max_new_tokens=cfg.rollout.max_new_tokens))
+            preds = list(predict(engine, val, cfg.data.prompt, batch_size=16,
+                                 max_new_tokens=cfg.rollout.max_new_tokens))
             head = summary(evaluate(gts, preds, score_modes=("constant", "coord_prob", "object_prob")))
             recent = losses[-min(len(losses), 100):]
             print(json.dumps({
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 "loss": round(sum(recent) / len(recent), 4),
                 **{k: None if head.get(k) is None else round(head[k], 4) for k in (
                     "constant/AP50", "coord_prob/AP50", "object_prob/AP50", "constant/mAP", "object_prob/mAP",
-                    "f1@0.5/f1", "f1_class_agnostic", "mean_iou", "mean_iou_class_agnostic", "parse_failure_rate")}}), flush=True)
+                    "f1@0.5/f1", "f1_class_agnostic", "mean_iou", "mean_iou_class_agnostic",
+                    "parse_failure_rate")}}), flush=True)
     print(f"[bench stage1] {done} of {cfg.stage1.steps} steps; config overrides {args.overrides}", file=sys.stderr)
     return 0

@@ -80,6 +80,7 @@ class Receiver:
 
         prepare_runtime()
         self.model = build_model(size, dtype, seed=1)  # other values than the sender's
+        self.broadcast = None  # a BroadcastTransport, made by join()
 
     def floor(self, payload) -> float:
         import ray
@@ -118,6 +119,12 @@ class Receiver:
 
 class PeakRss:
     """Largest rise of this process's RssAnon (private resident memory) while the block runs, in MiB."""
+
+    def __init__(self):
+        self.base = self.peak = 0
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.extra_mb = 0.0
 
     def __enter__(self):
         self.base = self.peak = _rss_anon()

@@ -102,6 +102,9 @@ def require_cuda(p: Profile) -> None:
 class Timer:
     """``with Timer() as t: ...`` then ``t.s``; synchronises CUDA on both ends so GPU work is counted."""
 
+    def __init__(self):
+        self.t0 = self.s = 0.0
+
     def __enter__(self):
         _sync()
         self.t0 = time.perf_counter()
