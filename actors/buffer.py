@@ -22,7 +22,7 @@ capacity); a ``put`` uses up permits, ``release`` returns unused ones. ``max_sta
 Faults: permits are counted per actor, and ``register(actor_id)`` (what a (re)started rollout actor calls
 first) voids the permits of that actor's previous life, so a killed actor leaks none. The buffer also
 remembers, per actor, the next row sequence number (rows carry the id ``(actor_id, seq)``) and the
-newest published weights (an object-store ref), which a restarted actor loads before it generates.
+newest weights the driver left there (an object-store ref), which a restarted actor loads before it generates.
 ``interrupt()`` wakes a waiting ``get`` with None, so a learner blocked on a buffer that no actor fills
 any more can be stopped; ``wake()`` does it once, so the driver can use the learner and then go on.
 """
@@ -243,7 +243,7 @@ class AsyncRolloutBuffer:
         self._changed = asyncio.Condition()  # notified on every change of size, version or permits
         self._interrupted = False
         self._woken = False  # wake(): the waiting (or next) get returns at once
-        self._weights: tuple[int, list] = (0, [])  # newest published (version, [object ref]); [] = none
+        self._weights: tuple[int, list] = (0, [])  # the newest kept (version, [object ref]); [] = none
 
     async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
         """Add a batch, waiting while the buffer is full; False if still full after ``timeout_s``."""
@@ -295,13 +295,13 @@ class AsyncRolloutBuffer:
             self._changed.notify_all()
 
     async def register(self, actor_id: str) -> dict:
-        """A (re)started actor: its next seq and the newest published weights ``(version, [ref])``."""
+        """A (re)started actor: its next seq and the newest kept weights ``(version, [ref])``."""
         async with self._changed:
             seq = self.core.register(actor_id)
             self._changed.notify_all()
             return {"next_seq": seq, "weights": self._weights}
 
-    async def publish_weights(self, version: int, refs: list) -> None:
+    async def keep_weights(self, version: int, refs: list) -> None:
         """Keep the newest weights (a list holding one object ref, so Ray passes the ref, not the value)."""
         if version >= self._weights[0]:
             self._weights = (version, list(refs))

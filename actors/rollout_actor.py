@@ -150,7 +150,7 @@ class RolloutWorker:
         granted = ray.get(self.buffer.acquire.remote(self.batch_size, self.weight_version(), permit_timeout_s,
                                                      self.actor_id))
         if granted == 0:
-            self._registered = False  # no permits held now: look again for newer published weights next step
+            self._registered = False  # no permits held now: look again for newer kept weights next step
             return 0
         try:
             batch = self.generate_batch(granted)
@@ -173,7 +173,7 @@ class RolloutWorker:
         return done
 
     def register(self) -> int:
-        """Once per life: void earlier permits, continue the row ids, load the newest published weights."""
+        """Once per life: void earlier permits, continue the row ids, load the newest kept weights."""
         if self._registered:
             return self._seq
         info = ray.get(self.buffer.register.remote(self.actor_id))

@@ -48,7 +48,7 @@ class LearnerGroup:
     """``world_size`` ``LearnerWorker`` ranks (rank i in ``bundle_indices[i]`` of ``placement_group``).
 
     Methods are those of ``LearnerWorker`` (status, stage1_steps, stage2_step_from_buffer,
-    publish_weights_ref, save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
+    put_weights, save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
     ``plan``: learner.distributed.ParallelPlan fields (sharding, accum_steps, activation_checkpointing).
     """
 

@@ -105,7 +105,7 @@ class LearnerWorker:
         return {"rows/duplicate_ids": dup, "rows/skipped_ids": skipped,
                 "rows/ids": [[r.actor_id, r.seq, r.weight_version] for r in rows]}
 
-    def publish_weights_ref(self, bucket_mb: int, bump: bool = True
+    def put_weights(self, bucket_mb: int, bump: bool = True
                             ) -> tuple[int, ray.ObjectRef | None, ray.ObjectRef | None]:
         """A new weight version in the engines' dtype, bucket by bucket into the object store (one bucket
         held here at a time): ``(version, payload ref, frozen ref)``. The payload leaves out frozen

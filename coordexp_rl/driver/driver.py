@@ -248,7 +248,7 @@ class Driver:
         a = self.assets
         return evaluate_on_actors(self.rollout.actors, self.val_samples[:self.cfg.eval.max_samples], a.val_path,
                                   a.val_image_root or a.val_path.parent, self.out / "eval" / label,
-                                  on_gone=self.syncer.publish_for_restarts)
+                                  on_gone=self.syncer.keep_weights_for_restarts)
 
     def save_checkpoint_if_due(self) -> None:
         self.checkpoints.save_if_due(self.step, self.driver_state())

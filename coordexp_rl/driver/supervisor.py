@@ -8,7 +8,7 @@ loads the newest weights first (see actors/rollout_actor.py). Its first successf
 An actor that raises from its own code (a bug, a bad row) is not a death: that error reaches the caller.
 
 ``learner_step(learner)`` runs one Stage-2 learner step under that watch: after a death it leaves the
-learner's current weights in the buffer for the restarted actor (``WeightSyncer.publish_for_restarts``);
+learner's current weights in the buffer for the restarted actor (``WeightSyncer.keep_weights_for_restarts``);
 a learner blocked on rows that only the dead actor could bring is woken first, and its step runs again;
 when every actor has been down for more than ``gone_timeout_s`` it raises ``ActorsGone`` (then nobody
 fills the buffer: stop, do not hang). Deaths a weight sync saw reach it through ``record_sync``.
@@ -73,7 +73,7 @@ class RolloutSupervisor:
             metrics = ray.get(step_ref)
             if self.failed_calls > self.failed_calls_answered:  # a death, or a restart still under way
                 self.failed_calls_answered = self.failed_calls
-                self.syncer.publish_for_restarts()
+                self.syncer.keep_weights_for_restarts()
             if metrics is not None:
                 return metrics
             if not self.learner_woken:
@@ -130,7 +130,7 @@ class RolloutSupervisor:
     def _wake_learner(self) -> None:
         """If the buffer lacks the last sync's weights (broadcast transport), a learner waiting for rows,
         which only the dead actor may bring, lets go, so that ``learner_step`` can leave them there."""
-        if self.syncer is not None and self.syncer.needs_publish:
+        if self.syncer is not None and self.syncer.restarts_lack_weights:
             self.learner_woken = True
             self.buffer.wake.remote()
 

@@ -7,7 +7,7 @@ what happens when an actor is dead or dies during it.
   broadcast. The group is formed lazily from the actors not known to be down. When a broadcast fails (an
   actor died mid-transfer or before it, a timeout) the group is marked broken and re-formed at the next
   sync; this sync falls back to the object store for every actor that did not get the new version, and
-  the weights stay in the buffer for the actors that restart (``publish_for_restarts``).
+  the weights stay in the buffer for the actors that restart (``keep_weights_for_restarts``).
 
 Either way an actor that fails keeps its old weights; the others move on and the buffer's version moves
 on, so the buffer's admission (permits by weight version) keeps the laggard from generating stale rows
@@ -49,7 +49,7 @@ class WeightSyncer:
         self.transport, self.bucket_mb, self.timeout_s, self.backend = transport, bucket_mb, timeout_s, backend
         self.members: list[int] | None = None  # actors in the broadcast group (rank = position + 1); None: none
         self.version = 0  # the version of the last sync
-        self.published = 0  # the version whose weights the buffer holds for restarted actors (0: on disk)
+        self.kept_version = 0  # the version whose weights the buffer holds for restarted actors (0: on disk)
 
     # --- the broadcast group ---------------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ class WeightSyncer:
 
     def _object_store(self, res: SyncResult, bump: bool, laggards: list[int]) -> None:
         """The weights through the object store to ``laggards`` and to the buffer (for restarts)."""
-        version, refs = self._publish(bump)
+        version, refs = self._put_weights(bump)
         res.version = version
         # The frozen-parameter ref goes nested in a list: only an actor that lacks those tensors fetches it.
         calls = {self.actors[i].update_weights.remote(refs[0], refs[1:]): i for i in laggards}
@@ -126,13 +126,13 @@ class WeightSyncer:
             else:
                 res.failed[i] = why
 
-    def _publish(self, bump: bool) -> tuple[int, list]:
+    def _put_weights(self, bump: bool) -> tuple[int, list]:
         """The learner's weights into the object store and the buffer (where restarted actors load them):
         (version, [payload ref] + [frozen-parameter ref, if the model has frozen parameters])."""
-        version, payload_ref, frozen_ref = ray.get(self.learner.publish_weights_ref.remote(self.bucket_mb, bump))
+        version, payload_ref, frozen_ref = ray.get(self.learner.put_weights.remote(self.bucket_mb, bump))
         refs = [payload_ref] + ([frozen_ref] if frozen_ref is not None else [])
-        ray.get(self.buffer.publish_weights.remote(version, refs))
-        self.published = version
+        ray.get(self.buffer.keep_weights.remote(version, refs))
+        self.kept_version = version
         return version, refs
 
     def _wait(self, calls: dict, gone: set[int]) -> dict[int, str | None]:
@@ -153,17 +153,17 @@ class WeightSyncer:
     # --- actors that died between syncs ----------------------------------------------------------------
 
     @property
-    def needs_publish(self) -> bool:
+    def restarts_lack_weights(self) -> bool:
         """Whether a restarted actor would find older weights in the buffer than the last sync's."""
-        return self.published < self.version
+        return self.kept_version < self.version
 
-    def publish_for_restarts(self) -> None:
+    def keep_weights_for_restarts(self) -> None:
         """An actor died: leave the learner's current weights in the buffer, where the restarted actor
         loads them before it generates (object store: already there), and re-form the group next time."""
         self.members = None
-        if not self.needs_publish:
+        if not self.restarts_lack_weights:
             return
-        version, _ = self._publish(False)
+        version, _ = self._put_weights(False)
         log.info("weights v%d left in the buffer for restarted rollout actors", version)
 
 

@@ -130,7 +130,7 @@ def test_ray_register_hands_out_the_newest_weights_ref(buffer_actor):
     buf = buffer_actor(capacity=4)
     assert ray.get(buf.register.remote("a")) == {"next_seq": 0, "weights": (0, [])}
     for v in (1, 2):
-        ray.get(buf.publish_weights.remote(v, [ray.put({"version": v})]))
+        ray.get(buf.keep_weights.remote(v, [ray.put({"version": v})]))
     version, refs = ray.get(buf.register.remote("a"))["weights"]
     assert version == 2 and ray.get(refs[0]) == {"version": 2}
 

@@ -27,7 +27,7 @@ class FakeActor:
 
 
 class FakeSyncer:
-    needs_publish = True  # the buffer lacks the last sync's weights: a death wakes the learner
+    restarts_lack_weights = True  # the buffer lacks the last sync's weights: a death wakes the learner
 
 
 class FakeBuffer:
@@ -134,7 +134,7 @@ class RecordingSyncer(FakeSyncer):
     def __init__(self):
         self.published = 0
 
-    def publish_for_restarts(self):
+    def keep_weights_for_restarts(self):
         self.published += 1
 
 

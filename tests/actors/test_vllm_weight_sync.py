@@ -85,7 +85,7 @@ def read(worker) -> dict[str, torch.Tensor]:
 
 
 def publish(learner) -> tuple:
-    """What LearnerWorker.publish_weights_ref builds, without the object store."""
+    """What LearnerWorker.put_weights builds, without the object store."""
     version, frozen = learner.new_version(), learner.frozen_names()
     send = ObjectStoreTransport(bucket_bytes=1 << 16).send
     payload = send(version, learner.named_weights(frozen=False), dtype="float32", omitted=frozen)

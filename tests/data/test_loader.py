@@ -66,7 +66,8 @@ def test_skip_bbox_norm_must_match_the_data(root: Path):
     pix = write_jsonl(root / "pix.jsonl", [rec([{"desc": "a", "bbox_2d": [1, 1, 9, 9]}])])
     with pytest.raises(DataError, match=r"tok.jsonl:1: objects\[0\].bbox_2d: .*skip_bbox_norm: true"):
         load_samples(tok)
-    with pytest.raises(DataError, match=r"pix.jsonl:1: objects\[0\].bbox_2d: pixel coordinates, but skip_bbox_norm is true"):
+    with pytest.raises(DataError,
+                       match=r"pix.jsonl:1: objects\[0\].bbox_2d: pixel coordinates, but skip_bbox_norm is true"):
         load_samples(pix, skip_bbox_norm=True)
 
 

@@ -264,6 +264,24 @@ def test_dense_config_builds_its_own_cached_set(tmp_path: Path, monkeypatch):
     assert "max_pair_iou" not in json.loads((default / "meta.json").read_text())
 
 
+def test_dense_config_spells_out_every_key_and_changes_only_the_dense_ones():
+    import yaml
+
+    from coordexp_rl.config import Config, load_config
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in tree.items() for k2, v2 in (
+            flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) and k != "tiny_size" else [(prefix + k, v)])}
+
+    assert set(flat(yaml.safe_load(DENSE_CONFIG.read_text()))) == set(flat(Config().model_dump()))
+    base, dense = flat(Config().model_dump()), flat(load_config(DENSE_CONFIG).model_dump())
+    assert {k for k in base if base[k] != dense[k]} == {
+        "data.synth_val", "data.synth_image_size", "data.synth_min_objects", "data.synth_max_objects",
+        "data.synth_min_size", "data.synth_max_size", "data.synth_max_pair_iou", "data.synth_distinct_descs",
+        "rollout.max_new_tokens", "eval.max_samples", "run.out_dir"}
+    assert dense["eval.max_samples"] == dense["data.synth_val"] == 1000  # every validation image is scored
+
+
 def test_cli_synth_dense_flags(tmp_path: Path, capsys):
     out = tmp_path / "dense"
     assert main(["synth", "--out", str(out), "--train", "30", "--val", "0", "--size", "96", "--min-objects", "6",

@@ -101,7 +101,7 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
 
     first = syncer.sync()
     assert (first.version, first.via, first.failed, first.gone) == (1, {0: "broadcast", 1: "broadcast"}, {}, set())
-    assert syncer.needs_publish  # broadcast: the buffer holds no weights of v1 (none left there yet)
+    assert syncer.restarts_lack_weights  # broadcast: the buffer holds no weights of v1 (none left there yet)
 
     marker.touch()
     old_pid = ray.get(actors[1].pid.remote())
@@ -119,10 +119,10 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
     assert versions() == [3, 3]
 
     # Killed between syncs: the driver leaves the weights in the buffer; the new process loads them first.
-    assert syncer.needs_publish
+    assert syncer.restarts_lack_weights
     os.kill(ray.get(actors[1].pid.remote()), signal.SIGKILL)
-    syncer.publish_for_restarts()
-    assert not syncer.needs_publish
+    syncer.keep_weights_for_restarts()
+    assert not syncer.restarts_lack_weights
     call_when_back(actors[1].register)  # the new process's first call (the supervisor retries likewise)
     assert versions() == [3, 3]
     fourth = syncer.sync()

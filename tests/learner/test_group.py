@@ -33,7 +33,7 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
     assert got[0]["loss/total"] == pytest.approx(want[0]["loss/total"], rel=1e-5)
 
     # Weight sync: one call, rank 0's ref holds every full tensor, equal to the one-rank learner's.
-    version, ref, frozen_ref = ray.get(group.publish_weights_ref.remote(64))
+    version, ref, frozen_ref = ray.get(group.put_weights.remote(64))
     payload = ray.get(ref)
     published = dict(unpack_all(ray.get(payload.buckets)))
     assert frozen_ref is None and payload.omitted == ()  # nothing frozen in this config
@@ -59,7 +59,7 @@ def test_fsdp_group_trains_syncs_checkpoints_and_exports(ray_local, tiny_model_d
 
     # Export gathers the shards into one loadable folder, equal to what a sync would send now.
     model, _, _ = load_model_and_processor(ray.get(group.export.remote(str(tmp_path / "export"))))
-    payload = ray.get(ray.get(group.publish_weights_ref.remote(64))[1])
+    payload = ray.get(ray.get(group.put_weights.remote(64))[1])
     for name, w in unpack_all(ray.get(payload.buckets)):
         assert torch.equal(model.state_dict()[name], w), name
     group.kill()
@@ -75,7 +75,7 @@ def test_frozen_vision_is_packed_once_per_learner_life(ray_local, tiny_model_dir
     worker = LearnerWorker(cfg, str(tiny_model_dir), str(synth_dir / "train.jsonl"))
     frozen = worker.learner.frozen_names()
     assert frozen and all(".visual." in n for n in frozen)
-    (v1, ref1, frozen1), (v2, ref2, frozen2) = worker.publish_weights_ref(64), worker.publish_weights_ref(64)
+    (v1, ref1, frozen1), (v2, ref2, frozen2) = worker.put_weights(64), worker.put_weights(64)
     assert (v1, v2) == (1, 2) and frozen2 == frozen1  # the same object: not packed again
     learner_weights = dict(worker.learner.named_weights())
     for ref, names in ((ref1, set(learner_weights) - set(frozen)), (ref2, set(learner_weights) - set(frozen)),
