@@ -123,8 +123,12 @@ class Learner:
         totals = self.dist.sum({**stats, "iou_sum": sum(ious), "iou_count": float(len(ious)),
                                 "tokens": float(sum(len(s.input_ids) for s in seqs))})
         n = max(1, len(rows))
-        metrics.update({f"match/{k}": totals[k] / n for k in stats if k != "parse_failed"})
+        # per row: objects matched / missed / ..., and the share of rows reordered, with extra EOS weight
+        metrics.update({f"match/{k}": totals[k] / n for k in stats if k not in ("parse_failed", "empty_answers")})
         metrics["match/parse_failure_rate"] = totals["parse_failed"] / n
+        metrics["match/empty_answer_rate"] = totals["empty_answers"] / n
+        # the share of the rollouts' objects that feed the geometric loss (matched and through the gate)
+        metrics["match/gated_fraction"] = totals["matched"] / totals["pred_objects"] if totals["pred_objects"] else 0.0
         metrics["match/mean_iou"] = totals["iou_sum"] / totals["iou_count"] if totals["iou_count"] else 0.0
         metrics["match/iou_thr"] = params.iou_thr
         metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)

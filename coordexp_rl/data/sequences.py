@@ -33,6 +33,11 @@ from coordexp_rl.method.semantic import make_semantic_distance
 from coordexp_rl.method.stage2_targets import MatchSettings, stage2_targets
 from coordexp_rl.modeling.inputs import encode_example, encode_prompt
 
+# What a Stage-2 batch counts (summed over rows): the match (Stage2Targets.stats), and the rows that fell
+# back to the GT sequence because nothing parsed (parse_failed) or the answer named no object (empty_answers).
+STAGE2_STATS = ("matched", "missed", "extra", "rejected", "pred_objects", "appended", "reordered", "extra_eos",
+                "parse_failed", "empty_answers")
+
 
 class PromptMismatchError(ValueError):
     """The learner's rebuilt prompt ids differ from the ones the rollout engine used."""
@@ -58,7 +63,7 @@ class Stage2Batch:
     """A Stage-2 batch's sequences (self-context + reordered GT per row) and its match statistics."""
 
     sequences: list[TrainSequence]
-    stats: dict[str, float]  # summed over rows: matched, missed, extra, rejected, parse_failed
+    stats: dict[str, float]  # summed over rows: Stage2Targets.stats, parse_failed, empty_answers
     ious: list[float]  # IoU of every gated pair
 
 
@@ -84,14 +89,14 @@ class SequenceBuilder:
     def stage2(self, rows: list, samples: dict[str, Sample], params: MatchParams) -> Stage2Batch:
         """Per rollout row (``coordexp_rl.rollout.schema.RolloutRow``, its GT looked up by sample id): a
         self-context sequence and a reordered-GT sequence, or the GT sequence when nothing parsed."""
-        out = Stage2Batch([], {"matched": 0.0, "missed": 0.0, "extra": 0.0, "rejected": 0.0,
-                               "parse_failed": 0.0}, [])
+        out = Stage2Batch([], dict.fromkeys(STAGE2_STATS, 0.0), [])
         for row in rows:
             sample = samples[row.sample_id]
             image = load_image(sample)
             self.check_prompt(row, sample, image)
             if not row.objects:  # METHOD 6.1: nothing usable -> the Stage-1 loss for this sample
-                out.stats["parse_failed"] += 1
+                # an answer that parsed but named no object (end of turn at once) is not a parse failure
+                out.stats["parse_failed" if row.parse_status == "failed" else "empty_answers"] += 1
                 out.sequences.append(self.gt_sequence(sample, canonical_order(sample.objects), image=image,
                                                       eos_weight=self.cfg.loss.eos_weight, stage2=True))
                 continue

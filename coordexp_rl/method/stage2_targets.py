@@ -42,12 +42,18 @@ class Stage2Targets:
     coord_targets: list[float]  # the matched GT coordinate in [0, 1] for each position
     gt_objects: list[BoxObject]  # the reordered GT, the target of the CE forward
     eos_weight: float  # CE weight of the reordered GT's end of turn
+    appended: int = 0  # GT the rollout missed, appended to the reordered GT (missing policy "append")
+    reordered: bool = False  # the reordered GT differs from the canonical order (Path B sees a new order)
+    extra_eos: bool = False  # the rollout over-generated: the end of turn gets extra_eos_weight
 
     @property
     def stats(self) -> dict[str, float]:
+        """Counts for one rollout, summed over a batch by the learner (logged as match/<key> per row)."""
         m = self.match
         return {"matched": float(len(m.pairs)), "rejected": float(len(m.rejected)),
-                "missed": float(m.num_gt - len(m.assignment)), "extra": float(m.num_pred - len(m.assignment))}
+                "missed": float(m.num_gt - len(m.assignment)), "extra": float(m.num_pred - len(m.assignment)),
+                "pred_objects": float(m.num_pred), "appended": float(self.appended),
+                "reordered": float(self.reordered), "extra_eos": float(self.extra_eos)}
 
 
 def stage2_targets(pred: Sequence[ParsedObject], gt: Sequence[BoxObject], params: MatchParams,
@@ -67,4 +73,5 @@ def stage2_targets(pred: Sequence[ParsedObject], gt: Sequence[BoxObject], params
         targets += [bin_to_unit(b) for b in gt[j].bins]
     reordered = reorder_gt(gt, match, settings.missing_policy)
     eos = settings.extra_eos_weight if reordered.over_generated else settings.eos_weight
-    return Stage2Targets(match, positions, targets, reordered.objects, eos)
+    return Stage2Targets(match, positions, targets, reordered.objects, eos, appended=reordered.num_completions,
+                         reordered=reordered.objects != gt, extra_eos=reordered.over_generated)

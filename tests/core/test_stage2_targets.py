@@ -33,7 +33,9 @@ def test_spec12_worked_example(qwen_tokenizer, qwen_vocab):
     assert t.coord_targets == pytest.approx([0.110, 0.310, 0.410, 0.705, 0.520, 0.285, 0.890, 0.660])
     # Reordered GT follows the rollout's order; nothing over-generated -> the plain end-of-turn weight
     assert t.gt_objects == [CAT, DOG] and t.eos_weight == 1.0
-    assert t.stats == {"matched": 2.0, "rejected": 0.0, "missed": 0.0, "extra": 0.0}
+    # the canonical GT is dog (y1 285) then cat: the rollout's order (cat, dog) is a new order for Path B
+    assert t.stats == {"matched": 2.0, "rejected": 0.0, "missed": 0.0, "extra": 0.0, "pred_objects": 2.0,
+                       "appended": 0.0, "reordered": 1.0, "extra_eos": 0.0}
     # The CE target of Path B: the reordered GT's ids, weighted per token (desc 4, coords 2, structure 1)
     target = build_assistant_ids(t.gt_objects, qwen_tokenizer, qwen_vocab)
     weights = position_weights(target, qwen_vocab, 0, lambda_coord_ce=1.0, eos_weight=t.eos_weight, desc_weight=4.0)
@@ -65,6 +67,7 @@ def test_more_objects_than_gt_gets_the_extra_eos_weight(qwen_tokenizer, qwen_voc
                        BoxObject("yellow dog", (500, 280, 880, 650))], qwen_tokenizer, qwen_vocab)
     t = stage2_targets(pred, [CAT, DOG], STRICT, SETTINGS)
     assert t.eos_weight == 3.0 and t.stats["extra"] == 1.0
+    assert (t.stats["extra_eos"], t.stats["pred_objects"], t.stats["reordered"]) == (1.0, 3.0, 1.0)
     assert len(t.gt_objects) == 2
 
 
@@ -73,6 +76,7 @@ def test_missed_gt_are_appended_in_canonical_order(qwen_tokenizer, qwen_vocab):
     high = BoxObject("blue mug", (700, 50, 750, 100))
     _, pred = rollout([BoxObject("black cat", (120, 300, 420, 700))], qwen_tokenizer, qwen_vocab)
     t = stage2_targets(pred, [low, CAT, high], STRICT, SETTINGS)
-    assert t.gt_objects == [CAT, high, low] and t.stats["missed"] == 2.0
+    assert t.gt_objects == [CAT, high, low] and t.stats["missed"] == 2.0 and t.stats["appended"] == 2.0
+    assert t.stats["reordered"] == 1.0  # the matched cat first; canonical is high (y1 50), cat (310), low (900)
     dropped = stage2_targets(pred, [low, CAT, high], STRICT, MatchSettings(missing_policy="drop"))
-    assert dropped.gt_objects == [CAT]
+    assert dropped.gt_objects == [CAT] and dropped.stats["appended"] == 0.0 and dropped.stats["missed"] == 2.0

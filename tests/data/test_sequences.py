@@ -106,9 +106,18 @@ def test_a_row_with_nothing_parsed_falls_back_to_the_gt_sequence(processor, samp
     row = dataclasses.replace(rollout_of(b, sample, []), generated_ids=[1, 2, 3], objects=[], parse_status="failed")
     batch = b.stage2([row], {sample.sample_id: sample}, STRICT)
     (seq,) = batch.sequences
-    assert batch.stats["parse_failed"] == 1 and not seq.coord_positions
+    assert (batch.stats["parse_failed"], batch.stats["empty_answers"]) == (1, 0) and not seq.coord_positions
     gt = build_assistant_ids(canonical_order(sample.objects), processor.tokenizer, b.vocab)
     assert seq.input_ids[seq.prompt_len:seq.prompt_len + len(gt)].tolist() == gt
+
+
+def test_an_answer_that_names_no_object_is_counted_apart_from_a_parse_failure(processor, samples):
+    b = builder(processor)
+    sample = samples[0]
+    row = rollout_of(b, sample, [])  # only the end of turn: parses "ok", with no object
+    assert row.parse_status == "ok" and not row.objects
+    batch = b.stage2([row], {sample.sample_id: sample}, STRICT)
+    assert (batch.stats["parse_failed"], batch.stats["empty_answers"]) == (0, 1) and len(batch.sequences) == 1
 
 
 def test_prompt_mismatch_is_refused_with_a_clear_error(processor, samples):
