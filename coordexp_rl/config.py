@@ -134,6 +134,11 @@ class Stage2Config(_Section):
     # canonical GT, from the same Stage-1 state (answers "does the EM loop beat more SFT?")
     method: Literal["em", "sft"] = "em"
     sync_every: int = 5  # learner steps between weight syncs
+    # Switches that isolate the method's parts (ablations; METHOD 7): the CE path's GT in the rollout's order
+    # ("reordered", METHOD 7.2) or in the canonical order; the geometric loss on the rollout's own tokens
+    # ("self", METHOD 7.1) or on the same gated pairs teacher-forced on that GT sequence ("gt").
+    gt_order: Literal["reordered", "canonical"] = "reordered"
+    geo_context: Literal["self", "gt"] = "self"
 
 
 class RolloutConfig(_Section):

@@ -104,14 +104,32 @@ class SequenceBuilder:
             for k, v in targets.stats.items():
                 out.stats[k] += v
             out.ious += targets.match.ious
-            enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
-            prompt_len = enc.pop("prompt_len")
-            out.sequences.append(TrainSequence(enc, prompt_len,
-                                               coord_positions=[prompt_len + p for p in targets.coord_positions],
-                                               coord_targets=targets.coord_targets))
-            out.sequences.append(self.gt_sequence(sample, targets.gt_objects, image=image,
-                                                  eos_weight=targets.eos_weight, stage2=True))
+            out.sequences += self._stage2_pair(sample, image, row, targets)
         return out
+
+    def _stage2_pair(self, sample: Sample, image: Image.Image, row, targets) -> list[TrainSequence]:
+        """METHOD 7.1 + 7.2: the self-context sequence (the gated pairs' coord positions in the rollout, the
+        matched GT coordinates) and the GT sequence in the rollout's order; ``stage2.gt_order`` /
+        ``stage2.geo_context`` switch each part off for ablations (the config says how)."""
+        s2 = self.cfg.stage2
+        if s2.gt_order == "reordered":
+            objects, indices = targets.gt_objects, targets.gt_indices
+        else:
+            objects = canonical_order(sample.objects)
+            indices = list(range(len(objects)))
+        with_coords = s2.geo_context == "gt"
+        gt = self.gt_sequence(sample, objects, image=image, eos_weight=targets.eos_weight, stage2=True,
+                              with_coords=with_coords)
+        if with_coords:  # the gated pairs' GT boxes only, teacher-forced: 4 coord positions per object
+            gated = {j for _, j in targets.match.pairs}
+            keep = [t for k, j in enumerate(indices) if j in gated for t in range(4 * k, 4 * k + 4)]
+            gt.coord_positions = [gt.coord_positions[t] for t in keep]
+            gt.coord_targets = [gt.coord_targets[t] for t in keep]
+            return [gt]
+        enc = encode_example(self.processor, image, self.cfg.data.prompt, row.generated_ids)
+        prompt_len = enc.pop("prompt_len")
+        return [TrainSequence(enc, prompt_len, coord_positions=[prompt_len + p for p in targets.coord_positions],
+                              coord_targets=targets.coord_targets), gt]
 
     def stage1_order(self, sample: Sample, step: int) -> list[BoxObject]:
         if self.cfg.stage1.order == "random":

@@ -42,6 +42,7 @@ class Stage2Targets:
     coord_targets: list[float]  # the matched GT coordinate in [0, 1] for each position
     gt_objects: list[BoxObject]  # the reordered GT, the target of the CE forward
     eos_weight: float  # CE weight of the reordered GT's end of turn
+    gt_indices: list[int] = field(default_factory=list)  # canonical GT index of each entry of gt_objects
     appended: int = 0  # GT the rollout missed, appended to the reordered GT (missing policy "append")
     reordered: bool = False  # the reordered GT differs from the canonical order (Path B sees a new order)
     extra_eos: bool = False  # the rollout over-generated: the end of turn gets extra_eos_weight
@@ -73,5 +74,6 @@ def stage2_targets(pred: Sequence[ParsedObject], gt: Sequence[BoxObject], params
         targets += [bin_to_unit(b) for b in gt[j].bins]
     reordered = reorder_gt(gt, match, settings.missing_policy)
     eos = settings.extra_eos_weight if reordered.over_generated else settings.eos_weight
-    return Stage2Targets(match, positions, targets, reordered.objects, eos, appended=reordered.num_completions,
+    return Stage2Targets(match, positions, targets, reordered.objects, eos, gt_indices=reordered.gt_indices,
+                         appended=reordered.num_completions,
                          reordered=reordered.objects != gt, extra_eos=reordered.over_generated)

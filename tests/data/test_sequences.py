@@ -100,6 +100,37 @@ def test_self_context_supervises_matched_coord_positions_toward_gt(processor, sa
         assert seq.coord_targets[4 * k: 4 * k + 4] == [bin_to_unit(v) for v in canonical[j].bins]
 
 
+def test_switches_isolate_the_gt_order_and_the_geometric_context(processor, samples):
+    """stage2.gt_order=canonical: the CE path sees the canonical GT; stage2.geo_context=gt: no self-context
+    sequence, the same gated pairs' GT coordinates supervised on the GT sequence instead."""
+    sample = next(s for s in samples if len(s.objects) >= 2)
+    canonical = canonical_order(sample.objects)
+    # the rollout writes the GT reversed, and its last object far off (matched but gated out)
+    far = BoxObject(canonical[0].desc, (0, 0, 5, 5))
+    written = [*reversed(canonical[1:]), far]
+    default = builder(processor)
+    row = rollout_of(default, sample, written)
+    seq, reordered = default.stage2([row], {sample.sample_id: sample}, STRICT).sequences
+    gt_ids = build_assistant_ids(canonical, processor.tokenizer, default.vocab)
+    assert reordered.input_ids[reordered.prompt_len:].tolist() != gt_ids  # the rollout's order by default
+
+    (gt_seq,) = builder(processor, "stage2.gt_order=canonical", "stage2.geo_context=gt").stage2(
+        [row], {sample.sample_id: sample}, STRICT).sequences
+    assert gt_seq.input_ids[gt_seq.prompt_len:].tolist() == gt_ids
+    gated = len(seq.coord_positions) // 4  # the self-context path's gated pairs
+    assert gated == len(canonical) - 1 and len(gt_seq.coord_positions) == 4 * gated
+    # the supervised GT coordinates are those of the gated pairs: every canonical object but the first
+    expected = [bin_to_unit(v) for o in canonical[1:] for v in o.bins]
+    assert sorted(gt_seq.coord_targets) == sorted(expected)
+    for p, target in zip(gt_seq.coord_positions, gt_seq.coord_targets):  # each position holds its own GT bin
+        assert bin_to_unit(default.vocab.bin_of(int(gt_seq.input_ids[p]))) == target
+
+    (reordered_gt,) = builder(processor, "stage2.geo_context=gt").stage2([row], {sample.sample_id: sample},
+                                                                          STRICT).sequences
+    assert reordered_gt.input_ids.tolist() == reordered.input_ids.tolist()
+    assert sorted(reordered_gt.coord_targets) == sorted(expected)
+
+
 def test_a_row_with_nothing_parsed_falls_back_to_the_gt_sequence(processor, samples):
     b = builder(processor)
     sample = samples[0]

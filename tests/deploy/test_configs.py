@@ -59,6 +59,12 @@ def test_all_expected_configs_exist():
     ("gate_held.yaml", {"matching.iou_thr_end": 0.5, "matching.l1_thr_end": 0.02}),
     ("no_coord_ce_stage2.yaml", {"loss.lambda_coord_ce_stage2": 0.0}),
     ("topk_expectation.yaml", {"coordexp.top_k": 20}),
+    ("canonical_gt.yaml", {"stage2.gt_order": "canonical"}),
+    ("geo_on_gt.yaml", {"stage2.geo_context": "gt"}),
+    ("gate_wide.yaml", {"matching.iou_thr_start": 0.1, "matching.iou_thr_end": 0.1, "matching.l1_thr_start": 0.05,
+                        "matching.l1_thr_end": 0.05}),
+    ("stage1_random_order.yaml", {"stage1.order": "random"}),
+    ("light_stage1_geo.yaml", {"loss.lambda_l1": 1.0, "loss.lambda_giou": 0.0}),
 ])
 def test_ablation_differs_from_tiny_cpu_only_in_its_keys(name, expected):
     diff = _diff_from_defaults(load_config(CONFIGS / "ablations" / name))
