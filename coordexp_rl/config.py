@@ -1,13 +1,14 @@
 """One typed config tree for a run; every default works on the tiny CPU setting.
 
-Load order: defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars).
+Load order: defaults <- YAML file(s), layered in order <- ``key.sub=value`` overrides (values parsed as YAML
+scalars).
 Unknown keys fail loudly with the dotted path and the file they came from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -139,6 +140,11 @@ class Stage2Config(_Section):
     # ("self", METHOD 7.1) or on the same gated pairs teacher-forced on that GT sequence ("gt").
     gt_order: Literal["reordered", "canonical"] = "reordered"
     geo_context: Literal["self", "gt"] = "self"
+    # Synchronous, on-policy Stage-2 in a fixed order, so that two runs of one seed agree step for step: one
+    # rollout actor generates exactly the learner's next batch with the current weights, in its shard order.
+    # load_config requires rollout.num_actors=1, buffer.max_staleness=0, stage2.sync_every=1 and
+    # rollout.batch_size=optim.batch_size with it; the learner checks every Stage-2 batch (ray_learner.py).
+    reproducible: bool = False
 
 
 class RolloutConfig(_Section):
@@ -191,6 +197,9 @@ class EvalConfig(_Section):
     # Evaluation runs before Stage-1, after Stage-1 and after Stage-2, through the rollout actors (their
     # engine, rollout.engine, with the current weights), greedy with rollout.max_new_tokens.
     max_samples: int = 256  # the first N validation samples
+    # After Stage-1 and Stage-2: the learner's teacher-forced box IoU on the same images (one no-grad forward
+    # per GT sequence), beside the free-running one: eval/exposure/... (coordexp_rl/evaluation/exposure.py)
+    exposure: bool = True
 
 
 class RunConfig(_Section):
@@ -220,40 +229,101 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
 
+# Keys that leave Stage-1's weights bit-identical: only Stage-2, the rollout side, evaluation or the run's
+# bookkeeping read them. A bare section name stands for every key of that section. `coordexp-rl ablate`
+# starts an arm that differs from its default only in these keys from the default's Stage-1 checkpoint of
+# the same seed. Not here because Stage-1 reads them too: loss.eos_weight, loss.desc_weight and
+# loss.lambda_coord_ce (the GT sequences' CE weights), rollout.max_new_tokens (data.max_target_tokens=0
+# means it). tests/deploy/test_ablate.py checks that the learner's Stage-1 reads none of them and trains to
+# the same weights with all of them changed.
+STAGE2_ONLY_KEYS = (
+    "stage2", "matching", "buffer", "weight_sync", "eval",
+    "loss.lambda_geo", "loss.alpha_l1", "loss.beta_giou", "loss.lambda_entropy",  # Stage-2's coord_terms
+    "loss.lambda_coord_ce_stage2",  # Stage-2's GT sequences only (SequenceBuilder.gt_sequence(stage2=True))
+    "loss.extra_eos_weight",  # Stage-2 targets of a rollout that over-generated
+    "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
+    "rollout.top_k", "rollout.repetition_penalty", "rollout.seed",
+    "run.out_dir", "run.log_every", "run.keep_last",
+)
+
+
+def is_stage2_only(key: str) -> bool:
+    """Whether the dotted ``key`` is in STAGE2_ONLY_KEYS (by itself or through its section)."""
+    return key in STAGE2_ONLY_KEYS or key.split(".", 1)[0] in STAGE2_ONLY_KEYS
+
+
 class ConfigError(UserError):
     kind = "config error"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML ``path`` <- ``["optim.lr=3e-4", ...]``; raises ConfigError naming the key."""
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None
+                ) -> Config:
+    """Defaults <- YAML ``path`` <- ``["optim.lr=3e-4", ...]``; raises ConfigError naming the key.
+
+    ``path``: one YAML file, or several layered in order (a later file's keys win; a key's value is
+    replaced whole, sections merge). A problem is reported with the file that set the key.
+    """
+    files = [path] if isinstance(path, (str, Path)) else list(path or [])
+    files = [Path(f) for f in files if f]
+    source = " <- ".join(map(str, files)) or "defaults"
     raw: dict[str, Any] = {}
-    source = "defaults"
-    if path:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    origins: dict[str, str] = {}  # dotted key (or section) -> the file that set it last
+    for f in files:
+        for section, keys in _read_yaml(f).items():
+            if isinstance(keys, dict) and isinstance(raw.get(section), dict):
+                raw[section] = {**raw[section], **keys}
+            else:
+                raw[section] = keys
+            origins[section] = str(f)
+            origins.update({f"{section}.{k}": str(f) for k in keys} if isinstance(keys, dict) else {})
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value else "")
+        origins[key.strip()] = "override"
+        origins.setdefault(key.strip().split(".")[0], "override")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(_problem(err) for err in e.errors())
+        problems = "; ".join(_problem(err, origins if len(files) > 1 else {}) for err in e.errors())
         raise ConfigError(f"{source} (+ overrides {overrides or []}): {problems}") from None
     ranks = cfg.learner.world_size * cfg.learner.accum_steps
     if cfg.optim.batch_size < ranks:
         raise ConfigError(f"{source}: optim.batch_size={cfg.optim.batch_size} is the global batch; it must be >= "
                           f"learner.world_size x learner.accum_steps = {ranks}")
     _check_token_budget(cfg, source)
+    _check_reproducible(cfg, source)
     return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def _check_reproducible(cfg: Config, source: str) -> None:
+    """stage2.reproducible: one actor, on-policy, a sync after every step and one engine call per learner
+    batch, so that the actor generates exactly the learner's next batch with its current weights (the buffer
+    admits optim.batch_size x stage2.sync_every rows per weight version, actors/buffer.py). The keys are
+    required, not set behind the user's back: the error names each one to change."""
+    if not cfg.stage2.reproducible:
+        return
+    need = {"rollout.num_actors": 1, "buffer.max_staleness": 0, "stage2.sync_every": 1,
+            "rollout.batch_size": cfg.optim.batch_size}  # = optim.batch_size
+    got = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in need}
+    wrong = [k for k in need if got[k] != need[k]]
+    if wrong:
+        raise ConfigError(f"{source}: stage2.reproducible=true needs " + " ".join(f"{k}={need[k]}" for k in wrong)
+                          + " (rollout.batch_size = optim.batch_size); got "
+                          + ", ".join(f"{k}={got[k]}" for k in wrong))
 
 
 # Keys renamed since they were released: an old config is refused with the new name.
@@ -262,10 +332,12 @@ RENAMED = {"matching.lambda_geo": "matching.geo_cost_weight",  # loss.lambda_geo
            "matching.lambda_sem_end": "matching.sem_cost_weight_end"}
 
 
-def _problem(err: dict) -> str:
+def _problem(err: dict, origins: dict[str, str] | None = None) -> str:
+    """``key: message``; with ``origins`` (several files), prefixed by the file (or override) that set it."""
     key = ".".join(str(p) for p in err["loc"])
     hint = f" (renamed: use {RENAMED[key]})" if key in RENAMED else ""
-    return f"{key}: {err['msg']}{hint}"
+    origin = next((origins[k] for k in (key, key.split(".")[0]) if k in (origins or {})), None)
+    return f"{origin + ': ' if origin else ''}{key}: {err['msg']}{hint}"
 
 
 QWEN3VL_PIXELS_PER_TOKEN = 32 * 32  # patch 16 x spatial merge 2

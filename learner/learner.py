@@ -25,9 +25,11 @@ import torch
 from coordexp_rl.config import Config
 from coordexp_rl.data.loader import Sample
 from coordexp_rl.data.sequences import SequenceBuilder, TrainSequence
+from coordexp_rl.evaluation.exposure import teacher_forced_box_ious
 from coordexp_rl.method.coordexp import coordexp, tau_at
 from coordexp_rl.method.losses import coord_terms, weighted_token_ce, weighted_total
 from coordexp_rl.method.matching import MatchCurriculum
+from coordexp_rl.method.protocol import canonical_order
 from coordexp_rl.modeling.inputs import collate
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.rollout.schema import RolloutRow
@@ -108,6 +110,7 @@ class Learner:
         metrics = self._train_step(seqs, "stage1")
         tokens = self.dist.sum({"tokens": float(sum(len(s.input_ids) for s in seqs))})["tokens"]
         metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+        metrics["compute/learner_tokens"] = tokens  # COMPUTE: see stage2_step
         return metrics
 
     def stage2_step(self, rows: list[RolloutRow], samples: dict[str, Sample]) -> dict[str, float]:
@@ -133,7 +136,73 @@ class Learner:
         metrics["match/iou_thr"] = params.iou_thr
         metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
         metrics["tokens_per_s"] = totals["tokens"] / (time.perf_counter() - t0)
+        # COMPUTE: the step's work in tokens, for equal-compute comparisons (`coordexp-rl ablate`). Learner
+        # tokens went through forward + backward (summed over ranks; unpadded, image tokens included: the
+        # self-context and the GT sequence of every row); rollout tokens are the prompt + generated tokens of
+        # the rows this step consumed (generated once, by one forward each). FLOP-proportional units, an
+        # approximation (the vision tower, padding, attention's quadratic term and rows generated but dropped
+        # as stale are left out): a learner token costs 3 (forward + backward ~ 3 forwards), a rollout token 1.
+        metrics["compute/learner_tokens"] = totals["tokens"]
+        metrics["compute/rollout_tokens"] = float(sum(len(r.prompt_ids) + len(r.generated_ids) for r in rows))
         return metrics
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------------
+
+    def teacher_forced_ious(self, samples: list[Sample], batch_size: int) -> list[list[float]]:
+        """Exposure bias, the teacher-forced side (coordexp_rl/evaluation/exposure.py): per sample, the IoU
+        of each GT box (canonical order) with the box CoordExp decodes at its 4 coord positions of the GT
+        sequence (states at t-1, as in training), in [0, 1].
+
+        Changes no training state: no grad, the model in its current mode, no optimizer or scheduler, and
+        the torch RNG state is restored afterwards (a forward in train mode may draw, e.g. dropout).
+        Ranks: each runs its contiguous share in batches of ``batch_size``, every rank the same number of
+        forwards (FSDP's all-gathers are collectives: a rank short of items runs one again and drops it);
+        the IoUs are summed over ranks, so every rank returns the whole result.
+        """
+        if not samples:
+            return []
+        starts = [0]  # sample i's boxes are flat[starts[i]:starts[i + 1]]
+        for s in samples:
+            starts.append(starts[-1] + len(s.objects))
+        shares = split(list(range(len(samples))), self.dist.world_size)
+        mine = shares[self.dist.rank]
+        batch_size = max(1, batch_size)
+        rounds = math.ceil(max(len(share) for share in shares) / batch_size)
+        flat = [0.0] * starts[-1]
+        rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+            for r in range(rounds):
+                idx = mine[r * batch_size:(r + 1) * batch_size]
+                seqs = self._fail_together(lambda: [self._gt_coord_sequence(samples[i])
+                                                    for i in (idx or mine[:1] or [0])])
+                for i, seq, coords in zip(idx, seqs, self._decode_coords(seqs)):
+                    flat[starts[i]:starts[i + 1]] = teacher_forced_box_ious(coords, seq.coord_targets)
+        flat = list(self.dist.sum({str(k): v for k, v in enumerate(flat)}).values())  # one rank wrote each box
+        return [flat[starts[i]:starts[i + 1]] for i in range(len(samples))]
+
+    def _gt_coord_sequence(self, sample: Sample) -> TrainSequence:
+        """The canonical GT sequence with its coord positions and targets (bin / 1000)."""
+        return self.sequences.gt_sequence(sample, canonical_order(sample.objects), eos_weight=self.cfg.loss.eos_weight,
+                                          with_coords=True)
+
+    def _decode_coords(self, seqs: list[TrainSequence]) -> list[list[float]]:
+        """One no-grad padded forward: per sequence, CoordExp at its coord positions (through the FSDP root
+        when sharded, so the LM head is whole while CoordExp reads it)."""
+        batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
+
+        def apply(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) float32
+            coords = gather_supervision(seqs, hidden)["coord_hidden"].to(self.device)
+            return self._coordexp(coords).expectation.float().cpu() if coords.shape[0] else torch.zeros(0)
+
+        if self.sharded is not None:
+            values = self.sharded(batch, apply, autocast=self.autocast)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                hidden = self.model.model(**batch).last_hidden_state.float()
+            values = apply(hidden)
+        return [v.tolist() for v in values.split([len(s.coord_positions) for s in seqs])]
 
     # ------------------------------------------------------------------------------------------------
     # Ranks

@@ -71,6 +71,19 @@ class LearnerWorker:
         """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
         return self.learner.stage1_steps(self.stream.next_batch, n)
 
+    def teacher_forced_ious(self, val_path: str, image_root: str | None, n: int) -> list[list[float]]:
+        """Exposure bias (coordexp_rl/evaluation/exposure.py): the teacher-forced IoUs of the GT boxes of
+        ``val_path``'s first ``n`` samples (per sample, canonical order), on the current weights; every rank
+        takes part (its share of the forwards) and returns the whole result. The driver checked the images."""
+        from coordexp_rl.data.limits import load_checked_samples
+
+        samples, _ = load_checked_samples(self.cfg, val_path, image_root or None, self.learner.processor,
+                                          check_images=False, train=False)
+        plan = self.learner.plan
+        # the training micro-batch: what a rank's memory is known to hold (and a no-grad forward takes less)
+        batch_size = max(1, self.cfg.optim.batch_size // (self.learner.dist.world_size * plan.accum_steps))
+        return self.learner.teacher_forced_ious(samples[:n], batch_size)
+
     def stage2_step_from_buffer(self, buffer, timeout_s: float = 600.0) -> dict | None:
         """One Stage-2 step on the next batch of rollout rows; None if none came within ``timeout_s``."""
         from coordexp_rl.rollout.schema import batch_to_rows
@@ -87,9 +100,20 @@ class LearnerWorker:
             return None
         wait_s = time.perf_counter() - t0
         ids = self._check_row_ids(rows)
+        if self.cfg.stage2.reproducible:
+            self._check_on_policy(rows, ids)
         metrics = self.learner.stage2_step(rows, self.samples)
         metrics.update(buffer_wait_s=wait_s, **ids)
         return metrics
+
+    def _check_on_policy(self, rows, ids: dict) -> None:
+        """stage2.reproducible promises that every batch is the actor's next rows, generated with the learner's
+        current weights; a batch that is not (a skipped or repeated row, an older version) stops the run."""
+        versions = sorted({r.weight_version for r in rows})
+        if ids["rows/duplicate_ids"] or ids["rows/skipped_ids"] or versions != [self.learner.version]:
+            raise RuntimeError(f"stage2.reproducible: the learner at weight version {self.learner.version} got rows "
+                               f"[actor, seq, version] {ids['rows/ids']} (duplicates {ids['rows/duplicate_ids']}, "
+                               f"skipped {ids['rows/skipped_ids']}): not the actor's next rows on the current weights")
 
     def _check_row_ids(self, rows) -> dict:
         """Each actor's rows arrive in seq order (FIFO): a seq below the expected one was consumed before

@@ -95,7 +95,8 @@ def synth_options(cfg: Config) -> dict:
     return {"image_size": d.synth_image_size, "min_objects": d.synth_min_objects,
             "max_objects": d.synth_max_objects, "min_size": d.synth_min_size, "max_size": d.synth_max_size,
             "edge_prob": d.synth_edge_prob, "background": d.synth_background, "colours": tuple(d.synth_colours),
-            "shapes": tuple(d.synth_shapes), **{k: getattr(d, f"synth_{k}") for k in DENSE_OPTIONS}}
+            "shapes": tuple(d.synth_shapes), "max_pair_iou": d.synth_max_pair_iou,
+            "distinct_descs": d.synth_distinct_descs}
 
 
 def synthetic_set(cfg: Config) -> Path:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
 from coordexp_rl.data.limits import load_checked_samples
 from coordexp_rl.driver.assets import Assets, prepare_assets
-from coordexp_rl.driver.evaluations import Evaluations, evaluate_on_actors, results_table
+from coordexp_rl.driver.evaluations import Evaluations, evaluate_on_actors, exposure_report, results_table
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
@@ -246,9 +246,16 @@ class Driver:
         """The headline metrics of the actors' weights on the validation set (writes eval/<label>/); an
         actor that dies meanwhile gets the current weights at its restart and its share runs again."""
         a = self.assets
-        return evaluate_on_actors(self.rollout.actors, self.val_samples[:self.cfg.eval.max_samples], a.val_path,
-                                  a.val_image_root or a.val_path.parent, self.out / "eval" / label,
-                                  on_gone=self.syncer.keep_weights_for_restarts)
+        samples, folder = self.val_samples[:self.cfg.eval.max_samples], self.out / "eval" / label
+        headline = evaluate_on_actors(self.rollout.actors, samples, a.val_path, a.val_image_root or a.val_path.parent,
+                                      folder, on_gone=self.syncer.keep_weights_for_restarts)
+        # Exposure bias: the learner's teacher-forced boxes on the same images. Not for "initial": it runs in
+        # a thread beside Stage-1, where a learner call would interleave with training.
+        if label in ("stage1", "stage2") and self.cfg.eval.exposure:
+            tf = ray.get(self.learner.teacher_forced_ious.remote(
+                str(a.val_path), str(a.val_image_root) if a.val_image_root else None, len(samples)))
+            headline.update(exposure_report(tf, headline, a.val_path, folder, self.step - self.last_sync_step))
+        return headline
 
     def save_checkpoint_if_due(self) -> None:
         self.checkpoints.save_if_due(self.step, self.driver_state())
@@ -282,7 +289,8 @@ class Driver:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (default: the embedded tiny CPU default)")
+    parser.add_argument("--config", action="append", help="YAML config (default: the embedded tiny CPU default); "
+                        "given more than once, the files are layered in order (a later file's keys win)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=3e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and bundles, then stop")
     parser.add_argument("--debug", action="store_true", help="show the traceback of config and data errors too")
@@ -293,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     traceback), a resource error with 3, a stop with the checkpoint to resume from."""
     debug = getattr(args, "debug", False)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(_configs(args), args.overrides)
     except ConfigError as e:
         return report_user_error(e, debug)
     driver = Driver(cfg)
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         return 3
     except RunStopped as e:
         print(f"run stopped: {e.why}.\nCheckpoint: {e.checkpoint}\nResume with: python -m coordexp_rl.launch "
-              f"{'--config ' + args.config + ' ' if args.config else ''}{' '.join(args.overrides)} "
+              f"{''.join(f'--config {c} ' for c in _configs(args))}{' '.join(args.overrides)} "
               f"run.resume={e.checkpoint}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a data file the driver's checks refuse (DataError), also from a Ray task
@@ -316,6 +324,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         return code
     return 0
+
+
+def _configs(args: argparse.Namespace) -> list[str]:
+    """The ``--config`` files in order (a caller's Namespace may hold one path as a string)."""
+    return [args.config] if isinstance(args.config, str) else list(args.config or [])
 
 
 def main(argv: list[str] | None = None) -> int:

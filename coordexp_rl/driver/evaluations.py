@@ -3,7 +3,8 @@
 Called by ``coordexp_rl.launch`` beside Stage-1 (the initial weights: the actors are idle until the first
 sync), after Stage-1 and after Stage-2; writes the folder ``eval/<label>/`` (predictions, metrics.json,
 plots, box overlays, report.md). ``Evaluations`` keeps them by label in the run log; ``results_table`` is
-the run's report table over them.
+the run's report table over them. ``exposure_report`` adds, after Stage-1 and Stage-2, the learner's
+teacher-forced box quality on the same images (``exposure.json``; coordexp_rl/evaluation/exposure.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from coordexp_rl.driver.supervisor import predict_all
+from coordexp_rl.evaluation.exposure import exposure_metrics, recall_ious
 from coordexp_rl.evaluation.metrics import evaluate_paired
 from coordexp_rl.evaluation.records import load_jsonl, pair_records
 from coordexp_rl.evaluation.report import summary, write_outputs
@@ -48,6 +50,42 @@ def evaluate_on_actors(actors: list, samples: list, gt_path: Path, image_root: P
     # metrics.json, plots, box overlays of 8 images and report.md: people look rather than read
     write_outputs(metrics, gt_records, pred_records, folder, image_root)
     return summary(metrics)
+
+
+def exposure_report(teacher_forced: list[list[float]], headline: dict, gt_path: Path, folder: Path,
+                    learner_steps_ahead: int = 0) -> dict:
+    """The ``exposure/`` keys (coordexp_rl/evaluation/exposure.py) of an evaluation that ``evaluate_on_actors``
+    wrote to ``folder`` (its predictions.jsonl, and its ``headline``), with the learner's teacher-forced IoUs
+    of the same first images of ``gt_path``; also written, per image too, to ``folder/exposure.json``.
+    ``learner_steps_ahead``: optimizer steps the learner's weights (teacher-forced) are past the actors'
+    (free-running); 0 when the evaluation follows a sync."""
+    preds = load_jsonl(folder / "predictions.jsonl")
+    gt_records, pred_records = pair_records(load_jsonl(gt_path)[: len(preds)], preds)
+    if len(teacher_forced) != len(gt_records):
+        raise ValueError(f"exposure: {len(teacher_forced)} teacher-forced images for {len(gt_records)} evaluated")
+    keys = exposure_metrics(teacher_forced, [g.boxes for g in gt_records], [p.boxes for p in pred_records],
+                            headline.get("mean_iou_class_agnostic"))
+    per_image = [{"image": g.image, "gt_boxes": len(g.boxes), "teacher_forced_iou": tf,
+                  "free_running_recall_iou": recall_ious(g.boxes, p.boxes)}
+                 for tf, g, p in zip(teacher_forced, gt_records, pred_records)]
+    if learner_steps_ahead:
+        log.warning("exposure: the teacher-forced weights are %d steps past the actors' (no sync since)",
+                    learner_steps_ahead)
+    (folder / "exposure.json").write_text(json.dumps(
+        {**keys, "learner_steps_ahead": learner_steps_ahead, "notes": EXPOSURE_NOTES, "per_image": per_image},
+        indent=1, default=float) + "\n")
+    return keys
+
+
+EXPOSURE_NOTES = {
+    "teacher_forced_iou": "per GT box, in canonical order (y1, x1): IoU of the CoordExp box the learner decodes "
+                          "on the GT sequence (no grad) with the GT box; every GT box counts",
+    "free_running_mean_iou": "the evaluation's mean_iou_class_agnostic: mean over one-to-one matched "
+                             "(any overlap) predictions only; misses do not count",
+    "free_running_recall_iou": "per GT box, in the GT file's order: the best IoU any greedy prediction of its "
+                               "image reaches (0 when none); every GT box counts, as in teacher_forced_mean_iou",
+    "gap": "teacher_forced_mean_iou - free_running_recall_iou",
+}
 
 
 class Evaluations:

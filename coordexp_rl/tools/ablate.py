@@ -1,16 +1,36 @@
-"""Ablations: `coordexp-rl ablate [--seeds 0 1 2] [--scale 1.0] [--out docs/RESULTS.md]`.
+"""Ablations: `coordexp-rl ablate [--config BASE.yaml] [--seeds 0 1 2] [--scale 1.0] [--out docs/RESULTS.md]`.
 
 Runs every arm (the default run and each ``configs/ablations/*.yaml``) for each seed through the real
 launcher (`python -m coordexp_rl.launch`, one subprocess each, so one failed arm cannot take the others
-down), then writes a table of the final evaluation per arm (mean +- std over seeds) and one line per
-question comparing its two arms. Arm configs give every arm the same number of optimizer steps;
-``--scale`` multiplies both stages' steps of every arm alike, so budgets stay equal at any scale.
+down), then writes a table of the final evaluation per arm (mean +- std over seeds), each arm's Stage-2
+compute and wall time, and one line per question comparing its two arms. Arm configs give every arm the
+same number of optimizer steps; ``--scale`` multiplies both stages' steps of every arm alike, so budgets
+stay equal at any scale.
 
-An arm that differs from the default only in ``stage2.*`` keys (the Stage-2 control ``stage2_sft``)
-starts from the default run's Stage-1 checkpoint of the same seed instead of recomputing Stage-1: Stage-1
-is deterministic on CPU, so the shared state is bit-identical to a recomputed one (equal compute, less
-waiting). The default run therefore keeps a checkpoint at its last Stage-1 step; the arm starts as soon as
-that checkpoint is complete, beside the default's Stage-2 (with ``--jobs`` > 1).
+Base config: ``--config configs/dense_cpu.yaml`` runs every arm on top of that YAML (the arm's YAML layered
+over it, `load_config` with both files); the "default" arm is then the base config itself. Without it the
+base is the embedded defaults (= configs/tiny_cpu.yaml). The table names its base, and with a base config
+it goes into its own marked block of ``--out``.
+
+Stage-1 reuse: an arm that differs from the default only in keys that leave Stage-1's weights unchanged
+(``coordexp_rl.config.STAGE2_ONLY_KEYS``: stage2.*, matching.*, the Stage-2 loss weights, evaluation, the
+rollout side's sampling, the run folder) starts from the default run's Stage-1 checkpoint of the same seed
+instead of recomputing Stage-1: Stage-1 is deterministic on CPU, so the shared state is bit-identical to a
+recomputed one (equal compute, less waiting). An arm that changes anything Stage-1 reads runs Stage-1 again.
+The default run therefore keeps a checkpoint at its last Stage-1 step; the arm starts as soon as that
+checkpoint is complete, beside the default's Stage-2 (with ``--jobs`` > 1).
+
+Compute: every learner step logs ``compute/learner_tokens`` (tokens through forward + backward) and every
+Stage-2 EM step ``compute/rollout_tokens`` (prompt + generated tokens of the rows it consumed). A
+FLOP-proportional unit, an approximation (vision tower, padding, attention's quadratic term, evaluation
+and rows dropped as stale are not counted): a learner token costs 3 units (forward + backward ~ 3
+forwards), a rollout token 1 (one forward). The SFT control comes twice: ``stage2_sft`` spends the same
+number of Stage-2 steps on more SFT (equal steps); ``stage2_sft_compute`` spends the same compute: its
+Stage-2 steps, per seed, are the default run's Stage-2 compute (summed over its steps in its
+``metrics.jsonl``) divided by one SFT step's (3 x the mean ``compute/learner_tokens`` of the default run's
+Stage-1 steps), so it runs after that seed's default arm has finished. Wall time per stage comes from the
+records' ``time``: Stage-2 from the record before its first step to its last step (with ``--jobs`` > 1
+the runs shared the machine, so wall times are only comparable within one call).
 
 A run folder that already holds ``results.json`` is read, not rerun: an interrupted ablation resumes (a
 folder whose saved config differs, e.g. from another ``--scale``, is refused rather than mixed in).
@@ -30,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordexp_rl.config import Config, load_config
+from coordexp_rl.config import Config, is_stage2_only, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 ABLATIONS = REPO / "configs" / "ablations"
@@ -39,6 +59,11 @@ ABLATIONS = REPO / "configs" / "ablations"
 # own object score (description x box probability); mean IoU class-agnostic, so that it measures boxes.
 METRICS = (("AP50", "object_prob/AP50"), ("mAP", "object_prob/mAP"), ("AP50 (constant)", "constant/AP50"),
            ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou_class_agnostic"), ("mean IoU (class-matched)", "mean_iou"))
+# What each arm's Stage-2 cost, from its run folder's metrics.jsonl (stage_costs).
+COSTS = ("Stage-2 compute (units)", "Stage-2 wall s")
+# The compute unit (module docstring): units per token of each logged counter; an approximation of FLOPs.
+COMPUTE_UNITS = {"compute/learner_tokens": 3, "compute/rollout_tokens": 1}
+EQUAL_COMPUTE_ARM = "stage2_sft_compute"  # its stage2.steps come from the default run's logged compute
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ class Question:
 
 QUESTIONS = (
     Question("Stage-2 EM vs the same number of extra SFT steps from the same Stage-1 state", "stage2_sft", "default"),
+    Question("Stage-2 EM vs extra SFT at equal compute", EQUAL_COMPUTE_ARM, "default"),
     Question("CE only vs CE + CoordExp L1/GIoU (both stages, full budget)", "ce_only", "default"),
     Question("Stage-2 lr 2e-4 vs 1e-4 (where Stage-1's cosine ends)", "stage2_lr_high", "default"),
     Question("Stage-2 without vs with the coord-CE term", "no_coord_ce_stage2", "default"),
@@ -61,41 +87,96 @@ QUESTIONS = (
 
 
 def arm_config(name: str) -> Path | None:
-    """The YAML of an arm; None for the default (the embedded defaults)."""
+    """The arm's own YAML; None for the default (the base config alone)."""
     return None if name == "default" else ABLATIONS / f"{name}.yaml"
 
 
-def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list[str]) -> list[str]:
-    """Launcher overrides for one (arm, seed): the seed, the scaled step counts, the run folder, and (see the
-    module docstring) the Stage-1 checkpoint the default keeps and a Stage-2-only arm starts from."""
-    cfg = load_config(arm_config(name), extra)
+def arm_configs(name: str, base: Path | None = None) -> list[Path]:
+    """The YAML files of an arm, layered in this order: the base config (if any), then the arm's own."""
+    return [p for p in (base, arm_config(name)) if p]
+
+
+def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list[str], base: Path | None = None,
+                  stage2_steps: int | None = None) -> list[str]:
+    """Launcher overrides for one (arm, seed): the seed, the scaled step counts (``stage2_steps``, when given,
+    replaces Stage-2's: the equal-compute arm), the run folder, and (see the module docstring) the Stage-1
+    checkpoint the default keeps and a Stage-2-only arm starts from."""
+    cfg = load_config(arm_configs(name, base), extra)
     stage1 = round(cfg.stage1.steps * scale)
-    steps = [f"stage1.steps={stage1}", f"stage2.steps={round(cfg.stage2.steps * scale)}",
+    stage2 = round(cfg.stage2.steps * scale) if stage2_steps is None else stage2_steps
+    steps = [f"stage1.steps={stage1}", f"stage2.steps={stage2}",
              f"matching.curriculum_steps={max(1, round(cfg.matching.curriculum_steps * scale))}"]
     keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}"]
-    if shares_stage1(name, extra):
+    if shares_stage1(name, extra, base):
         keep.append(f"run.resume={stage1_checkpoint(out_dir.parent.parent / 'default' / out_dir.name, stage1)}")
     return [*extra, *steps, f"run.seed={seed}", f"model.tiny_seed={seed}", f"rollout.seed={seed}",
             f"run.out_dir={out_dir}", *keep]
 
 
-def shares_stage1(name: str, extra: list[str]) -> bool:
-    """True for an arm whose config differs from the default's only in Stage-2 settings."""
+def shares_stage1(name: str, extra: list[str], base: Path | None = None) -> bool:
+    """True for an arm whose config differs from the default's only in keys Stage-1 does not read
+    (``coordexp_rl.config.STAGE2_ONLY_KEYS``)."""
     if name == "default":
         return False
-    changed = _changed_keys(load_config(arm_config(name), extra).model_dump(), load_config(None, extra).model_dump())
-    return all(k.startswith("stage2.") or k == "run.out_dir" for k in changed)
+    return all(is_stage2_only(k) for k in changed_keys(name, extra, base))
+
+
+def changed_keys(name: str, extra: list[str], base: Path | None = None) -> list[str]:
+    """The dotted keys in which an arm's config differs from the default's (both on ``base``)."""
+    return _changed_keys(load_config(arm_configs(name, base), extra).model_dump(),
+                         load_config(arm_configs("default", base), extra).model_dump())
 
 
 def stage1_checkpoint(default_run: Path, stage1_steps: int) -> Path:
     return default_run / "checkpoints" / f"step-{stage1_steps:06d}"
 
 
-def _wait_for(checkpoint: Path, run: Path, poll_s: float = 2.0) -> None:
-    """Block until the default run of this seed has written its Stage-1 ``checkpoint`` (complete), or is no
-    longer in progress (its ``running`` marker is gone): the arm starts beside the default's Stage-2."""
-    while not (checkpoint / "COMPLETE").exists() and (run / "running").exists():
+def _wait_for(marker: Path, run: Path, poll_s: float = 2.0) -> None:
+    """Block until ``marker`` exists (the default run's complete Stage-1 checkpoint, or its results) or the
+    default run of this seed is no longer in progress (its ``running`` marker is gone)."""
+    while not marker.exists() and (run / "running").exists():
         time.sleep(poll_s)
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return out
+
+
+def _units(record: dict) -> float | None:
+    """A step's compute in units (COMPUTE_UNITS); None for a record that logged none (an older run)."""
+    if "compute/learner_tokens" not in record:
+        return None
+    return sum(u * float(record.get(k, 0.0)) for k, u in COMPUTE_UNITS.items())
+
+
+def stage_costs(run: Path) -> dict[str, float | None]:
+    """From a run folder's metrics.jsonl: Stage-2's compute (units, summed over its steps) and wall seconds
+    (from the record before its first step to its last step), and one Stage-1 step's mean compute."""
+    records = _records(run)
+    steps2 = [i for i, r in enumerate(records) if r.get("stage") == "stage2"]
+    stage1 = [_units(r) for r in records if r.get("stage") == "stage1"]
+    stage2 = [_units(records[i]) for i in steps2]
+    wall = records[steps2[-1]]["time"] - records[steps2[0] - 1]["time"] if steps2 and steps2[0] > 0 else None
+    return {"stage1_step_units": statistics.fmean(stage1) if stage1 and None not in stage1 else None,
+            COSTS[0]: sum(stage2) if stage2 and None not in stage2 else None, COSTS[1]: wall}
+
+
+def equal_compute_steps(default_run: Path) -> int | None:
+    """Stage-2 SFT steps that cost what the default run's Stage-2 cost (module docstring); None when that
+    run's metrics lack the counters."""
+    costs = stage_costs(default_run)
+    if not costs[COSTS[0]] or not costs["stage1_step_units"]:
+        return None
+    return max(1, round(costs[COSTS[0]] / costs["stage1_step_units"]))
 
 
 class StaleRunError(ValueError):
@@ -122,25 +203,35 @@ def check_reusable(out: Path, expected: Config) -> None:
                                 "pass another --runs-dir or remove that folder")
 
 
-def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str]) -> dict | None:
+def run_arm(name: str, seed: int, scale: float, runs_dir: Path, extra: list[str],
+            base: Path | None = None) -> dict | None:
     """Run (or read back) one arm; returns the launcher's results (per evaluation label), None on failure."""
     out = runs_dir / name / f"seed{seed}"
     done = out / "results.json"
-    overrides = arm_overrides(name, seed, scale, out, extra)
+    default_run = runs_dir / "default" / f"seed{seed}"
+    stage2_steps = None
+    if name == EQUAL_COMPUTE_ARM:  # its budget is measured on the default run of its seed: wait for all of it
+        _wait_for(default_run / "results.json", default_run)
+        stage2_steps = equal_compute_steps(default_run)
+        if stage2_steps is None:
+            print(f"[ablate] {name} seed {seed}: no logged compute in {default_run}/metrics.jsonl (run the default "
+                  "arm too); skipped", flush=True)
+            return None
+    overrides = arm_overrides(name, seed, scale, out, extra, base, stage2_steps)
     if done.exists():
-        check_reusable(out, load_config(arm_config(name), overrides))
+        check_reusable(out, load_config(arm_configs(name, base), overrides))
         return json.loads(done.read_text())
-    if shares_stage1(name, extra):
+    if shares_stage1(name, extra, base):
         resume = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.resume="))
-        _wait_for(Path(resume), runs_dir / "default" / f"seed{seed}")
+        _wait_for(Path(resume) / "COMPLETE", default_run)
         if not Path(resume).exists():
             print(f"[ablate] {name} seed {seed}: no Stage-1 checkpoint {resume} (run the default arm too); "
                   "skipped", flush=True)
             return None
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "coordexp_rl.launch"]
-    if arm_config(name):
-        cmd += ["--config", str(arm_config(name))]
+    for path in arm_configs(name, base):
+        cmd += ["--config", str(path)]
     cmd += overrides
     log_path = out / "launch.log"
     print(f"[ablate] {name} seed {seed}: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
@@ -183,25 +274,34 @@ def verdict(base: tuple[float, float, int] | None, var: tuple[float, float, int]
     return f"{diff:+.4f} ({'within noise' if abs(diff) <= noise else 'beyond noise'}: seed std {noise:.4f})"
 
 
-def _cell(s: tuple[float, float, int] | None) -> str:
+def _cell(s: tuple[float, float, int] | None, fmt: str = ".4f") -> str:
     if s is None:
         return "n/a"
-    return f"{s[0]:.4f}" if math.isnan(s[1]) else f"{s[0]:.4f} ± {s[1]:.4f}"
+    return f"{s[0]:{fmt}}" if math.isnan(s[1]) else f"{s[0]:{fmt}} ± {s[1]:{fmt}}"
 
 
-def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float, command: str) -> str:
-    stats = {arm: {m: summarise([r[m] if r else None for r in runs]) for m, _ in METRICS}
+def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float, command: str,
+           base: Path | None = None) -> str:
+    columns = [m for m, _ in METRICS] + list(COSTS)
+    stats = {arm: {m: summarise([r.get(m) if r else None for r in runs]) for m in columns}
              for arm, runs in per_arm.items()}
-    lines = [f"Command: `{command}`", "",
+    base_text = (f"Base config: `{_shown(base)}` (the 'default' arm; every other arm's YAML layered over it)."
+                 if base else "Base config: the embedded defaults (= configs/tiny_cpu.yaml; the 'default' arm).")
+    lines = [f"Command: `{command}`", "", base_text,
              f"Seeds {seeds}; step scale {scale:g} (every arm's Stage-1 and Stage-2 steps x {scale:g}). "
              "Values: the final evaluation on the synthetic validation set, mean ± sample std over seeds; AP "
              "scored with the model's object score (description x box probability) unless 'constant' is named, "
-             "mean IoU class-agnostic unless 'class-matched' is named.", "",
-             "| arm | runs ok | " + " | ".join(m for m, _ in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+             "mean IoU class-agnostic unless 'class-matched' is named. Stage-2 compute: learner tokens x 3 + "
+             "rollout tokens x 1 (FLOP-proportional, approximate; coordexp_rl/tools/ablate.py); "
+             f"`{EQUAL_COMPUTE_ARM}` gets the default's Stage-2 compute per seed. Stage-2 wall s: comparable "
+             "only between runs that had the machine alike (--jobs).", "",
+             "| arm | runs ok | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for arm, runs in per_arm.items():
         ok = sum(r is not None for r in runs)
-        lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(_cell(stats[arm][m]) for m, _ in METRICS) + " |")
+        cells = [_cell(stats[arm][m]) for m, _ in METRICS]
+        cells += [_cell(stats[arm][c], fmt) for c, fmt in zip(COSTS, (".0f", ".1f"))]
+        lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "Questions. 'Across seeds' compares the arms' means with their seed spread; 'paired' takes the "
               "difference seed by seed (both arms of a seed share the model initialisation and data order) and "
               "calls it consistent when every seed moves the same way and the mean difference exceeds its std.", "",
@@ -215,6 +315,14 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
                          f"{paired(pb, pv, 'AP50')} | {verdict(b['mean IoU'], v['mean IoU'])} | "
                          f"{paired(pb, pv, 'mean IoU')} |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def paired(base: list[dict | None], variant: list[dict | None], metric: str) -> str:
@@ -236,9 +344,11 @@ def paired(base: list[dict | None], variant: list[dict | None], metric: str) -> 
     return f"{mean:+.4f} ± {std:.4f} ({word}: {each})"
 
 
-def write_results(path: Path, table: str) -> None:
-    """Replace the block between the ablation markers in ``path`` (or create the file with it)."""
-    begin, end = "<!-- ablation table: begin -->", "<!-- ablation table: end -->"
+def write_results(path: Path, table: str, base: Path | None = None) -> None:
+    """Replace the block between the ablation markers in ``path`` (or create the file with it); a base config
+    has its own markers, so the default's table and, say, the dense task's stay side by side."""
+    tag = f" ({_shown(base)})" if base else ""
+    begin, end = f"<!-- ablation table{tag}: begin -->", f"<!-- ablation table{tag}: end -->"
     block = f"{begin}\n{table}{end}"
     text = path.read_text() if path.exists() else f"# Results\n\n{begin}\n{end}\n"
     if begin not in text or end not in text:
@@ -252,6 +362,9 @@ def all_arms() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="base YAML of every arm, e.g. "
+                        "configs/dense_cpu.yaml (the 'default' arm; each arm's YAML is layered over it); default: "
+                        "the embedded defaults")
     parser.add_argument("--arms", nargs="+", default=None, help="arm names (default: 'default' and every "
                         "configs/ablations/*.yaml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -265,9 +378,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     arms = args.arms or all_arms()
+    base = Path(args.config).resolve() if getattr(args, "config", None) else None  # launchers run in REPO
     unknown = [a for a in arms if a != "default" and not arm_config(a).exists()]
     if unknown:
         print(f"unknown arms {unknown}; known: {all_arms()}", file=sys.stderr)
+        return 2
+    if base is not None and not base.exists():
+        print(f"--config {args.config}: no such file", file=sys.stderr)
         return 2
     fixed = [o for o in args.overrides if o.split("=", 1)[0] in ("stage1.steps", "stage2.steps")]
     if fixed:
@@ -278,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"--scale {args.scale}: must be > 0", file=sys.stderr)
         return 2
     runs_dir = args.runs_dir.resolve()
-    # Arm-major (partial results compare whole arms), the default first: other arms may wait on its Stage-1.
+    # Arm-major (partial results compare whole arms), the default first: other arms may wait on its runs.
     jobs = [(arm, seed) for arm in sorted(arms, key=lambda a: a != "default") for seed in args.seeds]
     # Mark the default runs to come as running before any job starts: with --jobs > 1 a Stage-2-only arm of
     # the same seed may reach its wait before the default's own job has begun.
@@ -289,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         m.touch()
     try:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on launcher subprocesses
-            results = list(pool.map(lambda job: run_arm(*job, args.scale, runs_dir, args.overrides), jobs))
+            results = list(pool.map(lambda job: run_arm(*job, args.scale, runs_dir, args.overrides, base), jobs))
     except StaleRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -297,13 +414,14 @@ def run(args: argparse.Namespace) -> int:
         for m in marked:
             m.unlink(missing_ok=True)
     per_arm: dict[str, list[dict | None]] = {arm: [] for arm in arms}
-    for (arm, _), r in zip(jobs, results):
-        per_arm[arm].append(final_metrics(r) if r else None)
+    for (arm, seed), r in zip(jobs, results):
+        costs = stage_costs(runs_dir / arm / f"seed{seed}")
+        per_arm[arm].append({**final_metrics(r), **{c: costs[c] for c in COSTS}} if r else None)
     command = "coordexp-rl ablate " + " ".join(
-        [*(["--arms", *args.arms] if args.arms else []), "--seeds", *map(str, args.seeds),
-         "--scale", f"{args.scale:g}", *args.overrides])
-    table = render(per_arm, args.seeds, args.scale, command)
-    write_results(args.out, table)
+        [*(["--config", _shown(base)] if base else []), *(["--arms", *args.arms] if args.arms else []),
+         "--seeds", *map(str, args.seeds), "--scale", f"{args.scale:g}", *args.overrides])
+    table = render(per_arm, args.seeds, args.scale, command, base)
+    write_results(args.out, table, base)
     print(table)
     print(f"[ablate] table written into {args.out}")
     return 0 if all(r is not None for runs in per_arm.values() for r in runs) else 1

@@ -116,6 +116,11 @@ def test_only_stage2_arms_share_the_default_stage1(tmp_path):
     """stage2_sft starts from the default's Stage-1 checkpoint of its seed; arms that change Stage-1 do not."""
     assert ablate.shares_stage1("stage2_sft", []) and not ablate.shares_stage1("ce_only", [])
     assert not ablate.shares_stage1("default", [])
+    # matching.* and the Stage-2 loss weights are Stage-2-only too; the Stage-1 losses, coordexp and order are not
+    for arm in ("gate_held", "no_coord_ce_stage2", "stage2_lr_high", ablate.EQUAL_COMPUTE_ARM):
+        assert ablate.shares_stage1(arm, []), (arm, ablate.changed_keys(arm, []))
+    for arm in ("ce_only", "coord_w1", "coord_soft_ce", "topk_expectation"):
+        assert not ablate.shares_stage1(arm, []), arm
     runs = tmp_path / "runs"
     o = dict(x.split("=", 1) for x in ablate.arm_overrides("stage2_sft", 1, 1.0, runs / "stage2_sft" / "seed1", []))
     stage1 = load_config(None).stage1.steps
@@ -131,7 +136,7 @@ def test_default_runs_are_marked_running_before_any_job_starts(tmp_path, monkeyp
 
     seen = {}
 
-    def fake_run_arm(name, seed, scale, runs_dir, extra):
+    def fake_run_arm(name, seed, scale, runs_dir, extra, base=None):
         if name == "stage2_sft":
             seen["marked"] = (runs_dir / "default" / f"seed{seed}" / "running").exists()
         return None
@@ -143,3 +148,183 @@ def test_default_runs_are_marked_running_before_any_job_starts(tmp_path, monkeyp
                               "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")])
     assert ablate.run(args) == 1  # the fake runs produced nothing
     assert seen["marked"] and not (tmp_path / "runs" / "default" / "seed0" / "running").exists()
+
+
+def test_an_arm_changing_a_key_stage1_reads_runs_stage1_again(tmp_path, monkeypatch):
+    """One Stage-1 key among Stage-2-only ones is enough to rerun Stage-1: loss.eos_weight weighs the end of
+    turn of Stage-1's GT sequences as well as Stage-2's."""
+    monkeypatch.setattr(ablate, "ABLATIONS", tmp_path)
+    (tmp_path / "s2.yaml").write_text("loss:\n  lambda_geo: 1.0\n  extra_eos_weight: 3.0\n"
+                                      "matching:\n  iou_thr_end: 0.4\neval:\n  max_samples: 8\n"
+                                      "run:\n  out_dir: runs/x\n")
+    (tmp_path / "s1.yaml").write_text("loss:\n  lambda_geo: 1.0\n  eos_weight: 2.0\n")
+    assert ablate.shares_stage1("s2", []) and not ablate.shares_stage1("s1", [])
+    assert ablate.changed_keys("s1", []) == ["loss.eos_weight", "loss.lambda_geo"]
+
+
+# Stage-2-only keys the learner reads when it is built, into objects only Stage-2 uses (the value check of
+# test_stage2_only_keys_leave_stage1_unchanged covers them): a new one must be added here with its reason.
+INIT_READS = {"matching": "Learner.curriculum and SequenceBuilder.match_settings (Stage-2 matching)",
+              "loss.extra_eos_weight": "SequenceBuilder.match_settings (Stage-2 targets)",
+              "stage2.lr": "the lr schedule's factor from step stage1.steps on (learner._lr_lambda)"}
+
+
+def _perturbed(section: str, name: str, value):
+    """A valid value other than ``value`` for the field ``section.name`` (its type decides)."""
+    import typing
+
+    from coordexp_rl.config import Config
+
+    annotation = Config.model_fields[section].annotation.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(a for a in typing.get_args(annotation) if a != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 3
+    if isinstance(value, float):
+        return value * 1.5 + 0.25
+    if value is None:
+        return 0.5
+    return f"{value}_changed"
+
+
+def test_stage2_only_keys_leave_stage1_unchanged(tiny_model_dir, synth_dir, monkeypatch):
+    """Every key of config.STAGE2_ONLY_KEYS, checked on the learner's Stage-1 path (``LearnerWorker``: its
+    data checks and stream, sequences, losses, optimizer and schedule): (1) every config attribute read is
+    recorded: no Stage-1 step reads any of them, and building the learner reads only those that go into
+    Stage-2's own objects (INIT_READS); (2) with ALL of them changed at once (the learner built from that
+    config, its steps in chunks of 1 instead of 2, like another run.log_every) the losses and the weights
+    after the last Stage-1 step are bit-identical. A positive control shows the test bites: changing
+    loss.eos_weight (read by Stage-1) is seen by both checks. The driver's own reads (eval.*, run.out_dir,
+    run.log_every: evaluations, the run folder, chunking) never reach the learner."""
+    import torch
+
+    from coordexp_rl.config import STAGE2_ONLY_KEYS, Config, is_stage2_only, load_config
+    from learner.ray_learner import LearnerWorker
+
+    sections = Config.model_fields
+    for key in STAGE2_ONLY_KEYS:  # no typo: each entry is a section or a field of one
+        section, _, name = key.partition(".")
+        assert section in sections and (not name or name in sections[section].annotation.model_fields), key
+
+    reads: set[str] = set()
+    for section, field in sections.items():
+        cls = field.annotation
+
+        def recording(self, attr, _section=section, _fields=cls.model_fields):
+            if attr in _fields:
+                reads.add(f"{_section}.{attr}")
+            return object.__getattribute__(self, attr)
+
+        monkeypatch.setattr(cls, "__getattribute__", recording)
+
+    base = load_config(None, ["optim.batch_size=2", "optim.warmup_steps=1", "stage1.steps=2"])
+    changed = base.model_dump()
+    for section, keys in changed.items():
+        for name, value in keys.items():
+            if is_stage2_only(f"{section}.{name}"):
+                keys[name] = _perturbed(section, name, value)
+    control = base.model_copy(update={"loss": base.loss.model_copy(update={"eos_weight": 3.0})}).model_dump()
+
+    def stage1(cfg: dict, chunks: list[int]):
+        reads.clear()
+        worker = LearnerWorker(cfg, str(tiny_model_dir), str(synth_dir / "train.jsonl"))
+        at_init = set(reads)
+        reads.clear()
+        losses = [m["loss/total"] for n in chunks for m in worker.stage1_steps(n)]
+        return losses, at_init, set(reads), worker.learner.model.state_dict()
+
+    losses, at_init, read, weights = stage1(base.model_dump(), [2])
+    assert not sorted(k for k in read if is_stage2_only(k))
+    assert "loss.eos_weight" in read and "optim.lr" not in read  # the lr is read once, into the schedule
+    assert sorted(k for k in at_init if is_stage2_only(k) and k not in INIT_READS and k.split(".")[0] not in
+                  INIT_READS) == []
+    losses_changed, _, _, weights_changed = stage1(changed, [1, 1])
+    assert losses_changed == losses
+    assert all(torch.equal(weights[k], weights_changed[k]) for k in weights)
+    losses_control, _, _, _ = stage1(control, [2])
+    assert losses_control != losses
+
+
+def _write_records(run, records: list[dict]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_stage_costs_and_the_equal_compute_budget(tmp_path):
+    """Hand-worked: Stage-1 steps of 100 and 140 learner tokens are 3 x 120 = 360 units per SFT step; two EM
+    steps of 200 learner + 150 rollout tokens are 2 x (600 + 150) = 1500 units: 1500 / 360 = 4.17 -> 4 SFT
+    steps. Stage-2's wall time runs from the record before its first step (the Stage-1 evaluation) to its
+    last step."""
+    _write_records(tmp_path, [
+        {"stage": "data", "step": 0, "time": 0.0},
+        {"stage": "stage1", "step": 1, "time": 1.0, "compute/learner_tokens": 100.0},
+        {"stage": "stage1", "step": 2, "time": 2.0, "compute/learner_tokens": 140.0},
+        {"stage": "eval", "step": 2, "time": 10.0, "label": "stage1"},
+        {"stage": "stage2", "step": 3, "time": 12.5, "compute/learner_tokens": 200.0, "compute/rollout_tokens": 150.0},
+        {"stage": "sync", "step": 3, "time": 13.0, "version": 2},
+        {"stage": "stage2", "step": 4, "time": 16.0, "compute/learner_tokens": 200.0, "compute/rollout_tokens": 150.0},
+        {"stage": "eval", "step": 4, "time": 30.0, "label": "stage2"}])
+    costs = ablate.stage_costs(tmp_path)
+    assert costs == {"stage1_step_units": 360.0, "Stage-2 compute (units)": 1500.0, "Stage-2 wall s": 6.0}
+    assert ablate.equal_compute_steps(tmp_path) == 4
+    assert ablate.equal_compute_steps(tmp_path / "missing") is None
+    _write_records(tmp_path / "old", [{"stage": "stage1", "step": 1, "time": 1.0}])  # a run without the counters
+    assert ablate.equal_compute_steps(tmp_path / "old") is None
+
+
+def test_arms_on_a_base_config_and_the_equal_compute_arm(tmp_path, monkeypatch):
+    """``--config configs/dense_cpu.yaml``: every launch gets the base, then the arm's YAML; the default arm is
+    the base alone; the equal-compute arm starts from the default's Stage-1 checkpoint with stage2.steps from
+    the default's logged compute; the table names the base and goes into the base's own block. The launcher
+    is faked: it writes the records and results a run would (100 learner tokens per SFT step: 300 units; per
+    EM step 200 learner + 160 rollout tokens: 3 x 200 + 160 = 760 units)."""
+    import argparse
+    from pathlib import Path
+
+    calls = []
+
+    def fake_launch(cmd, stdout, stderr, cwd):
+        calls.append(cmd)
+        files = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--config"]
+        cfg = load_config(files, [c for c in cmd[3:] if "=" in c and not c.startswith("-")])
+        out, s1, s2 = Path(cfg.run.out_dir), cfg.stage1.steps, cfg.stage2.steps
+        records = [] if cfg.run.resume else [
+            {"stage": "stage1", "step": i, "time": float(i), "compute/learner_tokens": 100.0} for i in range(1, s1 + 1)]
+        records.append({"stage": "eval", "step": s1, "time": 100.0, "label": "stage1"})
+        em = {"compute/learner_tokens": 200.0, "compute/rollout_tokens": 160.0}
+        sft = {"compute/learner_tokens": 100.0}
+        records += [{"stage": "stage2", "step": s1 + k, "time": 100.0 + k, **(em if cfg.stage2.method == "em" else sft)}
+                    for k in range(1, s2 + 1)]
+        _write_records(out, records)
+        (out / "checkpoints" / f"step-{s1:06d}").mkdir(parents=True)
+        (out / "checkpoints" / f"step-{s1:06d}" / "COMPLETE").touch()
+        (out / "results.json").write_text(json.dumps({"stage2": {"object_prob/AP50": 0.5}}))
+        return 0
+
+    monkeypatch.setattr(ablate.subprocess, "call", fake_launch)
+    base = ablate.REPO / "configs" / "dense_cpu.yaml"
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    out = tmp_path / "R.md"
+    args = parser.parse_args(["--config", str(base), "--arms", "default", ablate.EQUAL_COMPUTE_ARM, "ce_only",
+                              "--seeds", "0", "--scale", "0.01", "--runs-dir", str(tmp_path / "runs"),
+                              "--out", str(out)])
+    assert ablate.run(args) == 0
+    by_arm = {Path(next(x for x in c if x.startswith("run.out_dir="))).parent.name: c for c in calls}
+    assert set(by_arm) == {"default", ablate.EQUAL_COMPUTE_ARM, "ce_only"}
+    assert [by_arm["default"][i + 1] for i, c in enumerate(by_arm["default"]) if c == "--config"] == [str(base)]
+    compute = by_arm[ablate.EQUAL_COMPUTE_ARM]
+    assert [compute[i + 1] for i, c in enumerate(compute) if c == "--config"] == [
+        str(base), str(ablate.ABLATIONS / f"{ablate.EQUAL_COMPUTE_ARM}.yaml")]
+    # dense Stage-2: 300 x 0.01 = 3 EM steps = 2280 units; one SFT step 300 units: 7.6 -> 8 SFT steps
+    assert "stage2.steps=8" in compute and any(x.startswith("run.resume=") for x in compute)
+    assert not any(x.startswith("run.resume=") for x in by_arm["ce_only"])
+    table = out.read_text()
+    assert "<!-- ablation table (configs/dense_cpu.yaml): begin -->" in table
+    assert "Base config: `configs/dense_cpu.yaml`" in table and "--config configs/dense_cpu.yaml" in table
+    assert "| Stage-2 compute (units) | Stage-2 wall s |" in table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["default"].endswith("| 2280 | 3.0 |") and rows[ablate.EQUAL_COMPUTE_ARM].endswith("| 2400 | 8.0 |")
+    assert "Stage-2 EM vs extra SFT at equal compute" in table

@@ -54,6 +54,7 @@ def test_all_expected_configs_exist():
 @pytest.mark.parametrize("name, expected", [
     ("ce_only.yaml", {"loss.lambda_l1": 0.0, "loss.lambda_giou": 0.0, "loss.lambda_geo": 0.0}),
     ("stage2_sft.yaml", {"stage2.method": "sft"}),
+    ("stage2_sft_compute.yaml", {"stage2.method": "sft"}),  # `ablate` sets its stage2.steps (equal compute)
     ("coord_soft_ce.yaml", {"loss.lambda_soft_ce": 1.0}),
     ("coord_w1.yaml", {"loss.lambda_w1": 4.0}),
     ("gate_held.yaml", {"matching.iou_thr_end": 0.5, "matching.l1_thr_end": 0.02}),

@@ -1,7 +1,7 @@
-"""The run's evaluations (run_eval.Evaluations): the initial one runs beside Stage-1, is logged at step 0 as
-soon as it is scored, waited for before the first sync, its error raised in the driver, skipped on a resume
-past step 0; those kept from before a resume are not redone. The scoring itself (actors, metrics) is the
-launcher integration tests'; here it is a stand-in."""
+"""The run's evaluations (coordexp_rl.driver.evaluations.Evaluations): the initial one runs beside
+Stage-1, is logged at step 0 as soon as it is scored, waited for before the first sync, its error raised in
+the driver, skipped on a resume past step 0; those kept from before a resume are not redone. The scoring
+itself (actors, metrics) is the launcher integration tests'; here it is a stand-in."""
 
 from __future__ import annotations
 
