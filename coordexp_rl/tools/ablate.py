@@ -83,6 +83,15 @@ QUESTIONS = (
     Question("Stage-2 gate relaxed (default) vs held strict", "gate_held", "default"),
     Question("Stage-1 expectation losses vs + soft CE over neighbouring bins", "default", "coord_soft_ce"),
     Question("Stage-1 expectation losses vs + Wasserstein-1", "default", "coord_w1"),
+    Question("Stage-2 CE on the canonical GT vs the GT reordered to the rollout (METHOD 7.2)", "canonical_gt",
+             "default"),
+    Question("Stage-2 geometry teacher-forced on the GT vs on the rollout's own tokens (METHOD 7.1)", "geo_on_gt",
+             "default"),
+    Question("Stage-2 gate (IoU > 0.5 -> 0.3) vs a wide gate (IoU > 0.1) from the start", "default", "gate_wide"),
+    Question("Stage-1 in the canonical vs a random object order (order invariance)", "default",
+             "stage1_random_order"),
+    Question("Stage-1 geometry light (L1 1, no GIoU) vs the default's (L1 4 + GIoU 8)", "light_stage1_geo",
+             "default"),
 )
 
 
