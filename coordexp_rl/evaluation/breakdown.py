@@ -121,14 +121,12 @@ def kendall_tau(ranks: Sequence[float]) -> float | None:
     return float(s) / (n * (n - 1) / 2)
 
 
-def breakdown(gts: list[ImageRecord], preds: list[ImageRecord], iou_thr: float = 0.5,
-              score_modes: Sequence[str] = ("constant",), late_k: int = LATE_K) -> dict[str, Any]:
-    """Every measurement of the module docstring for paired records (``preds[i]`` belongs to ``gts[i]``)."""
-    from coordexp_rl.evaluation.metrics import category_matches, prf
+def by_gt_count(gts: list[ImageRecord], preds: list[ImageRecord], iou_thr: float = 0.5,
+                score_modes: Sequence[str] = ("constant",)) -> list[dict[str, Any]]:
+    """Per bucket of GT objects per image: precision and recall (the F1 matching), AP50 per score mode."""
+    from coordexp_rl.evaluation.metrics import category_matches, prf  # metrics imports this module
 
-    n = len(gts)
-    # by GT count: the F1 matching, and AP50 per bucket
-    by_count = []
+    rows = []
     for label, _, _ in COUNT_BUCKETS:
         idx = [k for k, g in enumerate(gts) if bucket_of(len(g.boxes), COUNT_BUCKETS) == label]
         row: dict[str, Any] = {"bucket": label, "images": len(idx)}
@@ -142,7 +140,15 @@ def breakdown(gts: list[ImageRecord], preds: list[ImageRecord], iou_thr: float =
         else:
             row.update({"gt": 0, "pred": 0, "tp": 0, "precision": None, "recall": None,
                         "AP50": {m: None for m in score_modes}})
-        by_count.append(row)
+        rows.append(row)
+    return rows
+
+
+def breakdown(gts: list[ImageRecord], preds: list[ImageRecord], iou_thr: float = 0.5,
+              score_modes: Sequence[str] = ("constant",), late_k: int = LATE_K) -> dict[str, Any]:
+    """Every measurement of the module docstring for paired records (``preds[i]`` belongs to ``gts[i]``)."""
+    n = len(gts)
+    by_count = by_gt_count(gts, preds, iou_thr, score_modes)
 
     # written-order matching: errors, positions, late recall, order
     totals = {"tp": 0, "duplicates": 0, "extras": 0, "misses": 0}
