@@ -8,7 +8,7 @@ import math
 import pytest
 
 from coordexp_rl.config import load_config
-from coordexp_rl.tools import ablate
+from coordexp_rl.tools import ablate, ablate_table
 
 
 def _budget(name: str) -> int:
@@ -21,7 +21,7 @@ def test_every_arm_has_the_default_step_budget():
     assert {"default", "stage2_sft", "ce_only", "no_coord_ce_stage2", "topk_expectation", "coord_soft_ce",
             "coord_w1"} <= set(arms)
     assert {a: _budget(a) for a in arms} == {a: _budget("default") for a in arms}
-    for q in ablate.QUESTIONS:
+    for q in ablate_table.QUESTIONS:
         assert q.baseline in arms and q.variant in arms, q
 
 
@@ -37,18 +37,18 @@ def test_scale_shrinks_every_arm_alike(tmp_path):
 
 
 def test_verdict_separates_noise_from_a_real_difference():
-    assert "within noise" in ablate.verdict((0.50, 0.04, 3), (0.52, 0.03, 3))
-    assert "beyond noise" in ablate.verdict((0.50, 0.01, 3), (0.60, 0.02, 3))
-    assert "one seed" in ablate.verdict((0.5, math.nan, 1), (0.6, math.nan, 1))
-    assert ablate.verdict(None, (0.6, 0.1, 2)) == "missing runs"
-    assert ablate.summarise([0.2, None, 0.4]) == pytest.approx((0.3, math.sqrt(0.02), 2))
+    assert "within noise" in ablate_table.verdict((0.50, 0.04, 3), (0.52, 0.03, 3))
+    assert "beyond noise" in ablate_table.verdict((0.50, 0.01, 3), (0.60, 0.02, 3))
+    assert "one seed" in ablate_table.verdict((0.5, math.nan, 1), (0.6, math.nan, 1))
+    assert ablate_table.verdict(None, (0.6, 0.1, 2)) == "missing runs"
+    assert ablate_table.summarise([0.2, None, 0.4]) == pytest.approx((0.3, math.sqrt(0.02), 2))
 
 
 def test_write_results_replaces_only_the_marked_block(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\nintro\n\n<!-- ablation table: begin -->\nold\n"
                     "<!-- ablation table: end -->\n\noutro\n")
-    ablate.write_results(path, "new table\n")
+    ablate_table.write_results(path, "new table\n")
     text = path.read_text()
     assert "old" not in text and "new table" in text and text.startswith("# Results\n\nintro") and "outro" in text
 
