@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.spill import SpillWriter, replay  # noqa: F401 -- re-exported: the buffer's spill files
+from actors.spill import SpillWriter
 from coordexp_rl.rollout.schema import check_schema, concat_batches
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,3 @@
 Entry points: ``evaluate(gt_records, pred_records)`` (metrics.py), ``quantisation_boundary_report``
 (robustness.py), ``plot_training_curves`` (plots.py, imports matplotlib), and ``coordexp-rl eval`` (cli.py).
 """
-
-from coordexp_rl.evaluation.metrics import evaluate
-from coordexp_rl.evaluation.robustness import quantisation_boundary_report
-
-__all__ = ["evaluate", "quantisation_boundary_report"]

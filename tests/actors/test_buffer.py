@@ -8,7 +8,8 @@ import time
 import pytest
 import ray
 
-from actors.buffer import AsyncRolloutBuffer, BufferCore, SpillWriter, replay
+from actors.buffer import AsyncRolloutBuffer, BufferCore
+from actors.spill import SpillWriter, replay
 from coordexp_rl.method.protocol import ParsedObject
 from coordexp_rl.rollout.schema import RolloutRow, batch_to_rows, rows_to_batch
 

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from coordexp_rl.data.loader import load_samples
     from coordexp_rl.data.stream import BatchStream
     from coordexp_rl.driver.assets import prepare_assets
-    from coordexp_rl.evaluation import evaluate
+    from coordexp_rl.evaluation.metrics import evaluate
     from coordexp_rl.evaluation.records import load_jsonl
     from coordexp_rl.evaluation.report import summary
     from coordexp_rl.rollout.engine import EngineConfig
