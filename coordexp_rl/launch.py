@@ -6,7 +6,11 @@ The driver itself (config -> Ray placement -> Stage-1 -> Stage-2 EM loop -> eval
 
 import sys
 
-from coordexp_rl.driver.driver import main
+from coordexp_rl.runtime import prepare_runtime
+
+prepare_runtime()  # first: Ray, vLLM and transformers read some of its environment defaults at import
+
+from coordexp_rl.driver.driver import main  # noqa: E402 -- after prepare_runtime, on purpose
 
 if __name__ == "__main__":
     sys.exit(main())
