@@ -191,7 +191,6 @@ def _place_dense(rng: np.random.Generator, cfg: SynthConfig, n_target: int, pale
     bound holds for the final boxes. Touching and overlapping shapes are allowed within it.
     """
     s = cfg.image_size
-    lo, hi = max(4, round(cfg.min_size * s)), max(4, round(cfg.max_size * s))
     specs: list[tuple[str, str, tuple[int, int, int, int]]] = []
     full: list[int] = []  # pixel count of each shape's whole mask
     visible: list[np.ndarray] = []  # (s, s) bool, what stays visible of each shape so far
@@ -199,13 +198,7 @@ def _place_dense(rng: np.random.Generator, cfg: SynthConfig, n_target: int, pale
     for _ in range(n_target):
         shape, colour = _draw_desc(rng, cfg, palette)
         for attempt in range(tries):
-            side = int(rng.integers(lo, max(lo, hi - (hi - lo) * attempt // tries) + 1))
-            x, y = (int(v) for v in rng.integers(0, s - side + 1, size=2))
-            if rng.random() < cfg.edge_prob:
-                edge = int(rng.integers(4))
-                x = 0 if edge == 0 else s - side if edge == 1 else x
-                y = 0 if edge == 2 else s - side if edge == 3 else y
-            square = (x, y, x + side, y + side)
+            square = _candidate_square(rng, cfg, attempt, tries)
             mask = _shape_mask(shape, square, s)
             new_visible, new_boxes, changed, ok = list(visible), list(boxes), [], True
             for i, seen in enumerate(visible):
@@ -264,20 +257,27 @@ def _background(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
 def _place(rng: np.random.Generator, cfg: SynthConfig,
            placed: list[tuple[int, int, int, int]], tries: int = 40) -> tuple[int, int, int, int] | None:
     """A square ``(x1, y1, x2, y2)`` that overlaps no placed one by more than ``max_overlap``."""
-    s = cfg.image_size
-    lo, hi = max(4, round(cfg.min_size * s)), max(4, round(cfg.max_size * s))
     for attempt in range(tries):
-        # Shrink the size range as attempts fail, so crowded images still fit small shapes.
-        side = int(rng.integers(lo, max(lo, hi - (hi - lo) * attempt // tries) + 1))
-        x, y = (int(v) for v in rng.integers(0, s - side + 1, size=2))
-        if rng.random() < cfg.edge_prob:
-            edge = int(rng.integers(4))
-            x = 0 if edge == 0 else s - side if edge == 1 else x
-            y = 0 if edge == 2 else s - side if edge == 3 else y
-        square = (x, y, x + side, y + side)
+        square = _candidate_square(rng, cfg, attempt, tries)
         if all(_overlap(square, other) <= cfg.max_overlap for other in placed):
             return square
     return None
+
+
+def _candidate_square(rng: np.random.Generator, cfg: SynthConfig, attempt: int,
+                      tries: int) -> tuple[int, int, int, int]:
+    """A random square ``(x1, y1, x2, y2)`` for placement attempt ``attempt`` of ``tries``, pushed against an
+    image edge with ``edge_prob``. The size range shrinks as attempts fail, so crowded images still fit
+    small shapes."""
+    s = cfg.image_size
+    lo, hi = max(4, round(cfg.min_size * s)), max(4, round(cfg.max_size * s))
+    side = int(rng.integers(lo, max(lo, hi - (hi - lo) * attempt // tries) + 1))
+    x, y = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+    if rng.random() < cfg.edge_prob:
+        edge = int(rng.integers(4))
+        x = 0 if edge == 0 else s - side if edge == 1 else x
+        y = 0 if edge == 2 else s - side if edge == 3 else y
+    return x, y, x + side, y + side
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
