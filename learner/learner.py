@@ -188,20 +188,12 @@ class Learner:
                                           with_coords=True)
 
     def _decode_coords(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        """One no-grad padded forward: per sequence, CoordExp at its coord positions (through the FSDP root
-        when sharded, so the LM head is whole while CoordExp reads it)."""
-        batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
-
-        def apply(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) float32
+        """One padded forward (the caller holds no_grad): per sequence, CoordExp at its coord positions."""
+        def apply(hidden: torch.Tensor) -> torch.Tensor:
             coords = gather_supervision(seqs, hidden)["coord_hidden"].to(self.device)
             return self._coordexp(coords).expectation.float().cpu() if coords.shape[0] else torch.zeros(0)
 
-        if self.sharded is not None:
-            values = self.sharded(batch, apply, autocast=self.autocast)
-        else:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                hidden = self.model.model(**batch).last_hidden_state.float()
-            values = apply(hidden)
+        values = self._forward(seqs, apply)
         return [v.tolist() for v in values.split([len(s.coord_positions) for s in seqs])]
 
     # ------------------------------------------------------------------------------------------------
@@ -235,20 +227,23 @@ class Learner:
     # Forward, losses, optimizer
     # ------------------------------------------------------------------------------------------------
 
-    def _forward_loss(self, seqs: list[TrainSequence], stage: str, norm: dict[str, float]):
-        """One micro-batch: padded forward, supervision picked out, the stage's losses applied (inside the FSDP
-        root's forward when sharded, so the LM head is whole while the losses read it)."""
+    def _forward(self, seqs: list[TrainSequence], apply: Callable[[torch.Tensor], object]):
+        """``apply(hidden)`` on one padded forward of ``seqs`` (hidden: (B, T, H) float32), inside the FSDP
+        root's forward when sharded, so the LM head is whole while ``apply`` reads it."""
         batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
-
-        def apply(hidden: torch.Tensor):  # (B, T, H) float32
-            sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
-            return self._losses(stage, sup, torch.tensor(max(1.0, norm["ce_weight"]), device=self.device))
-
         if self.sharded is not None:
             return self.sharded(batch, apply, autocast=self.autocast)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.model.model(**batch).last_hidden_state.float()  # (B, T, H); losses in fp32
         return apply(hidden)
+
+    def _forward_loss(self, seqs: list[TrainSequence], stage: str, norm: dict[str, float]):
+        """One micro-batch: padded forward, supervision picked out, the stage's losses applied."""
+        def apply(hidden: torch.Tensor):
+            sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
+            return self._losses(stage, sup, torch.tensor(max(1.0, norm["ce_weight"]), device=self.device))
+
+        return self._forward(seqs, apply)
 
     def _losses(self, stage: str, sup: dict[str, torch.Tensor], W: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Every term: a sum over this micro-batch / W, the global batch's CE weight (losses.py docstring)."""
