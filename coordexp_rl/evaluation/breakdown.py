@@ -44,6 +44,7 @@ COUNT_BUCKETS = (("1-2", 1, 2), ("3-5", 3, 5), ("6-9", 6, 9), ("10+", 10, None))
 POSITION_BUCKETS = (("1", 1, 1), ("2", 2, 2), ("3", 3, 3), ("4", 4, 4), ("5", 5, 5), ("6-8", 6, 8),
                     ("9+", 9, None))
 LATE_K = 5
+CROWDED = 6  # summary_items pools the buckets from here up: recall on crowded images
 TRUNCATED = "length"  # the engines' finish reason of an output cut at max_new_tokens
 
 NOTES = {
@@ -201,6 +202,10 @@ def summary_items(b: dict[str, Any]) -> dict[str, Any]:
         out[f"breakdown/precision@{row['bucket']}"] = row["precision"]
         for mode, ap in row["AP50"].items():
             out[f"breakdown/{mode}/AP50@{row['bucket']}"] = ap
+    # recall over every image with >= CROWDED GT objects (the buckets above, pooled): the issue's "recall at 6+"
+    crowded = [row for row in b["by_gt_count"] if row["gt"] and _lowest(row["bucket"]) >= CROWDED]
+    gt = sum(row["gt"] for row in crowded)
+    out[f"breakdown/recall@{CROWDED}+"] = _ratio(sum(row["tp"] for row in crowded), gt) if gt else None
     e = b["errors"]
     for key in ("duplicates_per_image", "extras_per_image", "misses_per_image", "truncated_rate"):
         out[f"breakdown/{key}"] = e[key]
@@ -240,6 +245,10 @@ def render_markdown(b: dict[str, Any]) -> list[str]:
               f"- order: mean Kendall tau {f(order['kendall_tau'])} over {order['images']} images with >= 2 matches",
               *[f"- {k}: {v}" for k, v in b["notes"].items()]]
     return lines
+
+
+def _lowest(label: str) -> int:
+    return next(lo for name, lo, _ in COUNT_BUCKETS if name == label)
 
 
 def _ratio(a: float, b: float) -> float:

@@ -14,7 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 # Headline metrics of the final evaluation, as named in the launcher's results.json. AP with the model's
 # own object score (description x box probability); mean IoU class-agnostic, so that it measures boxes.
 METRICS = (("AP50", "object_prob/AP50"), ("mAP", "object_prob/mAP"), ("AP50 (constant)", "constant/AP50"),
-           ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou_class_agnostic"), ("mean IoU (class-matched)", "mean_iou"))
+           ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou_class_agnostic"), ("mean IoU (class-matched)", "mean_iou"),
+           ("recall 6+", "breakdown/recall@6+"), ("duplicates / image", "breakdown/duplicates_per_image"),
+           ("misses / image", "breakdown/misses_per_image"))
+# The metrics each question compares (across seeds and paired) and the per-seed table shows.
+COMPARED = ("AP50", "recall 6+", "duplicates / image", "mean IoU")
 # What each arm's Stage-2 cost, from its run folder's metrics.jsonl (stage_costs).
 COSTS = ("Stage-2 compute (units)", "Stage-2 wall s")
 EQUAL_COMPUTE_ARM = "stage2_sft_compute"  # its stage2.steps come from the default run's logged compute
@@ -104,17 +108,28 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
         lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "Questions. 'Across seeds' compares the arms' means with their seed spread; 'paired' takes the "
               "difference seed by seed (both arms of a seed share the model initialisation and data order) and "
-              "calls it consistent when every seed moves the same way and the mean difference exceeds its std.", "",
-              "| question | baseline -> variant | AP50: across seeds | AP50: paired per seed | mean IoU: across seeds "
-              "| mean IoU: paired per seed |", "|---|---|---|---|---|---|"]
+              "calls it consistent when every seed moves the same way and the mean difference exceeds its std. "
+              "Recall 6+: recall on the images with 6 or more GT objects; duplicates: per image.", "",
+              "| question | baseline -> variant | " + " | ".join(f"{m}: across seeds | {m}: paired per seed"
+                                                      for m in COMPARED) + " |",
+              "|---|---|" + "---|---|" * len(COMPARED)]
     for q in QUESTIONS:
         if q.baseline in stats and q.variant in stats:
             b, v = stats[q.baseline], stats[q.variant]
             pb, pv = per_arm[q.baseline], per_arm[q.variant]
-            lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | {verdict(b['AP50'], v['AP50'])} | "
-                         f"{paired(pb, pv, 'AP50')} | {verdict(b['mean IoU'], v['mean IoU'])} | "
-                         f"{paired(pb, pv, 'mean IoU')} |")
+            cells = [f"{verdict(b[m], v[m])} | {paired(pb, pv, m)}" for m in COMPARED]
+            lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (final evaluation):", "", "| arm | seed | " + " | ".join(COMPARED) + " |",
+              "|---|---|" + "---|" * len(COMPARED)]
+    for arm, runs in per_arm.items():
+        for seed, r in zip(seeds, runs):
+            cells = ["failed" if r is None else _value(r.get(m)) for m in COMPARED]
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _value(v: float | None) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.4f}"
 
 
 def shown(path: Path) -> str:

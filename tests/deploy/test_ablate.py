@@ -328,3 +328,19 @@ def test_arms_on_a_base_config_and_the_equal_compute_arm(tmp_path, monkeypatch):
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert rows["default"].endswith("| 2280 | 3.0 |") and rows[ablate.EQUAL_COMPUTE_ARM].endswith("| 2400 | 8.0 |")
     assert "Stage-2 EM vs extra SFT at equal compute" in table
+
+
+def test_table_pairs_recall_at_six_plus_and_duplicates_and_lists_every_seed():
+    def res(ap, rec, dup):
+        return {"stage2": {"object_prob/AP50": ap, "breakdown/recall@6+": rec, "breakdown/duplicates_per_image": dup}}
+
+    per_arm = {"stage2_sft": [res(0.30, 0.40, 0.5), res(0.20, 0.30, 0.7)],
+               "default": [res(0.35, 0.50, 0.25), None]}
+    table = ablate_table.render({a: [ablate_table.final_metrics(r) if r else None for r in rs]
+                                 for a, rs in per_arm.items()}, [3, 4], 1.0, "cmd")
+    em_vs_sft = next(line for line in table.splitlines() if line.startswith("| Stage-2 EM vs the same number"))
+    # seed 3 only (seed 4's EM run failed): recall +0.10, duplicates -0.25, each from one seed
+    assert "+0.1000 (one seed)" in em_vs_sft and "-0.2500 (one seed)" in em_vs_sft
+    assert "| default | 3 | 0.3500 | 0.5000 | 0.2500 | n/a |" in table
+    assert "| default | 4 | failed | failed | failed | failed |" in table
+    assert "| stage2_sft | 4 | 0.2000 | 0.3000 | 0.7000 | n/a |" in table

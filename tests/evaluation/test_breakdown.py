@@ -166,3 +166,19 @@ def test_evaluation_writes_the_breakdown_and_the_summary_flattens_it(tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Breakdown" in report and "| 6-9 | 1 | 7 | 7 | 1.0000 | 1.0000 |" in report
     assert "outputs cut at the token limit: 1 of 1" in report
+
+
+def test_recall_on_crowded_images_pools_the_buckets_from_six_up():
+    # a: 1 GT, found (bucket 1-2: not crowded). c: 6 GT, the first 4 written exactly (6-9: 4 of 6).
+    # d: 10 GT, the first 5 written exactly (10+: 5 of 10). Recall at 6+: (4 + 5) / (6 + 10) = 9/16,
+    # not the mean of the two buckets' recalls ((4/6 + 5/10) / 2 = 7/12).
+    row_of = [("cat", [12 * k, 0, 12 * k + 10, 10]) for k in range(10)]
+    gt = [gt_rec("a.png", [("cat", [0, 0, 10, 10])]), gt_rec("c.png", row_of[:6]), gt_rec("d.png", row_of)]
+    pred = [pred_rec("a.png", [("cat", [0, 0, 10, 10], 0.9)]),
+            pred_rec("c.png", [(d, b, 0.9) for d, b in row_of[:4]]),
+            pred_rec("d.png", [(d, b, 0.9) for d, b in row_of[:5]])]
+    head = summary_items(run(gt, pred))
+    assert head["breakdown/recall@6-9"] == pytest.approx(4 / 6) and head["breakdown/recall@10+"] == 0.5
+    assert head["breakdown/recall@6+"] == pytest.approx(9 / 16)
+    # no image with 6 or more GT objects: no figure rather than a 0
+    assert summary_items(run(gt[:1], pred[:1]))["breakdown/recall@6+"] is None
