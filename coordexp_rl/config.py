@@ -200,6 +200,11 @@ class EvalConfig(_Section):
     # After Stage-1 and Stage-2: the learner's teacher-forced box IoU on the same images (one no-grad forward
     # per GT sequence), beside the free-running one: eval/exposure/... (coordexp_rl/evaluation/exposure.py)
     exposure: bool = True
+    # Learning curves: during Stage-1, every N learner steps the weights go to the rollout actors (idle until
+    # Stage-2) and are scored on the first every_samples validation samples in a thread beside training
+    # (eval/step-000300/, logged as eval rows). 0 = off. Not yet in Stage-2, where the actors are busy.
+    every: int = Field(0, ge=0)
+    every_samples: int = Field(200, ge=1)
 
 
 class RunConfig(_Section):
@@ -294,6 +299,9 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
                           f"learner.world_size x learner.accum_steps = {ranks}")
     _check_token_budget(cfg, source)
     _check_reproducible(cfg, source)
+    if cfg.eval.every and cfg.stage1.steps and cfg.eval.every >= cfg.stage1.steps:
+        raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps={cfg.stage1.steps} "
+                          "(the evaluation after Stage-1 is always made); 0 turns it off")
     return cfg
 
 

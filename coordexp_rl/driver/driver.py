@@ -24,7 +24,14 @@ from tqdm import tqdm
 from coordexp_rl.config import Config, ConfigError, dump_config, load_config
 from coordexp_rl.data.limits import load_checked_samples
 from coordexp_rl.driver.assets import Assets, prepare_assets
-from coordexp_rl.driver.evaluations import Evaluations, evaluate_on_actors, exposure_report, results_table
+from coordexp_rl.driver.evaluations import (
+    INITIAL,
+    Evaluations,
+    curve_label,
+    evaluate_on_actors,
+    exposure_report,
+    results_table,
+)
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
@@ -79,7 +86,7 @@ class Driver:
         if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
             self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
         with stop_on_signals(self):
-            self.evals.start("initial", self.step)  # the actors idle through Stage-1
+            self.evals.start(INITIAL, self.step)  # the actors idle through Stage-1
             self.stage1()
             self.evals.wait()
             self.end_stage1()
@@ -123,6 +130,9 @@ class Driver:
                         counts["data/truncated_samples"], counts["data/dropped_objects"])
         self.val_samples, _ = load_checked_samples(cfg, a.val_path, a.val_image_root, processor,
                                                    check_images=cfg.data.check_images, train=False)
+        if cfg.eval.every and cfg.eval.every_samples > len(self.val_samples):
+            raise ConfigError(f"eval.every_samples={cfg.eval.every_samples}: {a.val_path} holds only "
+                              f"{len(self.val_samples)} validation samples")
         return train, counts
 
     def resume(self) -> dict:
@@ -152,18 +162,34 @@ class Driver:
         done = self.step
         steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
+        every = self.cfg.eval.every if label == "stage1" else 0  # learning-curve points (Stage-1 only)
         with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
                 self.check_stop()
                 self.rollout.raise_start_failure()
-                n = min(chunk, steps - done)
+                n = min(chunk, steps - done, every - done % every if every else chunk)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
                     self.run_log.log(label, m["step"], m)
                 done = self.step = self.step + n
                 bar.update(n)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
                 self.save_checkpoint_if_due()
+                if every and done % every == 0 and done < steps:
+                    self.evaluate_beside_training()
         log.info("%s done: %d steps, loss %.4f", label, steps, m["loss/total"])
+
+    def evaluate_beside_training(self) -> None:
+        """A learning-curve point (eval.every): the current weights to the idle actors, scored in a thread
+        while the learner goes on. The previous evaluation (or the initial one) ends first: a sync must not
+        change the weights under it, so an evaluation slower than eval.every steps holds the learner up."""
+        t0 = time.perf_counter()
+        self.evals.wait()
+        if time.perf_counter() - t0 > 1.0:
+            log.warning("eval: the learner waited %.0f s for the previous evaluation (eval.every=%d steps is "
+                        "shorter than one evaluation of eval.every_samples=%d)", time.perf_counter() - t0,
+                        self.cfg.eval.every, self.cfg.eval.every_samples)
+        self.sync_weights()
+        self.evals.start(curve_label(self.step), self.step, self.cfg.eval.every_samples)
 
     def end_stage1(self) -> None:
         """Sync and checkpoint at the stage boundary (once), so a crash in Stage-2 never redoes Stage-1."""
@@ -242,11 +268,12 @@ class Driver:
         if label == "sync":
             self.log_rollout_stats()
 
-    def score(self, label: str) -> dict:
-        """The headline metrics of the actors' weights on the validation set (writes eval/<label>/); an
-        actor that dies meanwhile gets the current weights at its restart and its share runs again."""
+    def score(self, label: str, n: int | None = None) -> dict:
+        """The headline metrics of the actors' weights on the first ``n`` validation samples (None:
+        eval.max_samples; writes eval/<label>/); an actor that dies meanwhile gets the current weights at its
+        restart and its share runs again."""
         a = self.assets
-        samples, folder = self.val_samples[:self.cfg.eval.max_samples], self.out / "eval" / label
+        samples, folder = self.val_samples[:n or self.cfg.eval.max_samples], self.out / "eval" / label
         headline = evaluate_on_actors(self.rollout.actors, samples, a.val_path, a.val_image_root or a.val_path.parent,
                                       folder, on_gone=self.syncer.keep_weights_for_restarts)
         # Exposure bias: the learner's teacher-forced boxes on the same images. Not for "initial": it runs in

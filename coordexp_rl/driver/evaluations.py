@@ -88,6 +88,14 @@ EXPOSURE_NOTES = {
 }
 
 
+INITIAL = "initial"  # the evaluation of the weights a run starts from
+
+
+def curve_label(step: int) -> str:
+    """The label of an evaluation during training (eval.every): ``step-000300``."""
+    return f"step-{step:06d}"
+
+
 class Evaluations:
     """The run's evaluations by label: ``score(label)`` (the headline metrics of the actors' weights) logged
     to the run log as an ``eval`` row. Those kept from before a resume are not redone."""
@@ -97,28 +105,29 @@ class Evaluations:
         self.results: dict[str, dict] = run_log.evaluations()
         self.pending: tuple[threading.Thread, list] | None = None
 
-    def once(self, label: str, step: int) -> None:
+    def once(self, label: str, step: int, samples: int | None = None) -> None:
+        """Score (``samples``: the first N validation samples; None = eval.max_samples) and log at ``step``."""
         if label in self.results:
             log.info("eval %s: kept from before the resume", label)
             return
-        headline = self.score(label)
+        headline = self.score(label, samples)
         self.run_log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
         self.results[label] = headline
 
-    def start(self, label: str, step: int) -> None:
+    def start(self, label: str, step: int, samples: int | None = None) -> None:
         """``once`` in a thread while the learner trains; ``wait`` (before the weights change) joins it and
-        raises its error. Logged as soon as scored, so a run stopped meanwhile keeps it. Skipped past step 0
-        (a resumed run's actors hold a checkpoint's weights, not the initial ones)."""
-        if step > 0 and label not in self.results:
+        raises its error. Logged as soon as scored, so a run stopped meanwhile keeps it. The initial one is
+        skipped past step 0 (a resumed run's actors hold a checkpoint's weights, not the initial ones)."""
+        if label == INITIAL and step > 0 and label not in self.results:
             log.info("eval %s: skipped (resumed at step %d, past the initial weights)", label, step)
             return
         errors: list[BaseException] = []
 
         def body():
             try:
-                self.once(label, step)
+                self.once(label, step, samples)
             except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread by wait()
                 errors.append(exc)
 

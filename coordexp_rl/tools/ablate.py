@@ -50,7 +50,9 @@ from pathlib import Path
 
 from coordexp_rl.config import Config, is_stage2_only, load_config
 from coordexp_rl.tools.ablate_table import (
+    AVERAGE_BOX_F1,
     COSTS,
+    CURVE,
     EQUAL_COMPUTE_ARM,
     REPO,
     final_metrics,
@@ -85,6 +87,9 @@ def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list
     stage2 = round(cfg.stage2.steps * scale) if stage2_steps is None else stage2_steps
     steps = [f"stage1.steps={stage1}", f"stage2.steps={stage2}",
              f"matching.curriculum_steps={max(1, round(cfg.matching.curriculum_steps * scale))}"]
+    if cfg.eval.every:  # the learning curve keeps its number of points
+        every = max(1, round(cfg.eval.every * scale))
+        steps.append(f"eval.every={every if every < stage1 else 0}")
     keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}"]
     if shares_stage1(name, extra, base):
         keep.append(f"run.resume={stage1_checkpoint(out_dir.parent.parent / 'default' / out_dir.name, stage1)}")
@@ -147,6 +152,21 @@ def stage_costs(run: Path) -> dict[str, float | None]:
     wall = records[steps2[-1]]["time"] - records[steps2[0] - 1]["time"] if steps2 and steps2[0] > 0 else None
     return {"stage1_step_units": statistics.fmean(stage1) if stage1 and None not in stage1 else None,
             COSTS[0]: sum(stage2) if stage2 and None not in stage2 else None, COSTS[1]: wall}
+
+
+def curve_stats(run: Path) -> dict[str, float | None]:
+    """Stage-1's learning curve from a run folder's eval rows (initial, eval.every's ``step-N``, stage1):
+    the mean object-score AP50 over Stage-1 (trapezoids / steps) and the first evaluated step whose
+    class-agnostic F1 reaches AVERAGE_BOX_F1 (None: never). Both None without a curve (no eval.every, or an
+    arm that started from the default's Stage-1)."""
+    points = sorted((r["step"], r) for r in _records(run) if r.get("stage") == "eval"
+                    and (r.get("label") in ("initial", "stage1") or str(r.get("label")).startswith("step-")))
+    if len(points) < 3:
+        return {CURVE[0]: None, CURVE[1]: None}
+    xs, ys = [s for s, _ in points], [r.get("eval/object_prob/AP50") or 0.0 for _, r in points]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    left = next((s for s, r in points if (r.get("eval/f1_class_agnostic") or 0.0) >= AVERAGE_BOX_F1), None)
+    return {CURVE[0]: area / (xs[-1] - xs[0]), CURVE[1]: left}
 
 
 def equal_compute_steps(default_run: Path) -> int | None:
@@ -287,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     per_arm: dict[str, list[dict | None]] = {arm: [] for arm in arms}
     for (arm, seed), r in zip(jobs, results):
         costs = stage_costs(runs_dir / arm / f"seed{seed}")
-        per_arm[arm].append({**final_metrics(r), **{c: costs[c] for c in COSTS}} if r else None)
+        per_arm[arm].append({**final_metrics(r), **{c: costs[c] for c in COSTS},
+                             **curve_stats(runs_dir / arm / f"seed{seed}")} if r else None)
     command = "coordexp-rl ablate " + " ".join(
         [*(["--config", shown(base)] if base else []), *(["--arms", *args.arms] if args.arms else []),
          "--seeds", *map(str, args.seeds), "--scale", f"{args.scale:g}", *args.overrides])

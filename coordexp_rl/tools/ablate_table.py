@@ -17,8 +17,12 @@ METRICS = (("AP50", "object_prob/AP50"), ("mAP", "object_prob/mAP"), ("AP50 (con
            ("F1@0.5", "f1@0.5/f1"), ("mean IoU", "mean_iou_class_agnostic"), ("mean IoU (class-matched)", "mean_iou"),
            ("recall 6+", "breakdown/recall@6+"), ("duplicates / image", "breakdown/duplicates_per_image"),
            ("misses / image", "breakdown/misses_per_image"))
+# Stage-1's learning curve, from the evaluations eval.every makes (ablate.curve_stats): the mean AP50 over
+# Stage-1 (area under the curve / steps) and the first step whose class-agnostic F1 reaches AVERAGE_BOX_F1.
+CURVE = ("Stage-1 AP50 AUC", "Stage-1 leaves the average box at step")
+AVERAGE_BOX_F1 = 0.2  # below it a run still writes about one average box per object (docs/RESULTS.md)
 # The metrics each question compares (across seeds and paired) and the per-seed table shows.
-COMPARED = ("AP50", "recall 6+", "duplicates / image", "mean IoU")
+COMPARED = ("AP50", "recall 6+", "duplicates / image", "mean IoU", CURVE[0])
 # What each arm's Stage-2 cost, from its run folder's metrics.jsonl (stage_costs).
 COSTS = ("Stage-2 compute (units)", "Stage-2 wall s")
 EQUAL_COMPUTE_ARM = "stage2_sft_compute"  # its stage2.steps come from the default run's logged compute
@@ -86,7 +90,7 @@ def _cell(s: tuple[float, float, int] | None, fmt: str = ".4f") -> str:
 
 def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float, command: str,
            base: Path | None = None) -> str:
-    columns = [m for m, _ in METRICS] + list(COSTS)
+    columns = [m for m, _ in METRICS] + list(COSTS) + list(CURVE)
     stats = {arm: {m: summarise([r.get(m) if r else None for r in runs]) for m in columns}
              for arm, runs in per_arm.items()}
     base_text = (f"Base config: `{shown(base)}` (the 'default' arm; every other arm's YAML layered over it)."
@@ -104,7 +108,7 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
     for arm, runs in per_arm.items():
         ok = sum(r is not None for r in runs)
         cells = [_cell(stats[arm][m]) for m, _ in METRICS]
-        cells += [_cell(stats[arm][c], fmt) for c, fmt in zip(COSTS, (".0f", ".1f"))]
+        cells += [_cell(stats[arm][c], fmt) for c, fmt in zip(COSTS + CURVE, (".0f", ".1f", ".4f", ".0f"))]
         lines.append(f"| {arm} | {ok}/{len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "Questions. 'Across seeds' compares the arms' means with their seed spread; 'paired' takes the "
               "difference seed by seed (both arms of a seed share the model initialisation and data order) and "
@@ -117,19 +121,23 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
         if q.baseline in stats and q.variant in stats:
             b, v = stats[q.baseline], stats[q.variant]
             pb, pv = per_arm[q.baseline], per_arm[q.variant]
-            cells = [f"{verdict(b[m], v[m])} | {paired(pb, pv, m)}" for m in COMPARED]
+            cells = [f"{verdict(b[m], v[m])} | {paired(pb, pv, m)}" if b[m] or v[m] else "- | -" for m in COMPARED]
             lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (final evaluation):", "", "| arm | seed | " + " | ".join(COMPARED) + " |",
-              "|---|---|" + "---|" * len(COMPARED)]
+    per_seed = (*COMPARED, CURVE[1])
+    lines += ["", "Per seed (final evaluation; the Stage-1 curve where the arm ran Stage-1 with eval.every, class-"
+              f"agnostic F1 >= {AVERAGE_BOX_F1} counting as out of the average box):", "",
+              "| arm | seed | " + " | ".join(per_seed) + " |", "|---|---|" + "---|" * len(per_seed)]
     for arm, runs in per_arm.items():
         for seed, r in zip(seeds, runs):
-            cells = ["failed" if r is None else _value(r.get(m)) for m in COMPARED]
+            cells = ["failed" if r is None else _value(r.get(m)) for m in per_seed]
             lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _value(v: float | None) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{v:.4f}"
+    if v is None or math.isnan(v):
+        return "n/a"
+    return f"{v:.0f}" if isinstance(v, int) else f"{v:.4f}"
 
 
 def shown(path: Path) -> str:

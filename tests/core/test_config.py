@@ -71,7 +71,7 @@ def test_learner_takes_matching_and_loss_values_from_the_config(tiny_model_dir):
     assert (group["initial_lr"], group["weight_decay"]) == (cfg.optim.lr, cfg.optim.weight_decay)
 
 
-@pytest.mark.parametrize("key", ["eval.every=5", "eval.engine=vllm", "rollout.num_gpus=8", "nosection.x=1"])
+@pytest.mark.parametrize("key", ["eval.interval=5", "eval.engine=vllm", "rollout.num_gpus=8", "nosection.x=1"])
 def test_the_loader_refuses_a_key_that_does_nothing(key, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(key.split("=")[0].split(".")[-1])):
         load_config(None, [key])

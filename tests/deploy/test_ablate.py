@@ -344,3 +344,29 @@ def test_table_pairs_recall_at_six_plus_and_duplicates_and_lists_every_seed():
     assert "| default | 3 | 0.3500 | 0.5000 | 0.2500 | n/a |" in table
     assert "| default | 4 | failed | failed | failed | failed |" in table
     assert "| stage2_sft | 4 | 0.2000 | 0.3000 | 0.7000 | n/a |" in table
+
+
+def test_stage1_curve_area_and_the_step_that_leaves_the_average_box(tmp_path):
+    rows = [("eval", 0, "initial", 0.0, 0.0), ("stage1", 100, None, None, None),
+            ("eval", 100, "step-000100", 0.2, 0.1), ("eval", 200, "step-000200", 0.4, 0.3),
+            ("eval", 300, "stage1", 0.4, 0.5), ("eval", 400, "stage2", 0.9, 0.9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"stage": st, "step": s, "label": lab, "eval/object_prob/AP50": ap, "eval/f1_class_agnostic": f1}) + "\n"
+        for st, s, lab, ap, f1 in rows))
+    # trapezoids over 0..300 (stage2's evaluation is past Stage-1): (100 x 0.1 + 100 x 0.3 + 100 x 0.4) / 300
+    # = 0.2667; class-agnostic F1 first >= 0.2 at step 200
+    stats = ablate.curve_stats(tmp_path)
+    assert stats[ablate_table.CURVE[0]] == pytest.approx(80 / 300) and stats[ablate_table.CURVE[1]] == 200
+    # an arm that started from the default's Stage-1 checkpoint has no curve
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"stage": "eval", "step": s, "label": lab,
+                                                                 "eval/object_prob/AP50": 0.3}) + "\n"
+                                                    for s, lab in ((300, "stage1"), (400, "stage2"))))
+    assert ablate.curve_stats(tmp_path) == {c: None for c in ablate_table.CURVE}
+
+
+def test_scale_keeps_the_curve_points_and_turns_them_off_below_one_interval(tmp_path):
+    def every(scale):
+        over = ablate.arm_overrides("default", 0, scale, tmp_path, ["stage1.steps=1000", "eval.every=100"])
+        return [o for o in over if o.startswith("eval.every=")][-1]  # the launcher takes the last
+
+    assert every(0.5) == "eval.every=50" and every(0.001) == "eval.every=0"  # stage1.steps 1: no room for one

@@ -28,7 +28,7 @@ def rows(tmp_path) -> list[tuple]:
 
 def test_scored_beside_training_and_logged_at_step_0(run_log, tmp_path):
     release = threading.Event()
-    evals = Evaluations(lambda label: release.wait(10) and {"mean_iou": 0.25}, run_log)  # scoring while Stage-1 logs
+    evals = Evaluations(lambda label, n: release.wait(10) and {"mean_iou": 0.25}, run_log)  # scoring while Stage-1 logs
     evals.start("initial", 0)
     run_log.log("stage1", 1, {"loss/total": 1.0})
     assert "initial" not in evals.results and evals.pending[0].is_alive()
@@ -42,7 +42,7 @@ def test_scored_beside_training_and_logged_at_step_0(run_log, tmp_path):
 
 
 def test_its_error_is_raised_in_the_driver(run_log):
-    def fail(label):
+    def fail(label, n):
         raise RuntimeError("actors gone")
 
     evals = Evaluations(fail, run_log)
@@ -53,7 +53,7 @@ def test_its_error_is_raised_in_the_driver(run_log):
 
 
 def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
-    never = lambda label: pytest.fail("the actors hold a checkpoint's weights, not the initial ones")  # noqa: E731
+    never = lambda label, n: pytest.fail("the actors hold a checkpoint's weights, not the initial ones")  # noqa: E731
     with closing(RunLog(tmp_path, tensorboard=False)) as first:
         first.log("eval", 0, {"label": "initial", "eval/mean_iou": 0.1})
         first.log("stage1", 4, {"loss/total": 1.0})

@@ -6,6 +6,7 @@ the default path (object-store weight sync, one learner rank); the scale-out pat
 FSDP2 ranks) runs through the launcher in test_actor_restart.
 """
 
+import json
 import subprocess
 
 import pytest
@@ -14,7 +15,8 @@ from coordexp_rl.tools.local_head import RAY, ROOT, launch_job, local_ray_head, 
 
 pytestmark = pytest.mark.integration
 SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
-             "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4"]
+             "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4",
+             "eval.every=2", "eval.every_samples=3"]  # one learning-curve point, at step 2
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,9 @@ def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path)
     for line in ("stage1 done: 4 steps", "stage-2 done", "weight sync v1", "weight sync v3", "eval stage2"):
         assert line in logs, line
     assert (out / "report.md").read_text().count("| stage2 |") == 1
+    curve = out / "eval" / "step-000002"  # eval.every: scored beside Stage-1 on 3 samples
+    assert len((curve / "predictions.jsonl").read_text().splitlines()) == 3
+    assert list(json.loads((out / "results.json").read_text())) == ["initial", "step-000002", "stage1", "stage2"]
     for label in ("initial", "stage1", "stage2"):  # each evaluation leaves something to look at
         folder = out / "eval" / label
         assert (folder / "report.md").is_file() and (folder / "iou_histogram.png").is_file()
