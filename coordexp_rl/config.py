@@ -28,6 +28,10 @@ class ModelConfig(_Section):
     # Overrides of the tiny model's sizes (modeling/tiny.py TinySize); {} = the 1.1 M-parameter base size,
     # which learns the synthetic set in the default's time budget (docs/RESULTS.md).
     tiny_size: dict[str, int] = Field(default_factory=dict)
+    # A stand-in for a pretrained VLM: the tiny model first trained this many Stage-1 steps on the embedded
+    # default's sparse synthetic task (its loss, optimizer, lr schedule over these steps; seed tiny_seed),
+    # built once into the cache folder. 0 = start from random weights. Only with path "".
+    tiny_pretrain_steps: int = Field(0, ge=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     freeze_vision: bool = False  # keep the vision tower fixed (saves memory on real models)
 
@@ -299,6 +303,9 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
                           f"learner.world_size x learner.accum_steps = {ranks}")
     _check_token_budget(cfg, source)
     _check_reproducible(cfg, source)
+    if cfg.model.path and cfg.model.tiny_pretrain_steps:
+        raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
+                          f"model, but model.path={cfg.model.path} names a real one; set one of them")
     if cfg.eval.every and cfg.stage1.steps and cfg.eval.every >= cfg.stage1.steps:
         raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps={cfg.stage1.steps} "
                           "(the evaluation after Stage-1 is always made); 0 turns it off")

@@ -83,7 +83,53 @@ def tiny_model(cfg: Config) -> Path:
     target = _keyed_dir("tiny-model", params)
     if not target.exists():
         log.info("building the tiny Qwen3-VL into %s", target)
-    return _build_once(target, lambda d: make_tiny_model(d, seed=cfg.model.tiny_seed, **cfg.model.tiny_size))
+    init = _build_once(target, lambda d: make_tiny_model(d, seed=cfg.model.tiny_seed, **cfg.model.tiny_size))
+    return pretrained_tiny_model(cfg, init) if cfg.model.tiny_pretrain_steps else init
+
+
+def pretrain_config(cfg: Config) -> Config:
+    """The run that pretrains the tiny model (model.tiny_pretrain_steps): the embedded default's Stage-1,
+    its lr schedule over those steps, seeded by model.tiny_seed, on the model size of ``cfg``."""
+    from coordexp_rl.config import load_config
+
+    m = cfg.model
+    return load_config(None, [f"stage1.steps={m.tiny_pretrain_steps}", f"run.seed={m.tiny_seed}",
+                              f"model.tiny_seed={m.tiny_seed}", f"model.tiny_size={json.dumps(m.tiny_size)}"])
+
+
+def pretrained_tiny_model(cfg: Config, init: Path) -> Path:
+    """The tiny model ``init`` after model.tiny_pretrain_steps Stage-1 steps of the default's sparse task
+    (``pretrain_config``), in this process, built once into the cache folder. Why: a real run starts from a
+    VLM that already names and boxes things; the dense task from random weights would spend its budget
+    learning what a shape is (docs/RESULTS.md "Dense scenes")."""
+    base = pretrain_config(cfg)
+    params = {"init": init.name, "steps": base.stage1.steps, "seed": base.run.seed, "data": synth_options(base),
+              "synth": [base.data.synth_train, base.data.synth_seed], "optim": base.optim.model_dump(),
+              "loss": base.loss.model_dump(), "coordexp": base.coordexp.model_dump(), "prompt": base.data.prompt}
+    target = _keyed_dir("tiny-pretrained", params)
+    if not target.exists():
+        log.info("pretraining the tiny Qwen3-VL (%d Stage-1 steps of the default task) into %s", base.stage1.steps,
+                 target)
+    return _build_once(target, lambda d: _pretrain(base, init, d))
+
+
+def _pretrain(base: Config, init: Path, out: Path) -> None:
+    from tqdm import tqdm
+
+    from coordexp_rl.data.loader import load_samples
+    from coordexp_rl.data.stream import BatchStream
+    from learner.learner import Learner
+
+    train = load_samples(synthetic_set(base) / "train.jsonl")
+    learner = Learner(base, init)
+    stream = BatchStream(train, base.optim.batch_size, base.run.seed)
+    steps, chunk = base.stage1.steps, 100
+    with tqdm(total=steps, desc="pretrain", unit="step") as bar:
+        for done in range(0, steps, chunk):
+            m = learner.stage1_steps(stream.next_batch, min(chunk, steps - done))
+            bar.update(len(m))
+            bar.set_postfix(loss=f"{m[-1]['loss/total']:.3f}")
+    learner.export_pretrained(out)
 
 
 DENSE_OPTIONS = ("max_pair_iou", "distinct_descs")  # data.synth_<name>; in the cache key only when set

@@ -93,8 +93,10 @@ def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list
     keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}"]
     if shares_stage1(name, extra, base):
         keep.append(f"run.resume={stage1_checkpoint(out_dir.parent.parent / 'default' / out_dir.name, stage1)}")
-    return [*extra, *steps, f"run.seed={seed}", f"model.tiny_seed={seed}", f"rollout.seed={seed}",
-            f"run.out_dir={out_dir}", *keep]
+    # A pretrained tiny model (model.tiny_pretrain_steps) is one model for every seed, as a real VLM is: the
+    # seeds vary the fine-tuning (data order, rollouts); otherwise they vary the initialisation too.
+    init = [] if cfg.model.tiny_pretrain_steps else [f"model.tiny_seed={seed}"]
+    return [*extra, *steps, f"run.seed={seed}", *init, f"rollout.seed={seed}", f"run.out_dir={out_dir}", *keep]
 
 
 def shares_stage1(name: str, extra: list[str], base: Path | None = None) -> bool:

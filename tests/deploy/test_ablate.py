@@ -34,6 +34,10 @@ def test_scale_shrinks_every_arm_alike(tmp_path):
     assert o["run.seed"] == o["model.tiny_seed"] == "3" and o["run.out_dir"] == str(tmp_path)
     assert total == pytest.approx(0.1 * _budget("default"), abs=1)
     assert steps("stage2_sft")[0] == pytest.approx(total, abs=1)
+    # a pretrained tiny model is one model for every seed (as a real VLM): the seed leaves it alone
+    pretrained = dict(x.split("=", 1) for x in ablate.arm_overrides("default", 3, 1, tmp_path,
+                                                                    ["model.tiny_pretrain_steps=50"]))
+    assert pretrained["run.seed"] == pretrained["rollout.seed"] == "3" and "model.tiny_seed" not in pretrained
 
 
 def test_verdict_separates_noise_from_a_real_difference():
