@@ -109,7 +109,7 @@ def test_several_config_files_layer_in_order_and_name_the_file_of_a_bad_key(tmp_
         load_config([base, arm])
     dense = Path(__file__).resolve().parents[2] / "configs"
     layered = load_config([dense / "dense_cpu.yaml", dense / "ablations" / "gate_held.yaml"])
-    assert (layered.data.synth_max_objects, layered.matching.iou_thr_end) == (12, 0.5)
+    assert (layered.data.synth_max_objects, layered.matching.iou_thr_end) == (10, 0.5)
 
 
 def test_reproducible_stage2_requires_its_settings_and_names_each():
