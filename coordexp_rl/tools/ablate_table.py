@@ -121,7 +121,9 @@ def render(per_arm: dict[str, list[dict | None]], seeds: list[int], scale: float
         if q.baseline in stats and q.variant in stats:
             b, v = stats[q.baseline], stats[q.variant]
             pb, pv = per_arm[q.baseline], per_arm[q.variant]
-            cells = [f"{verdict(b[m], v[m])} | {paired(pb, pv, m)}" if b[m] or v[m] else "- | -" for m in COMPARED]
+            # n/a: a metric one arm does not have (the Stage-1 curve of an arm that reused the default's Stage-1)
+            cells = [f"{verdict(b[m], v[m])} | {paired(pb, pv, m)}" if b[m] and v[m] else "n/a | n/a"
+                     for m in COMPARED]
             lines.append(f"| {q.text} | {q.baseline} -> {q.variant} | " + " | ".join(cells) + " |")
     per_seed = (*COMPARED, CURVE[1])
     lines += ["", "Per seed (final evaluation; the Stage-1 curve where the arm ran Stage-1 with eval.every, class-"
