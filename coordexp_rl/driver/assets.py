@@ -103,10 +103,9 @@ def pretrained_tiny_model(cfg: Config, init: Path) -> Path:
     VLM that already names and boxes things; the dense task from random weights would spend its budget
     learning what a shape is (docs/RESULTS.md "Dense scenes")."""
     base = pretrain_config(cfg)
-    params = {"init": init.name, "steps": base.stage1.steps, "seed": base.run.seed, "data": synth_options(base),
-              "synth": [base.data.synth_train, base.data.synth_seed], "optim": base.optim.model_dump(),
-              "loss": base.loss.model_dump(), "coordexp": base.coordexp.model_dump(), "prompt": base.data.prompt}
-    target = _keyed_dir("tiny-pretrained", params)
+    # Keyed on the whole pretraining config (the initial model's seed and size are in it): any default that
+    # changes what Stage-1 trains gives a new folder.
+    target = _keyed_dir("tiny-pretrained", base.model_dump())
     if not target.exists():
         log.info("pretraining the tiny Qwen3-VL (%d Stage-1 steps of the default task) into %s", base.stage1.steps,
                  target)
