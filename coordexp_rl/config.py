@@ -140,10 +140,13 @@ class Stage2Config(_Section):
     method: Literal["em", "sft"] = "em"
     sync_every: int = 5  # learner steps between weight syncs
     # Switches that isolate the method's parts (ablations; METHOD 7): the CE path's GT in the rollout's order
-    # ("reordered", METHOD 7.2) or in the canonical order; the geometric loss on the rollout's own tokens
-    # ("self", METHOD 7.1) or on the same gated pairs teacher-forced on that GT sequence ("gt").
-    gt_order: Literal["reordered", "canonical"] = "reordered"
+    # ("reordered", METHOD 7.2), in it only where the gate admitted the pair ("gated": the other GT follow in
+    # canonical order) or in the canonical order; the geometric loss on the rollout's own tokens ("self",
+    # METHOD 7.1) or on the same gated pairs teacher-forced on that GT sequence ("gt"); gt_geometry adds
+    # Stage-1's geometric loss on every box of the CE path's GT sequence (lambda_geo, alpha_l1, beta_giou).
+    gt_order: Literal["reordered", "gated", "canonical"] = "reordered"
     geo_context: Literal["self", "gt"] = "self"
+    gt_geometry: bool = False
     # Synchronous, on-policy Stage-2 in a fixed order, so that two runs of one seed agree step for step: one
     # rollout actor generates exactly the learner's next batch with the current weights, in its shard order.
     # load_config requires rollout.num_actors=1, buffer.max_staleness=0, stage2.sync_every=1 and
@@ -306,6 +309,9 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     if cfg.model.path and cfg.model.tiny_pretrain_steps:
         raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
                           f"model, but model.path={cfg.model.path} names a real one; set one of them")
+    if cfg.stage2.gt_geometry and cfg.stage2.geo_context == "gt":
+        raise ConfigError(f"{source}: stage2.gt_geometry=true puts the geometric loss on every GT box, "
+                          "stage2.geo_context=gt on the gated pairs' only; set one of them")
     if cfg.eval.every and cfg.stage1.steps and cfg.eval.every >= cfg.stage1.steps:
         raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps={cfg.stage1.steps} "
                           "(the evaluation after Stage-1 is always made); 0 turns it off")

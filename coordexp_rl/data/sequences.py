@@ -76,7 +76,7 @@ class SequenceBuilder:
         self.match_settings = MatchSettings(
             geo_cost_weight=m.geo_cost_weight, overlap=m.geometry, missing_policy=m.missing_policy,
             eos_weight=cfg.loss.eos_weight, extra_eos_weight=cfg.loss.extra_eos_weight,
-            semantic=make_semantic_distance(m.semantic))
+            gt_order=cfg.stage2.gt_order, semantic=make_semantic_distance(m.semantic))
         self._prompt_ids: dict[str, list[int]] = {}  # sample id -> the prompt's ids (the check's reference)
 
     def stage1(self, samples: list[Sample], step: int) -> list[TrainSequence]:
@@ -109,20 +109,16 @@ class SequenceBuilder:
 
     def _stage2_pair(self, sample: Sample, image: Image.Image, row, targets) -> list[TrainSequence]:
         """METHOD 7.1 + 7.2: the self-context sequence (the gated pairs' coord positions in the rollout, the
-        matched GT coordinates) and the GT sequence in the rollout's order; ``stage2.gt_order`` /
-        ``stage2.geo_context`` switch each part off for ablations (the config says how)."""
+        matched GT coordinates) and the GT sequence in the rollout's order; ``stage2.gt_order`` (in
+        ``targets``), ``stage2.geo_context`` and ``stage2.gt_geometry`` switch parts for ablations (the
+        config says how)."""
         s2 = self.cfg.stage2
-        if s2.gt_order == "reordered":
-            objects, indices = targets.gt_objects, targets.gt_indices
-        else:
-            objects = canonical_order(sample.objects)
-            indices = list(range(len(objects)))
-        with_coords = s2.geo_context == "gt"
-        gt = self.gt_sequence(sample, objects, image=image, eos_weight=targets.eos_weight, stage2=True,
-                              with_coords=with_coords)
-        if with_coords:  # the gated pairs' GT boxes only, teacher-forced: 4 coord positions per object
+        with_coords = s2.geo_context == "gt" or s2.gt_geometry
+        gt = self.gt_sequence(sample, targets.gt_objects, image=image, eos_weight=targets.eos_weight,
+                              stage2=True, with_coords=with_coords)
+        if s2.geo_context == "gt":  # the gated pairs' GT boxes only, teacher-forced: 4 coord positions each
             gated = {j for _, j in targets.match.pairs}
-            keep = [t for k, j in enumerate(indices) if j in gated for t in range(4 * k, 4 * k + 4)]
+            keep = [t for k, j in enumerate(targets.gt_indices) if j in gated for t in range(4 * k, 4 * k + 4)]
             gt.coord_positions = [gt.coord_positions[t] for t in keep]
             gt.coord_targets = [gt.coord_targets[t] for t in keep]
             return [gt]

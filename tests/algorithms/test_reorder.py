@@ -61,11 +61,29 @@ def test_gated_out_pair_keeps_its_place():
     assert reorder_gt([CUP, CAT], m).objects == [CUP, CAT]  # not [CAT, CUP]
 
 
+def test_gated_order_moves_only_the_gt_of_trusted_pairs():
+    """follow="gated": a gated-out pair does not move its GT; it follows the gated-in ones (order given),
+    before the misses."""
+    off = [b / 1000 for b in (400, 20, 700, 110)]  # assigned to the cup (IoU 0), gated out
+    m = match_objects([off, unit(DOG)], [unit(CAT), unit(CUP), unit(DOG)], iou_thr=0.5, l1_thr=0.02)
+    assert m.pairs == [(1, 2)] and m.rejected == [(0, 1)]
+    assert reorder_gt([CAT, CUP, DOG], m).objects == [CUP, DOG, CAT]  # every assigned pair sets the order
+    gated = reorder_gt([CAT, CUP, DOG], m, follow="gated")
+    assert gated.objects == [DOG, CUP, CAT] and gated.gt_indices == [2, 1, 0] and gated.num_completions == 1
+    dropped = reorder_gt([CAT, CUP, DOG], m, "drop", follow="gated")  # the gated-out cup is no miss: kept
+    assert dropped.objects == [DOG, CUP] and dropped.num_completions == 0
+    # every pair trusted: the same order as the full assignment
+    m = match_objects([unit(DOG), unit(CAT)], [unit(CAT), unit(DOG)])
+    assert reorder_gt([CAT, DOG], m, follow="gated").objects == reorder_gt([CAT, DOG], m).objects == [DOG, CAT]
+
+
 def test_empty_rollout_and_errors():
     m = match_objects([], [unit(CAT)])
     assert reorder_gt([CAT], m).objects == [CAT]
     assert reorder_gt([], match_objects([unit(CAT)], [])).over_generated
     with pytest.raises(ValueError, match="policy"):
         reorder_gt([CAT], m, "truncate")
+    with pytest.raises(ValueError, match="follow"):
+        reorder_gt([CAT], m, follow="iou")
     with pytest.raises(ValueError, match="1 GT objects, got 2"):
         reorder_gt([CAT, DOG], m)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from coordexp_rl.config import load_config
+from coordexp_rl.config import ConfigError, load_config
 from coordexp_rl.data.loader import load_image, load_samples
 from coordexp_rl.data.sequences import PromptMismatchError, SequenceBuilder
 from coordexp_rl.method.coords import CoordVocab, bin_to_unit
@@ -129,6 +129,40 @@ def test_switches_isolate_the_gt_order_and_the_geometric_context(processor, samp
                                                                           STRICT).sequences
     assert reordered_gt.input_ids.tolist() == reordered.input_ids.tolist()
     assert sorted(reordered_gt.coord_targets) == sorted(expected)
+
+
+def test_gated_order_and_gt_geometry(processor, samples):
+    """stage2.gt_order=gated: a gated-out pair does not move its GT (it follows the gated-in ones);
+    stage2.gt_geometry: every GT box of the CE sequence is supervised too, beside the self-context path."""
+    sample = next(s for s in samples if len(s.objects) >= 2)
+    canonical = canonical_order(sample.objects)
+    far = BoxObject(canonical[0].desc, (0, 0, 5, 5))  # written first, matched to canonical[0], gated out
+    written = [far, *reversed(canonical[1:])]
+    default = builder(processor)
+    row = rollout_of(default, sample, written)
+    rows = {sample.sample_id: sample}
+
+    def ce_ids(objects):
+        return build_assistant_ids(objects, processor.tokenizer, default.vocab)
+
+    _, reordered = default.stage2([row], rows, STRICT).sequences
+    assert reordered.input_ids[reordered.prompt_len:].tolist() == ce_ids([canonical[0], *reversed(canonical[1:])])
+    batch = builder(processor, "stage2.gt_order=gated").stage2([row], rows, STRICT)
+    _, gated = batch.sequences
+    assert gated.input_ids[gated.prompt_len:].tolist() == ce_ids([*reversed(canonical[1:]), canonical[0]])
+    assert batch.stats["reordered"] == 1  # the first GT object moved behind the others
+    canonical_batch = builder(processor, "stage2.gt_order=canonical").stage2([row], rows, STRICT)
+    assert canonical_batch.stats["reordered"] == 0 and canonical_batch.stats["appended"] == 0
+
+    self_seq, plain_gt = default.stage2([row], rows, STRICT).sequences
+    geo_self, geo_gt = builder(processor, "stage2.gt_geometry=true").stage2([row], rows, STRICT).sequences
+    assert geo_self.coord_positions == self_seq.coord_positions and not plain_gt.coord_positions
+    assert geo_gt.input_ids.tolist() == plain_gt.input_ids.tolist()
+    assert len(geo_gt.coord_positions) == 4 * len(canonical)  # every box, the gated-out one included
+    for p, target in zip(geo_gt.coord_positions, geo_gt.coord_targets):
+        assert bin_to_unit(default.vocab.bin_of(int(geo_gt.input_ids[p]))) == target
+    with pytest.raises(ConfigError, match="gt_geometry"):
+        builder(processor, "stage2.gt_geometry=true", "stage2.geo_context=gt")
 
 
 def test_a_row_with_nothing_parsed_falls_back_to_the_gt_sequence(processor, samples):

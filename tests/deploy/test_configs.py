@@ -65,6 +65,9 @@ def test_all_expected_configs_exist():
     ("gate_wide.yaml", {"matching.iou_thr_start": 0.1, "matching.iou_thr_end": 0.1, "matching.l1_thr_start": 0.05,
                         "matching.l1_thr_end": 0.05}),
     ("stage1_random_order.yaml", {"stage1.order": "random"}),
+    ("gated_order.yaml", {"stage2.gt_order": "gated"}),
+    ("gt_geometry.yaml", {"stage2.gt_geometry": True}),
+    ("sft_plus_self_geo.yaml", {"stage2.gt_order": "canonical", "stage2.gt_geometry": True}),
     ("light_stage1_geo.yaml", {"loss.lambda_l1": 1.0, "loss.lambda_giou": 0.0}),
 ])
 def test_ablation_differs_from_tiny_cpu_only_in_its_keys(name, expected):
