@@ -90,6 +90,22 @@ def test_stage2_step_matches_and_sends_finite_gradients_to_coord_rows(tiny_model
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_gt_geometry_supervises_every_gt_box_in_stage2(tiny_model_dir, samples):
+    """stage2.gt_geometry: a rollout whose boxes all miss (nothing gated in) still gets a geometric loss,
+    from every GT box teacher-forced on the CE path's sequence."""
+    sample = samples[0]
+    far = [BoxObject(o.desc, (990, 990, 999, 999)) for o in sample.objects]
+
+    def geo(*overrides):
+        learner = make_learner(tiny_model_dir, *overrides)
+        m = learner.stage2_step([rollout_of(learner, sample, far)], {sample.sample_id: sample})
+        return m["match/matched"], m["loss/geo_self"]
+
+    assert geo() == (0, 0)
+    matched, loss = geo("stage2.gt_geometry=true")
+    assert matched == 0 and loss > 0
+
+
 def test_geometric_loss_alone_moves_coordexp_toward_gt(tiny_model_dir, samples):
     """With CE switched off, Stage-2 steps only follow L1 + GIoU: the decoded box approaches the GT box."""
     learner = make_learner(tiny_model_dir, "optim.lr=1e-3", "loss.eos_weight=0", "loss.lambda_coord_ce=0")
