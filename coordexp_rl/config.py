@@ -134,7 +134,12 @@ class Stage1Config(_Section):
 
 class Stage2Config(_Section):
     steps: int = 300
-    lr: float = 1e-4  # Stage-2's own learning rate, constant (where Stage-1's cosine ends: 10 % of optim.lr)
+    # Stage-2's own constant learning rate. Unset (null), it is lr_ratio x optim.lr: by default where
+    # Stage-1's cosine ends (10 % of the peak), whatever model the config sizes optim.lr for. A rate above
+    # Stage-1's peak is refused unless allow_lr_above_stage1 (a rate sized for another model wrecks this one).
+    lr: float | None = None
+    lr_ratio: float = Field(0.1, gt=0)
+    allow_lr_above_stage1: bool = False
     # "em" = METHOD 6-8; "sft" = the control arm: the same steps, lr and data stream as Stage-1 SFT on the
     # canonical GT, from the same Stage-1 state (answers "does the EM loop beat more SFT?")
     method: Literal["em", "sft"] = "em"
@@ -152,6 +157,11 @@ class Stage2Config(_Section):
     # load_config requires rollout.num_actors=1, buffer.max_staleness=0, stage2.sync_every=1 and
     # rollout.batch_size=optim.batch_size with it; the learner checks every Stage-2 batch (ray_learner.py).
     reproducible: bool = False
+
+
+def stage2_lr(cfg: "Config") -> float:
+    """Stage-2's constant learning rate: ``stage2.lr``, or ``stage2.lr_ratio`` x ``optim.lr`` when unset."""
+    return cfg.stage2.lr if cfg.stage2.lr is not None else cfg.stage2.lr_ratio * cfg.optim.lr
 
 
 class RolloutConfig(_Section):
@@ -309,6 +319,10 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     if cfg.model.path and cfg.model.tiny_pretrain_steps:
         raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
                           f"model, but model.path={cfg.model.path} names a real one; set one of them")
+    if stage2_lr(cfg) > cfg.optim.lr and not cfg.stage2.allow_lr_above_stage1:
+        raise ConfigError(f"{source}: stage2.lr={cfg.stage2.lr} is above Stage-1's peak optim.lr={cfg.optim.lr}; "
+                          "leave stage2.lr unset (stage2.lr_ratio x optim.lr, by default where Stage-1's cosine "
+                          "ends) or set stage2.allow_lr_above_stage1=true")
     if cfg.stage2.gt_geometry and cfg.stage2.geo_context == "gt":
         raise ConfigError(f"{source}: stage2.gt_geometry=true puts the geometric loss on every GT box, "
                           "stage2.geo_context=gt on the gated pairs' only; set one of them")

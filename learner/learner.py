@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from coordexp_rl.config import Config
+from coordexp_rl.config import Config, stage2_lr
 from coordexp_rl.data.loader import Sample
 from coordexp_rl.data.sequences import SequenceBuilder, TrainSequence
 from coordexp_rl.evaluation.exposure import teacher_forced_box_ious
@@ -348,9 +348,9 @@ class Learner:
 
 def _lr_lambda(cfg: Config):
     """Multiplier of optim.lr at each optimizer step: Stage-1 warms up, then follows a cosine to 10 % at
-    its last step; Stage-2 runs at its own constant ``stage2.lr``."""
+    its last step; Stage-2 runs at its own constant rate (``config.stage2_lr``)."""
     warmup, schedule, stage1_steps = cfg.optim.warmup_steps, cfg.optim.schedule, max(1, cfg.stage1.steps)
-    stage2_factor = cfg.stage2.lr / cfg.optim.lr if cfg.optim.lr else 0.0
+    stage2_factor = stage2_lr(cfg) / cfg.optim.lr if cfg.optim.lr else 0.0
 
     def factor(step: int) -> float:
         if step >= cfg.stage1.steps:

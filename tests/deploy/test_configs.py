@@ -125,6 +125,57 @@ def test_gpu_config_arithmetic(name):
     assert cfg.eval.max_samples >= 5000  # the whole of val2017
 
 
+# Settings whose default is sized for the tiny CPU model: a GPU config must set each in its YAML (or the
+# key it is derived from), or the tiny value reaches a real run unnoticed.
+TINY_SIZED = {
+    "optim.lr": "rate", "optim.warmup_steps": "steps", "optim.batch_size": "batch",
+    "stage1.steps": "steps", "stage2.steps": "steps", "stage2.sync_every": "steps",
+    "matching.curriculum_steps": "steps", "model.dtype": "memory",
+    "rollout.batch_size": "batch", "rollout.max_num_seqs": "batch", "rollout.max_new_tokens": "token limit",
+    "rollout.max_model_len": "token limit", "rollout.gpu_memory_utilization": "memory",
+    "rollout.gone_timeout_s": "timeout", "rollout.enforce_eager": "speed", "rollout.num_actors": "scale",
+    "data.max_pixels": "token limit", "data.min_pixels": "token limit", "loss.ce_chunk_size": "memory",
+    "loss.lambda_l1": "rate (tiny learns from scratch)", "loss.lambda_giou": "rate (tiny learns from scratch)",
+    "buffer.capacity": "batch", "buffer.max_staleness": "steps", "weight_sync.bucket_mb": "memory",
+    "weight_sync.timeout_s": "timeout", "learner.world_size": "scale", "learner.gpus": "scale",
+    "run.checkpoint_every": "steps", "run.log_every": "steps", "eval.max_samples": "batch",
+}
+DERIVED = {"stage2.lr": "stage2.lr_ratio"}  # set outright, or derived from the key named (x optim.lr)
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_set_or_derive_every_tiny_sized_setting(name):
+    raw = _flat(yaml.safe_load((CONFIGS / name).read_text()))
+    missing = [k for k in TINY_SIZED if k not in raw]
+    missing += [k for k, source in DERIVED.items() if k not in raw and source not in raw]
+    assert missing == [], f"{name} leaves tiny-model defaults in place: {missing}"
+    for key in TINY_SIZED:  # no typo: each is a field of the config
+        section, field = key.split(".")
+        assert field in Config.model_fields[section].annotation.model_fields, key
+
+
+@pytest.mark.parametrize("path", all_config_files(), ids=lambda p: p.name)
+def test_stage2_never_runs_above_stage1_peak(path):
+    from coordexp_rl.config import stage2_lr
+
+    cfg = load_config(path)
+    assert stage2_lr(cfg) <= cfg.optim.lr
+    if path.name in GPU_CONFIGS:  # where the cosine ends
+        assert stage2_lr(cfg) == pytest.approx(0.1 * cfg.optim.lr)
+
+
+def test_stage2_lr_is_derived_from_stage1_and_a_rate_above_the_peak_is_refused():
+    from coordexp_rl.config import ConfigError, stage2_lr
+
+    assert stage2_lr(load_config(None, ["optim.lr=2e-5"])) == pytest.approx(2e-6)
+    assert stage2_lr(load_config(None, ["optim.lr=2e-5", "stage2.lr_ratio=0.5"])) == pytest.approx(1e-5)
+    assert stage2_lr(load_config(None, ["optim.lr=2e-5", "stage2.lr=3e-6"])) == pytest.approx(3e-6)
+    with pytest.raises(ConfigError, match="stage2.lr=0.0001 is above Stage-1's peak optim.lr=1e-05"):
+        load_config(None, ["optim.lr=1e-5", "stage2.lr=1e-4"])
+    cfg = load_config(None, ["optim.lr=1e-5", "stage2.lr=1e-4", "stage2.allow_lr_above_stage1=true"])
+    assert stage2_lr(cfg) == pytest.approx(1e-4)
+
+
 def test_learning_rates_follow_model_size():
     """The larger model takes the smaller rate; one model gets one rate however many nodes it runs on."""
     lr = {name: config(name).optim.lr for name in GPU_CONFIGS}
