@@ -67,7 +67,7 @@ class Learner:
         self.sharded = fully_shard_model(self.model) if self.plan.sharding == "fsdp" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.curriculum = MatchCurriculum.from_config(cfg.matching)
         self.sequences = SequenceBuilder(cfg, self.processor, self.vocab)  # no model: data in, sequences out
         self.step = 0  # optimizer steps taken (both stages)
@@ -346,7 +346,7 @@ class Learner:
         return path
 
 
-def _lr_lambda(cfg: Config):
+def lr_schedule(cfg: Config):
     """Multiplier of optim.lr at each optimizer step: Stage-1 warms up, then follows a cosine to 10 % at
     its last step; Stage-2 runs at its own constant rate (``config.stage2_lr``)."""
     warmup, schedule, stage1_steps = cfg.optim.warmup_steps, cfg.optim.schedule, max(1, cfg.stage1.steps)

@@ -33,6 +33,7 @@ from coordexp_rl.driver.evaluations import (
     results_table,
 )
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
+from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
 from coordexp_rl.driver.run_log import RunLog
@@ -106,7 +107,8 @@ class Driver:
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
 
     def describe(self) -> str:
-        return dump_config(self.cfg) + f"# placement bundles: {json.dumps(bundles(self.cfg))}\n"
+        plan = "".join(f"# {line}\n" for line in describe_plan(self.cfg))
+        return dump_config(self.cfg) + plan + f"# placement bundles: {json.dumps(bundles(self.cfg))}\n"
 
     def start_learner(self, group) -> LearnerGroup:
         """The learner ranks in their placement group (each loads the model and the training samples)."""
@@ -319,7 +321,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", help="YAML config (default: the embedded tiny CPU default); "
                         "given more than once, the files are layered in order (a later file's keys win)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=3e-4")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and bundles, then stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan "
+                        "(placement, learning rates, memory per device), then stop")
     parser.add_argument("--debug", action="store_true", help="show the traceback of config and data errors too")
 
 

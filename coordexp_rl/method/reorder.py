@@ -6,9 +6,9 @@ only decides which pairs feed the geometric loss, so a gated-out pair keeps its 
 ``follow="gated"`` only the gated-in pairs set the order and the gated-out GT follow them in the order
 given: a pair the gate does not trust (its box far from the GT) does not move its GT either. GT objects
 with no partner at all (the rollout had fewer objects than the GT) are appended as completion objects in
-the order given (policy ``"append"``; the caller passes the GT in canonical order) or left out (``"drop"``). When the rollout
-has more objects than the GT, ``over_generated`` tells the learner to give the end of turn its extra
-weight.
+the order given (policy ``"append"``; the caller passes the GT in canonical order) or left out
+(``"drop"``). When the rollout has more objects than the GT, ``over_generated`` tells the learner to give
+the end of turn its extra weight.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def test_an_arm_changing_a_key_stage1_reads_runs_stage1_again(tmp_path, monkeypa
 INIT_READS = {"matching": "Learner.curriculum and SequenceBuilder.match_settings (Stage-2 matching)",
               "loss.extra_eos_weight": "SequenceBuilder.match_settings (Stage-2 targets)",
               "stage2.gt_order": "SequenceBuilder.match_settings (Stage-2 targets)",
-              "stage2.lr": "the lr schedule's factor from step stage1.steps on (learner._lr_lambda)"}
+              "stage2.lr": "the lr schedule's factor from step stage1.steps on (learner.lr_schedule)"}
 
 
 def _perturbed(section: str, name: str, value):

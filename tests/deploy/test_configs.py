@@ -203,6 +203,25 @@ def test_dry_run_prints_the_resolved_config_and_bundles(name):
     assert json.loads(bundle_line) == bundles(load_config(CONFIGS / name))
 
 
+def test_dry_run_prints_the_plan_every_gpu_config_fits_its_devices():
+    """The plan: placement per role, Stage-1's and Stage-2's learning rates, memory per device; no GPU
+    config is over its device (a warning would say so), and an oversized setting is warned about."""
+    for name in GPU_CONFIGS:
+        out = _dry_run("--config", f"configs/{name}")
+        assert out.returncode == 0, out.stderr
+        cfg = load_config(CONFIGS / name)
+        assert f"# plan:\n#   placement: rollout: {cfg.rollout.num_actors} actor(s)" in out.stdout
+        assert f"#   placement: learner: {cfg.learner.world_size} rank(s)" in out.stdout
+        assert f"Stage-2 ({cfg.stage2.steps} steps, constant): {0.1 * cfg.optim.lr:.3g}" in out.stdout
+        assert f"at step {cfg.optim.warmup_steps}, {0.1 * cfg.optim.lr:.3g} at step" in out.stdout  # cosine end
+        assert "memory, learner: ~" in out.stdout and "WARNING" not in out.stdout
+    over = _dry_run("--config", "configs/qwen3vl_8b_1node.yaml", "rollout.max_num_seqs=512")
+    assert "WARNING: the rollout engine needs" in over.stdout and "rollout.max_num_seqs" in over.stdout
+    tiny = _dry_run()
+    assert "learning rate, Stage-2 (300 steps, constant): 0.0001 (stage2.lr_ratio 0.1 x optim.lr)" in tiny.stdout
+    assert "memory: not estimated" in tiny.stdout
+
+
 def test_dry_run_rejects_an_unknown_key_by_name():
     out = _dry_run("--config", "configs/qwen3vl_2b_1node.yaml", "rollout.num_gpus=8")
     assert out.returncode == 2

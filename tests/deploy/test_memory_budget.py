@@ -1,11 +1,11 @@
-"""The GPU configs' memory comments are what coordexp_rl/tools/memory.py derives from their settings."""
+"""The GPU configs' memory comments are what coordexp_rl/modeling/memory.py derives from their settings."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordexp_rl.config import load_config
-from coordexp_rl.tools.memory import (
+from coordexp_rl.modeling.memory import (
     GPU_GB,
     QWEN3VL,
     VOCAB_WITH_COORDS,

@@ -106,8 +106,8 @@ def budget_comment(cfg) -> str:
     b = lambda x: f"{x / 1e9:.2f} B"  # noqa: E731
     frozen = " (vision frozen)" if cfg.model.freeze_vision else ""
     return "\n".join([
-        "# Memory, derived by coordexp_rl/tools/memory.py from the settings below (a test checks this block; nothing",
-        "# here is measured on a GPU):",
+        "# Memory, derived by coordexp_rl/modeling/memory.py from the settings below (a test checks this block;",
+        "# nothing here is measured on a GPU):",
         f"#   {spec['name']}: {b(p['total'])} params (text {b(p['text'])}, vision {b(p['vision'])}), "
         f"{'tied' if spec['text']['tied'] else 'untied'} LM head, vocab {VOCAB_WITH_COORDS:,} with coord tokens",
         f"#   learner, per rank of {lr.world_size} ({lr.sharding}): fp32 weights {lb['weights']:.1f} GB + fp32 grads"
