@@ -8,7 +8,7 @@ Unknown keys fail loudly with the dotted path and the file they came from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from coordexp_rl.errors import UserError
 
 DEFAULT_PROMPT = "Detect all objects. For each, write its description and box."
+
+# Ranges, checked when a config loads (a wrong value is refused naming its key, before anything starts).
+Count = Annotated[int, Field(ge=1)]  # steps, batches, sizes that must be at least one
+NonNegativeInt = Annotated[int, Field(ge=0)]  # 0 means "off" or "none"
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # rates, temperatures, timeouts, CPUs
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # loss weights, GPUs (0 = off / none)
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # probabilities, IoU and L1 thresholds
+PositiveFraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+CoordTopK = Annotated[int, Field(ge=0, le=1000)]  # bins of the 1000 coord tokens; 0 = all
 
 
 class _Section(BaseModel):
@@ -31,7 +40,7 @@ class ModelConfig(_Section):
     # A stand-in for a pretrained VLM: the tiny model first trained this many Stage-1 steps on the embedded
     # default's sparse synthetic task (its loss, optimizer, lr schedule over these steps; seed tiny_seed),
     # built once into the cache folder. 0 = start from random weights. Only with path "".
-    tiny_pretrain_steps: int = Field(0, ge=0)
+    tiny_pretrain_steps: NonNegativeInt = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
     freeze_vision: bool = False  # keep the vision tower fixed (saves memory on real models)
 
@@ -46,38 +55,38 @@ class DataConfig(_Section):
     # Image resolution, the same in the learner, both engines, infer and evaluation (docs/DATA_JSONL_CONTRACT.md):
     # Qwen3-VL resizes to multiples of 32 px (patch 16 x merge 2) within these bounds; one image token per
     # 32x32 px, so max_pixels / 1024 bounds the image tokens (65,536 -> 64 tokens).
-    max_pixels: int = 65536
-    min_pixels: int = 4096
+    max_pixels: Count = 65536
+    min_pixels: Count = 4096
     # GT assistant tokens per sample: N objects take N x (10 + description tokens) + 1 (end of turn).
-    max_target_tokens: int = 0  # 0 = rollout.max_new_tokens (a GT the rollout could not write either)
+    max_target_tokens: NonNegativeInt = 0  # 0 = rollout.max_new_tokens (a GT the rollout could not write either)
     too_many_objects: Literal["error", "truncate"] = "error"  # truncate: keep whole objects, counted in metrics
     skip_bbox_norm: bool = False  # records hold "<|coord_k|>" strings already (METHOD 3.2)
     prompt: str = DEFAULT_PROMPT
     # The synthetic set built when train is "" (coordexp_rl/data/synth.py): 1-3 shapes of 3 colours x 3
     # kinds (9 descriptions), 20-40 % of the side, on plain backgrounds.
-    synth_train: int = 8000
-    synth_val: int = 256  # >= 256: 64 images (~125 boxes) are too noisy to rank arms
+    synth_train: Count = 8000
+    synth_val: Count = 256  # >= 256: 64 images (~125 boxes) are too noisy to rank arms
     synth_seed: int = 0
-    synth_image_size: int = 128
-    synth_min_objects: int = 1
-    synth_max_objects: int = 3
-    synth_min_size: float = 0.2  # shape side as a fraction of the image side
-    synth_max_size: float = 0.4
-    synth_edge_prob: float = 0.15  # chance that a shape is pushed against an image edge (bins 0 / 999)
+    synth_image_size: Count = 128
+    synth_min_objects: Count = 1
+    synth_max_objects: Count = 3
+    synth_min_size: PositiveFraction = 0.2  # shape side as a fraction of the image side
+    synth_max_size: PositiveFraction = 0.4
+    synth_edge_prob: Fraction = 0.15  # chance that a shape is pushed against an image edge (bins 0 / 999)
     synth_background: Literal["plain", "noisy", "mixed"] = "plain"
     synth_colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue"])
     synth_shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
     # Dense scenes (configs/dense_cpu.yaml; null / 0 = off, the default's set is drawn as before): shapes
     # touch and overlap up to this IoU between any two boxes, and each image's objects repeat N descriptions.
-    synth_max_pair_iou: float | None = None
-    synth_distinct_descs: int = 0
+    synth_max_pair_iou: Fraction | None = None
+    synth_distinct_descs: NonNegativeInt = 0
 
 
 class CoordExpConfig(_Section):
-    tau_start: float = 1.0  # softmax temperature over the 1000 coord logits
-    tau_end: float = 1.0  # annealed linearly to this over anneal_steps (METHOD 2.5)
-    anneal_steps: int = 0
-    top_k: int = 0  # 0 = plain expectation; k > 0 = expectation over the k most probable bins
+    tau_start: Positive = 1.0  # softmax temperature over the 1000 coord logits
+    tau_end: Positive = 1.0  # annealed linearly to this over anneal_steps (METHOD 2.5)
+    anneal_steps: NonNegativeInt = 0
+    top_k: CoordTopK = 0  # 0 = plain expectation; k > 0 = expectation over the k most probable bins
 
 
 class LossConfig(_Section):
@@ -85,65 +94,65 @@ class LossConfig(_Section):
     # stages (coordexp_rl/method/losses.py has the formula): a lambda weighs one unit of its term against one
     # unit of CE weight. An object of 2 description tokens costs W = 2 desc_weight + 6 + 4 (1 +
     # lambda_coord_ce) (+ the end of turn once per image).
-    desc_weight: float = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages
-    lambda_coord_ce: float = 1.0  # extra CE weight on coord tokens (METHOD 5.3 / 8)
-    lambda_coord_ce_stage2: float | None = None  # the same in Stage-2's reordered-GT CE; None = lambda_coord_ce
-    lambda_l1: float = 4.0  # Stage-1 CoordExp L1, summed over GT coord positions (METHOD 5.3)
-    lambda_giou: float = 8.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
-    lambda_soft_ce: float = 0.0  # Stage-1 soft CE over neighbouring bins, summed over coord positions
-    soft_ce_sigma: float = 2.0  # its Gaussian width in bins
-    lambda_w1: float = 0.0  # Stage-1 Wasserstein-1 to the target bin, summed over coord positions
-    lambda_geo: float = 4.0  # Stage-2 self-context geometric loss, summed over gated pairs (METHOD 8)
-    alpha_l1: float = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU + inversion);
-    beta_giou: float = 2.0  # with lambda_geo 4 this equals Stage-1's 4 L1 + 8 GIoU per box
-    lambda_entropy: float = 0.0  # entropy regulariser on coord distributions
-    eos_weight: float = 1.0  # CE weight of the end-of-turn token
-    extra_eos_weight: float = 2.0  # EOS weight when the rollout has more objects than the GT (METHOD 14.3)
-    ce_chunk_size: int = 256  # positions per chunk: full-vocab logits never exist for the whole sequence
+    desc_weight: NonNegative = 4.0  # CE weight of description tokens (between <desc> and </desc>), both stages
+    lambda_coord_ce: NonNegative = 1.0  # extra CE weight on coord tokens (METHOD 5.3 / 8)
+    lambda_coord_ce_stage2: NonNegative | None = None  # the same in Stage-2's reordered-GT CE; None = lambda_coord_ce
+    lambda_l1: NonNegative = 4.0  # Stage-1 CoordExp L1, summed over GT coord positions (METHOD 5.3)
+    lambda_giou: NonNegative = 8.0  # Stage-1 (1 - GIoU + inversion), summed over GT boxes
+    lambda_soft_ce: NonNegative = 0.0  # Stage-1 soft CE over neighbouring bins, summed over coord positions
+    soft_ce_sigma: Positive = 2.0  # its Gaussian width in bins
+    lambda_w1: NonNegative = 0.0  # Stage-1 Wasserstein-1 to the target bin, summed over coord positions
+    lambda_geo: NonNegative = 4.0  # Stage-2 self-context geometric loss, summed over gated pairs (METHOD 8)
+    alpha_l1: NonNegative = 1.0  # inside the geometric loss: alpha * L1 + beta * (1 - GIoU + inversion);
+    beta_giou: NonNegative = 2.0  # with lambda_geo 4 this equals Stage-1's 4 L1 + 8 GIoU per box
+    lambda_entropy: NonNegative = 0.0  # entropy regulariser on coord distributions
+    eos_weight: NonNegative = 1.0  # CE weight of the end-of-turn token
+    extra_eos_weight: NonNegative = 2.0  # EOS weight when the rollout has more objects than the GT (METHOD 14.3)
+    ce_chunk_size: Count = 256  # positions per chunk: full-vocab logits never exist for the whole sequence
 
 
 class MatchingConfig(_Section):
     geometry: Literal["giou", "iou"] = "giou"
-    geo_cost_weight: float = 1.0  # weight of the geometric cost (L1 + 1 - GIoU) in the Hungarian cost
+    geo_cost_weight: NonNegative = 1.0  # weight of the geometric cost (L1 + 1 - GIoU) in the Hungarian cost
     semantic: Literal["text", "minilm"] = "text"  # cheap normalised text, or the frozen MiniLM encoder
-    sem_cost_weight_start: float = 0.0  # curriculum: geometry-only and strict first (METHOD 11)
-    sem_cost_weight_end: float = 0.5
+    sem_cost_weight_start: NonNegative = 0.0  # curriculum: geometry-only and strict first (METHOD 11)
+    sem_cost_weight_end: NonNegative = 0.5
     # Gate (METHOD 6.1 step 5): a pair feeds the geometric loss if IoU > iou_thr or mean L1 < l1_thr. Both
     # stay strict: at l1_thr 0.03 only boxes under ~6 % of the side can pass with IoU 0.
-    iou_thr_start: float = 0.5
-    iou_thr_end: float = 0.3
-    l1_thr_start: float = 0.02  # mean per-coordinate L1 in [0, 1] units
-    l1_thr_end: float = 0.03
-    curriculum_steps: int = 200
+    iou_thr_start: Fraction = 0.5
+    iou_thr_end: Fraction = 0.3
+    l1_thr_start: Fraction = 0.02  # mean per-coordinate L1 in [0, 1] units
+    l1_thr_end: Fraction = 0.03
+    curriculum_steps: NonNegativeInt = 200
     missing_policy: Literal["append", "drop"] = "append"  # unmatched GT become completion objects
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    warmup_steps: NonNegativeInt = 500
     schedule: Literal["constant", "cosine"] = "cosine"
-    grad_clip: float = 1.0
-    batch_size: int = 8  # samples per learner step
+    grad_clip: Positive = 1.0
+    batch_size: Count = 8  # samples per learner step
 
 
 class Stage1Config(_Section):
-    steps: int = 8500  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
+    steps: NonNegativeInt = 8500  # the lr (optim.lr) follows warmup + cosine to 10 % over these steps
     order: Literal["canonical", "random"] = "canonical"
 
 
 class Stage2Config(_Section):
-    steps: int = 300
+    steps: NonNegativeInt = 300
     # Stage-2's own constant learning rate. Unset (null), it is lr_ratio x optim.lr: by default where
     # Stage-1's cosine ends (10 % of the peak), whatever model the config sizes optim.lr for. A rate above
     # Stage-1's peak is refused unless allow_lr_above_stage1 (a rate sized for another model wrecks this one).
-    lr: float | None = None
-    lr_ratio: float = Field(0.1, gt=0)
+    lr: Positive | None = None
+    lr_ratio: Positive = 0.1
     allow_lr_above_stage1: bool = False
     # "em" = METHOD 6-8; "sft" = the control arm: the same steps, lr and data stream as Stage-1 SFT on the
     # canonical GT, from the same Stage-1 state (answers "does the EM loop beat more SFT?")
     method: Literal["em", "sft"] = "em"
-    sync_every: int = 5  # learner steps between weight syncs
+    sync_every: Count = 5  # learner steps between weight syncs
     # Switches that isolate the method's parts (ablations; METHOD 7): the CE path's GT in the rollout's order
     # ("reordered", METHOD 7.2), in it only where the gate admitted the pair ("gated": the other GT follow in
     # canonical order) or in the canonical order; the geometric loss on the rollout's own tokens ("self",
@@ -166,71 +175,71 @@ def stage2_lr(cfg: "Config") -> float:
 
 class RolloutConfig(_Section):
     engine: Literal["vllm", "hf"] = "vllm"
-    num_actors: int = 1
-    batch_size: int = 8  # requests per engine call
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    num_actors: Count = 1
+    batch_size: Count = 8  # requests per engine call
+    temperature: NonNegative = 0.0  # 0 = greedy
+    top_p: PositiveFraction = 1.0
+    top_k: NonNegativeInt = 0  # 0 = off
     # 1.0 = rollouts decode as evaluation does. vLLM applies a penalty to prompt and output tokens alike
     # (every repeated colour word, structure token, end of turn), so it is off by default.
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 96
+    repetition_penalty: Positive = 1.0
+    max_new_tokens: Count = 96
     seed: int = 0
-    max_model_len: int = 1024
-    max_num_seqs: int = 8
-    gpu_memory_utilization: float = 0.85
-    tensor_parallel_size: int = 1
+    max_model_len: Count = 1024
+    max_num_seqs: Count = 8
+    gpu_memory_utilization: PositiveFraction = 0.85
+    tensor_parallel_size: Count = 1
     # vLLM without CUDA graphs / compile: right on CPU (no graphs; a cold compile costs 10-15 s per start);
     # GPU configs set false, since graphs speed up decoding of small batches.
     enforce_eager: bool = True
-    gpus_per_actor: float = 0.0  # 0 on CPU machines
-    cpus_per_actor: float = 1.0
-    max_restarts: int = 3  # Ray restarts a dead rollout actor this often (it reloads the newest weights)
-    gone_timeout_s: float = 300.0  # every actor dead this long: the driver checkpoints and stops
+    gpus_per_actor: NonNegative = 0.0  # 0 on CPU machines
+    cpus_per_actor: Positive = 1.0
+    max_restarts: NonNegativeInt = 3  # Ray restarts a dead rollout actor this often (it reloads the newest weights)
+    gone_timeout_s: Positive = 300.0  # every actor dead this long: the driver checkpoints and stops
 
 
 class BufferConfig(_Section):
-    capacity: int = 64  # rows; producers block when full
-    max_staleness: int = 1  # weight versions; 0 = on-policy
+    capacity: Count = 64  # rows; producers block when full
+    max_staleness: NonNegativeInt = 1  # weight versions; 0 = on-policy
     spill_dir: str = ""  # "" = no Parquet spill; relative paths live in the run folder
 
 
 class WeightSyncConfig(_Section):
     transport: Literal["object_store", "broadcast"] = "object_store"
-    bucket_mb: int = 64
-    timeout_s: float = 120.0
+    bucket_mb: Count = 64
+    timeout_s: Positive = 120.0
 
 
 class LearnerConfig(_Section):
-    world_size: int = 1  # learner ranks, one process each; gpus/cpus below are per rank
-    gpus: float = 0.0
-    cpus: float = 1.0
+    world_size: Count = 1  # learner ranks, one process each; gpus/cpus below are per rank
+    gpus: NonNegative = 0.0
+    cpus: Positive = 1.0
     sharding: Literal["replicate", "fsdp"] = "replicate"  # whole model per rank, or FSDP2 shards
-    accum_steps: int = 1  # micro-batches per optimizer step per rank
+    accum_steps: Count = 1  # micro-batches per optimizer step per rank
     activation_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
 
 
 class EvalConfig(_Section):
     # Evaluation runs before Stage-1, after Stage-1 and after Stage-2, through the rollout actors (their
     # engine, rollout.engine, with the current weights), greedy with rollout.max_new_tokens.
-    max_samples: int = 256  # the first N validation samples
+    max_samples: Count = 256  # the first N validation samples
     # After Stage-1 and Stage-2: the learner's teacher-forced box IoU on the same images (one no-grad forward
     # per GT sequence), beside the free-running one: eval/exposure/... (coordexp_rl/evaluation/exposure.py)
     exposure: bool = True
     # Learning curves: during Stage-1, every N learner steps the weights go to the rollout actors (idle until
     # Stage-2) and are scored on the first every_samples validation samples in a thread beside training
     # (eval/step-000300/, logged as eval rows). 0 = off. Not yet in Stage-2, where the actors are busy.
-    every: int = Field(0, ge=0)
-    every_samples: int = Field(200, ge=1)
+    every: NonNegativeInt = 0
+    every_samples: Count = 200
 
 
 class RunConfig(_Section):
     out_dir: str = "runs/default"
     seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 1000  # 0 = only the final one
+    log_every: Count = 10
+    checkpoint_every: NonNegativeInt = 1000  # 0 = only the final one
     resume: str = ""  # a checkpoint folder to continue from; "auto" = the newest complete one in out_dir (if any)
-    keep_last: int = 3  # complete checkpoints kept on disk (oldest removed first); 0 = keep all
+    keep_last: NonNegativeInt = 3  # complete checkpoints kept on disk (oldest removed first); 0 = keep all
     ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
 
 
@@ -319,6 +328,7 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     if cfg.model.path and cfg.model.tiny_pretrain_steps:
         raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
                           f"model, but model.path={cfg.model.path} names a real one; set one of them")
+    _check_pairs(cfg, source)
     if stage2_lr(cfg) > cfg.optim.lr and not cfg.stage2.allow_lr_above_stage1:
         raise ConfigError(f"{source}: stage2.lr={cfg.stage2.lr} is above Stage-1's peak optim.lr={cfg.optim.lr}; "
                           "leave stage2.lr unset (stage2.lr_ratio x optim.lr, by default where Stage-1's cosine "
@@ -342,6 +352,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return raw
+
+
+def _check_pairs(cfg: Config, source: str) -> None:
+    """Settings that are each in range but do not fit together."""
+    d = cfg.data
+    for low, high in (("synth_min_objects", "synth_max_objects"), ("synth_min_size", "synth_max_size")):
+        if getattr(d, low) > getattr(d, high):
+            raise ConfigError(f"{source}: data.{low}={getattr(d, low)} > data.{high}={getattr(d, high)}")
+    if cfg.stage2.steps and cfg.stage2.method == "em" and cfg.buffer.capacity < cfg.optim.batch_size:
+        # the learner takes optim.batch_size rows per Stage-2 step: a smaller buffer never fills
+        raise ConfigError(f"{source}: buffer.capacity={cfg.buffer.capacity} < optim.batch_size="
+                          f"{cfg.optim.batch_size}: a Stage-2 step takes optim.batch_size rows from the buffer")
 
 
 def _check_reproducible(cfg: Config, source: str) -> None:

@@ -31,6 +31,8 @@ def _lr_lines(cfg: Config) -> list[str]:
     if cfg.stage2.steps:
         source = "stage2.lr" if cfg.stage2.lr is not None else f"stage2.lr_ratio {cfg.stage2.lr_ratio:g} x optim.lr"
         out.append(f"learning rate, Stage-2 ({cfg.stage2.steps} steps, constant): {stage2_lr(cfg):.3g} ({source})")
+        if cfg.stage2.allow_lr_above_stage1 and stage2_lr(cfg) > lr:
+            out.append(f"WARNING: Stage-2's rate is above Stage-1's peak {lr:.3g} (stage2.allow_lr_above_stage1)")
     return out
 
 

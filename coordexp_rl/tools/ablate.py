@@ -48,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coordexp_rl.config import Config, is_stage2_only, load_config
+from coordexp_rl.config import Config, is_stage2_only, load_config, stage2_lr
 from coordexp_rl.tools.ablate_table import (
     AVERAGE_BOX_F1,
     COSTS,
@@ -194,11 +194,18 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _as_run(cfg: Config) -> dict:
+    """The config as it runs: Stage-2's rate resolved (stage2.lr set, or derived from optim.lr and equal)."""
+    tree = cfg.model_dump()
+    tree["stage2"]["lr"] = stage2_lr(cfg)
+    return tree
+
+
 def check_reusable(out: Path, expected: Config) -> None:
     """Refuse to read back a run whose saved config.yaml differs from what this call would run."""
     saved = out / "config.yaml"
     if saved.exists():
-        changed = _changed_keys(load_config(saved).model_dump(), expected.model_dump())
+        changed = _changed_keys(_as_run(load_config(saved)), _as_run(expected))
         if changed:
             raise StaleRunError(f"{out} holds a run with another config (differs in {', '.join(changed)}); "
                                 "pass another --runs-dir or remove that folder")

@@ -134,3 +134,37 @@ def test_the_launcher_layers_config_files_given_twice(tmp_path, capsys):
     assert run(parser.parse_args(["--config", str(base), "--config", str(arm), "--dry-run"])) == 0
     shown = capsys.readouterr().out
     assert "lambda_geo: 3.0" in shown and "desc_weight: 2.0" in shown
+
+
+# Out-of-range settings a new user tried (issue 31): each refused when the config loads, naming its key.
+OUT_OF_RANGE = [
+    "optim.lr=0", "optim.lr=-1e-3", "optim.lr=.nan", "optim.lr=.inf", "optim.grad_clip=0", "optim.batch_size=0",
+    "optim.warmup_steps=-1", "stage1.steps=-5", "stage2.steps=-1", "stage2.sync_every=0", "stage2.lr=0",
+    "stage2.lr_ratio=0", "rollout.num_actors=0", "rollout.batch_size=0", "rollout.max_new_tokens=0",
+    "rollout.cpus_per_actor=0", "rollout.gpus_per_actor=-1", "rollout.top_p=0", "rollout.top_p=1.5",
+    "rollout.temperature=-0.5", "rollout.gpu_memory_utilization=1.2", "rollout.gone_timeout_s=0",
+    "buffer.capacity=0", "buffer.max_staleness=-1", "learner.world_size=0", "learner.cpus=0",
+    "learner.accum_steps=0", "matching.iou_thr_start=1.5", "matching.l1_thr_end=-0.1", "coordexp.tau_start=0",
+    "coordexp.top_k=1001", "loss.lambda_geo=-1", "loss.soft_ce_sigma=0", "loss.ce_chunk_size=0",
+    "eval.max_samples=-1", "eval.max_samples=0", "run.log_every=0", "run.keep_last=-1", "run.checkpoint_every=-1",
+    "weight_sync.timeout_s=0", "weight_sync.bucket_mb=0", "data.max_pixels=0", "data.synth_edge_prob=2",
+    "data.synth_max_pair_iou=1.5", "data.synth_min_size=0", "loss.lambda_coord_ce_stage2=-1",
+]
+
+
+@pytest.mark.parametrize("override", OUT_OF_RANGE)
+def test_an_out_of_range_setting_is_refused_naming_its_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])
+
+
+def test_settings_that_do_not_fit_together_are_refused():
+    with pytest.raises(ConfigError, match=r"data.synth_min_objects=5 > data.synth_max_objects=3"):
+        load_config(None, ["data.synth_min_objects=5"])
+    with pytest.raises(ConfigError, match=r"data.synth_min_size=0.5 > data.synth_max_size=0.4"):
+        load_config(None, ["data.synth_min_size=0.5"])
+    with pytest.raises(ConfigError, match=r"buffer.capacity=4 < optim.batch_size=8"):
+        load_config(None, ["buffer.capacity=4"])
+    load_config(None, ["buffer.capacity=4", "stage2.method=sft"])  # the SFT control reads no buffer
+    load_config(None, ["stage1.steps=0", "stage2.steps=0", "eval.every=0"])  # zero steps: a stage skipped

@@ -114,6 +114,13 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, capsys):
     assert ablate.run(parser.parse_args([*common, "--scale", "0.25"])) == 2
     err = capsys.readouterr().err
     assert "stage1.steps" in err and "--runs-dir" in err
+    # a run saved with Stage-2's rate spelled out (older configs) is the same run when the rate is equal
+    saved = ablate.arm_overrides("default", 0, 0.5, out, [])
+    (out / "config.yaml").write_text(dump_config(load_config(None, [*saved, "stage2.lr=0.0001"])))
+    assert ablate.run(parser.parse_args([*common, "--scale", "0.5"])) == 0
+    (out / "config.yaml").write_text(dump_config(load_config(None, [*saved, "stage2.lr=0.0002"])))
+    assert ablate.run(parser.parse_args([*common, "--scale", "0.5"])) == 2
+    assert "stage2.lr" in capsys.readouterr().err
 
 
 def test_only_stage2_arms_share_the_default_stage1(tmp_path):
@@ -171,7 +178,8 @@ def test_an_arm_changing_a_key_stage1_reads_runs_stage1_again(tmp_path, monkeypa
 INIT_READS = {"matching": "Learner.curriculum and SequenceBuilder.match_settings (Stage-2 matching)",
               "loss.extra_eos_weight": "SequenceBuilder.match_settings (Stage-2 targets)",
               "stage2.gt_order": "SequenceBuilder.match_settings (Stage-2 targets)",
-              "stage2.lr": "the lr schedule's factor from step stage1.steps on (learner.lr_schedule)"}
+              "stage2.lr": "the lr schedule's factor from step stage1.steps on (learner.lr_schedule)",
+              "stage2.lr_ratio": "the same factor, when stage2.lr is unset (config.stage2_lr)"}
 
 
 def _perturbed(section: str, name: str, value):
@@ -188,7 +196,7 @@ def _perturbed(section: str, name: str, value):
     if isinstance(value, int):
         return value + 3
     if isinstance(value, float):
-        return value * 1.5 + 0.25
+        return value * 0.5 + 0.125  # stays inside [0, 1] for fractions (top_p, thresholds)
     if value is None:
         return 0.5
     return f"{value}_changed"

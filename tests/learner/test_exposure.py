@@ -39,8 +39,8 @@ def test_one_iou_per_gt_box_and_no_training_state_touched(tiny_model_dir, val):
 
 def test_decoded_coords_are_those_stage1_trains(tiny_model_dir, val):
     """The coordinates behind the IoUs are Stage-1's CoordExp decode at the GT's coord positions (states at
-    t-1): their L1 to the targets is Stage-1's l1_coord term (x its normaliser W), at lr 0."""
-    learner = make_learner(tiny_model_dir, "optim.lr=0", "loss.lambda_l1=1.0")
+    t-1): their L1 to the targets is Stage-1's l1_coord term (x its normaliser W)."""
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-12", "loss.lambda_l1=1.0")
     seqs = [learner._gt_coord_sequence(s) for s in val]
     with torch.no_grad():
         coords = learner._decode_coords(seqs)

@@ -30,8 +30,8 @@ def make_learner(model_dir, *overrides, gpu=True):
 
 
 def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_the_cpu_loss(tiny_model_dir, samples):
-    cpu = make_learner(tiny_model_dir, "optim.lr=0", gpu=False).stage1_step(samples)
-    learner = make_learner(tiny_model_dir, "optim.lr=0")
+    cpu = make_learner(tiny_model_dir, "optim.lr=1e-12", gpu=False).stage1_step(samples)
+    learner = make_learner(tiny_model_dir, "optim.lr=1e-12")
     assert learner.device.type == "cuda" and learner.autocast
     assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
     assert next(learner.model.parameters()).is_cuda

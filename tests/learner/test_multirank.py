@@ -120,7 +120,7 @@ def test_gradient_accumulation_and_activation_checkpointing_leave_the_step_uncha
 def test_stage1_giou_gradients_do_not_depend_on_accumulation(tiny_model_dir, samples):
     grads = []
     for accum in (1, 3):
-        cfg = load_config(None, [*OVERRIDES, "loss.lambda_giou=1.0", "optim.lr=0"])
+        cfg = load_config(None, [*OVERRIDES, "loss.lambda_giou=1.0", "optim.lr=1e-12"])
         learner = Learner(cfg, tiny_model_dir, ParallelPlan(accum_steps=accum))
         assert learner.stage1_step(samples)["loss/giou_coord"] > 0
         grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
