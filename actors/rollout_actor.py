@@ -2,12 +2,13 @@
 
 ``RolloutWorker`` is the plain class (usable in one process, tested without Ray); ``RolloutActor`` is
 the same class as a Ray actor. Work items are ``(sample_id, image_path, image_rel)``; actor ``k`` of
-``n`` takes every n-th item starting at ``k`` (``shard``) and cycles through its shard forever.
+``n`` takes every n-th item starting at ``k`` (``shard``) and cycles through its shard forever, each item
+``per_image`` times in a row (several hypotheses per image; they differ only when sampling).
 
 Flow per batch: (optionally) ask the buffer for permits -> load images -> ``engine.generate`` ->
 ``parse_ids`` on the actor -> ``rows_to_batch`` -> ``buffer.put``. Every row carries the engine's
 weight version, so the buffer can enforce staleness, and the id ``(actor_id, seq)``: the actor's row
-counter, whose item is ``shard[seq % len(shard)]``.
+counter, whose item is ``shard[(seq // per_image) % len(shard)]``.
 
 Faults: the actor is restarted by Ray when its process dies (``max_restarts``). Before it generates
 again (first ``step`` or ``predict`` of each life) it registers with the buffer, which voids the permits
@@ -68,7 +69,8 @@ class RolloutWorker:
 
     def __init__(self, engine_config: EngineConfig, items: Sequence[tuple[str, str, str]], prompt_text: str,
                  sampling: SamplingConfig, batch_size: int = 8, actor_id: str = "rollout-0",
-                 num_shards: int = 1, shard_index: int = 0, buffer=None, put_timeout_s: float = 60.0):
+                 num_shards: int = 1, shard_index: int = 0, buffer=None, put_timeout_s: float = 60.0,
+                 per_image: int = 1):
         prepare_runtime()
         from coordexp_rl.method.coords import CoordVocab
 
@@ -79,9 +81,10 @@ class RolloutWorker:
         self.tokenizer = self.engine.processor.tokenizer
         self.vocab = CoordVocab.from_tokenizer(self.tokenizer)
         self.prompt_text, self.sampling, self.batch_size = prompt_text, sampling, batch_size
+        self.per_image = per_image
         self.actor_id, self.buffer, self.put_timeout_s = actor_id, buffer, put_timeout_s
         self.counters = ThroughputCounters()
-        self._seq = 0  # the seq of the next row (and the shard position: seq % len(items))
+        self._seq = 0  # the seq of the next row (and the shard position: (seq // per_image) % len(items))
         self._registered = buffer is None  # registers with the buffer before it first generates
         self._announced = False
         self._has_frozen = False  # frozen parameters loaded from the learner since this (re)start
@@ -90,9 +93,13 @@ class RolloutWorker:
 
     # --- generation ---------------------------------------------------------------------------------
 
+    def item(self, seq: int) -> WorkItem:
+        """The work item of row ``seq``."""
+        return self.items[(seq // self.per_image) % len(self.items)]
+
     def next_items(self, n: int) -> list[tuple[int, WorkItem]]:
         """The next ``n`` (seq, item) pairs; the seq counter moves past them."""
-        out = [(self._seq + i, self.items[(self._seq + i) % len(self.items)]) for i in range(n)]
+        out = [(self._seq + i, self.item(self._seq + i)) for i in range(n)]
         self._seq += n
         return out
 
@@ -197,7 +204,7 @@ class RolloutWorker:
     def time_generate(self, n: int | None = None) -> float:
         """Seconds of the bare ``engine.generate`` on the next ``n`` items (not used up): the baseline that
         ``bench rollout`` compares ``step`` with (images are loaded before the clock starts)."""
-        items = [self.items[(self._seq + i) % len(self.items)] for i in range(n or self.batch_size)]
+        items = [self.item(self._seq + i) for i in range(n or self.batch_size)]
         requests = [GenerationRequest(load_rgb(it.image_path), self.prompt_text, it.sample_id) for it in items]
         t0 = time.perf_counter()
         self.engine.generate(requests, self.sampling)

@@ -183,6 +183,9 @@ class RolloutConfig(_Section):
     # 1.0 = rollouts decode as evaluation does. vLLM applies a penalty to prompt and output tokens alike
     # (every repeated colour word, structure token, end of turn), so it is off by default.
     repetition_penalty: Positive = 1.0
+    # Stage-2 rollouts per training image, generated in a row (more hypotheses per image in a batch, each
+    # matched and learned from); more than 1 needs temperature > 0, since greedy copies are identical.
+    per_image: Count = 1
     max_new_tokens: Count = 96
     seed: int = 0
     max_model_len: Count = 1024
@@ -273,7 +276,7 @@ STAGE2_ONLY_KEYS = (
     "loss.lambda_coord_ce_stage2",  # Stage-2's GT sequences only (SequenceBuilder.gt_sequence(stage2=True))
     "loss.extra_eos_weight",  # Stage-2 targets of a rollout that over-generated
     "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
-    "rollout.top_k", "rollout.repetition_penalty", "rollout.seed",
+    "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
     "run.out_dir", "run.log_every", "run.keep_last",
 )
 
@@ -360,6 +363,9 @@ def _check_pairs(cfg: Config, source: str) -> None:
     for low, high in (("synth_min_objects", "synth_max_objects"), ("synth_min_size", "synth_max_size")):
         if getattr(d, low) > getattr(d, high):
             raise ConfigError(f"{source}: data.{low}={getattr(d, low)} > data.{high}={getattr(d, high)}")
+    if cfg.rollout.per_image > 1 and cfg.rollout.temperature == 0:
+        raise ConfigError(f"{source}: rollout.per_image={cfg.rollout.per_image} with rollout.temperature=0 "
+                          "generates identical greedy copies; set rollout.temperature > 0")
     if cfg.stage2.steps and cfg.stage2.method == "em" and cfg.buffer.capacity < cfg.optim.batch_size:
         # the learner takes optim.batch_size rows per Stage-2 step: a smaller buffer never fills
         raise ConfigError(f"{source}: buffer.capacity={cfg.buffer.capacity} < optim.batch_size="

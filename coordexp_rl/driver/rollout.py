@@ -56,6 +56,6 @@ def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, 
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts).remote(
             engine, work_list, cfg.data.prompt, sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
-            num_shards=r.num_actors, shard_index=i, buffer=buffer)
+            num_shards=r.num_actors, shard_index=i, buffer=buffer, per_image=r.per_image)
         for i in range(r.num_actors)]
     return Rollout(buffer, actors, work_list, starting=[a.weight_version.remote() for a in actors])

@@ -57,6 +57,8 @@ QUESTIONS = (
     Question("Stage-2 EM without vs with Stage-1's geometry on every GT box", "default", "gt_geometry"),
     Question("Extra SFT at equal compute vs SFT + the self-context geometry (canonical GT)", EQUAL_COMPUTE_ARM,
              "sft_plus_self_geo"),
+    Question("Stage-2 rollouts greedy vs sampled (temperature 0.7)", "default", "sampled_rollouts"),
+    Question("Stage-2 sampled rollouts: one vs two per image", "sampled_rollouts", "two_per_image"),
     Question("Stage-1 in the canonical vs a random object order (order invariance)", "default",
              "stage1_random_order"),
     Question("Stage-1 geometry light (L1 1, no GIoU) vs the default's (L1 4 + GIoU 8)", "light_stage1_geo",

@@ -52,6 +52,19 @@ def test_worker_generates_parsed_rows_for_its_shard(worker):
         assert r.parse_status == parsed.status and r.objects == parsed.objects
 
 
+def test_per_image_generates_each_item_that_many_times_in_a_row(tiny_dir, items):
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=0)
+    w = RolloutWorker(EngineConfig(str(tiny_dir), kind="hf"), items, PROMPT, sampling, batch_size=4,
+                      actor_id="a2", num_shards=2, shard_index=1, per_image=2)
+    try:
+        rows = w.generate_rows()
+        assert [(r.sample_id, r.seq) for r in rows] == [("s1", 0), ("s1", 1), ("s3", 2), ("s3", 3)]
+        assert [it.sample_id for _, it in w.next_items(4)] == ["s5", "s5", "s1", "s1"]  # cycles
+        assert rows[0].generated_ids != rows[1].generated_ids  # two hypotheses of one image
+    finally:
+        w.close()
+
+
 def test_stats_count_what_was_generated(worker):
     before = worker.stats()
     rows = worker.generate_rows(3)

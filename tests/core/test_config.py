@@ -167,4 +167,7 @@ def test_settings_that_do_not_fit_together_are_refused():
     with pytest.raises(ConfigError, match=r"buffer.capacity=4 < optim.batch_size=8"):
         load_config(None, ["buffer.capacity=4"])
     load_config(None, ["buffer.capacity=4", "stage2.method=sft"])  # the SFT control reads no buffer
+    with pytest.raises(ConfigError, match=r"rollout.per_image=2 with rollout.temperature=0"):
+        load_config(None, ["rollout.per_image=2"])
+    assert load_config(None, ["rollout.per_image=2", "rollout.temperature=0.7"]).rollout.per_image == 2
     load_config(None, ["stage1.steps=0", "stage2.steps=0", "eval.every=0"])  # zero steps: a stage skipped

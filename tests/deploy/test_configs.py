@@ -68,6 +68,8 @@ def test_all_expected_configs_exist():
     ("gated_order.yaml", {"stage2.gt_order": "gated"}),
     ("gt_geometry.yaml", {"stage2.gt_geometry": True}),
     ("sft_plus_self_geo.yaml", {"stage2.gt_order": "canonical", "stage2.gt_geometry": True}),
+    ("sampled_rollouts.yaml", {"rollout.temperature": 0.7}),
+    ("two_per_image.yaml", {"rollout.temperature": 0.7, "rollout.per_image": 2}),
     ("light_stage1_geo.yaml", {"loss.lambda_l1": 1.0, "loss.lambda_giou": 0.0}),
 ])
 def test_ablation_differs_from_tiny_cpu_only_in_its_keys(name, expected):
