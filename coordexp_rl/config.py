@@ -237,7 +237,10 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    out_dir: str = "runs/default"
+    out_dir: str = Field("runs/default", min_length=1)
+    # A folder holding another run is refused unless this run resumes it (resume) or replaces it: true
+    # removes the earlier run's outputs first (coordexp_rl/driver/run_folder.py).
+    overwrite: bool = False
     seed: int = 0
     log_every: Count = 10
     checkpoint_every: NonNegativeInt = 1000  # 0 = only the final one
@@ -277,7 +280,7 @@ STAGE2_ONLY_KEYS = (
     "loss.extra_eos_weight",  # Stage-2 targets of a rollout that over-generated
     "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
     "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
-    "run.out_dir", "run.log_every", "run.keep_last",
+    "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite",
 )
 
 

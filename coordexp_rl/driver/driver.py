@@ -36,6 +36,7 @@ from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, re
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
+from coordexp_rl.driver.run_folder import claim_run_folder
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
 from coordexp_rl.driver.weight_sync import WeightSyncer
@@ -101,6 +102,7 @@ class Driver:
     # ------------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        claim_run_folder(self.cfg)  # a folder holding another run is refused (or emptied: run.overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.assets = prepare_assets(self.cfg)

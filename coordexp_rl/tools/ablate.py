@@ -90,7 +90,8 @@ def arm_overrides(name: str, seed: int, scale: float, out_dir: Path, extra: list
     if cfg.eval.every:  # the learning curve keeps its number of points
         every = max(1, round(cfg.eval.every * scale))
         steps.append(f"eval.every={every if every < stage1 else 0}")
-    keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}"]
+    # ablate owns its runs folder: a folder without results.json holds an interrupted run, rerun from scratch
+    keep = [f"run.checkpoint_every={stage1 if name == 'default' else 0}", "run.overwrite=true"]
     if shares_stage1(name, extra, base):
         keep.append(f"run.resume={stage1_checkpoint(out_dir.parent.parent / 'default' / out_dir.name, stage1)}")
     # A pretrained tiny model (model.tiny_pretrain_steps) is one model for every seed, as a real VLM is: the
@@ -198,6 +199,7 @@ def _as_run(cfg: Config) -> dict:
     """The config as it runs: Stage-2's rate resolved (stage2.lr set, or derived from optim.lr and equal)."""
     tree = cfg.model_dump()
     tree["stage2"]["lr"] = stage2_lr(cfg)
+    tree["run"].pop("overwrite")  # how the folder was claimed, not what ran
     return tree
 
 

@@ -1,0 +1,102 @@
+"""A run folder belongs to one run: a launch into a folder that holds another run is refused unless it
+resumes that run (``run.resume``) or replaces it (``run.overwrite``), and a resume is checked against the
+config the checkpoint was trained under.
+
+Why: without this, a second launch into ``runs/default`` mixed both runs' steps in metrics.jsonl,
+replaced config.yaml, let ``run.keep_last`` delete the new run's checkpoints in favour of the old run's
+higher steps, and a later ``run.resume=auto`` resumed the old weights under the new config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from coordexp_rl.config import Config, is_stage2_only, load_config
+from coordexp_rl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# What a launch writes into its folder (spill folders and TensorBoard included); what overwrite removes.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "tb", "plots", "final_model", "report.md",
+               "results.json")
+# Keys a resume may change without a word: how long, how it is run and observed, not what was trained.
+RESUME_FREE = ("run.", "eval.", "stage1.steps", "stage2.steps", "data.check_images", "rollout.num_actors",
+               "rollout.cpus_per_actor", "rollout.gpus_per_actor", "rollout.max_restarts", "rollout.gone_timeout_s",
+               "learner.", "weight_sync.", "buffer.spill_dir")
+
+
+class RunFolderError(UserError):
+    """The run folder holds another run, or the checkpoint to resume was trained under another config."""
+
+
+def holds_run(out: Path) -> list[str]:
+    """The run outputs in ``out`` (empty: no run there)."""
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def claim_run_folder(cfg: Config) -> None:
+    """Check (and with run.overwrite, empty) ``run.out_dir`` before a launch writes into it."""
+    out, resume = Path(cfg.run.out_dir), cfg.run.resume
+    found = holds_run(out)
+    continues_this_run = resume == "auto" or (resume and _resolved(_run_dir(cfg)) == _resolved(out))
+    if found and not continues_this_run:
+        if not cfg.run.overwrite:
+            raise RunFolderError(
+                f"run.out_dir={out} holds another run ({', '.join(found)}); resume it with run.resume=auto, start "
+                "a new one with another run.out_dir, or replace it with run.overwrite=true")
+        log.warning("run.overwrite=true: removing the previous run in %s (%s)", out, ", ".join(found))
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if resume:
+        check_resume_config(cfg)
+
+
+def _run_dir(cfg: Config) -> Path:
+    """The folder of the run whose checkpoint ``run.resume`` names (``auto``: this run's)."""
+    resume = cfg.run.resume
+    return Path(cfg.run.out_dir) if resume == "auto" else Path(resume).parent.parent
+
+
+def _resolved(path: Path) -> Path:
+    return path.expanduser().resolve()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "tiny_size":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: Config, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs, ``key: saved -> now``, resume-free keys left out."""
+    a, b = _flat(saved.model_dump()), _flat(cfg.model_dump())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+
+
+def check_resume_config(cfg: Config) -> None:
+    """The config the checkpoint's run saved against this one: a difference in what Stage-1 trains (model,
+    data, Stage-1 losses, optimizer) is refused; Stage-2-only differences (an ablation arm started from a
+    default run's Stage-1 checkpoint, a changed Stage-2 setting) are logged."""
+    resume, run_dir = cfg.run.resume, _run_dir(cfg)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        if resume != "auto":
+            log.warning("run.resume=%s: no config.yaml in %s; the checkpoint's config is not checked", resume,
+                        run_dir)
+        return
+    differences = config_differences(load_config(saved_path), cfg)
+    trained = [d for d in differences if not is_stage2_only(d.split(":")[0])]
+    if trained:
+        raise RunFolderError(
+            f"run.resume={resume}: the checkpoint was trained under {saved_path}, which differs in what it trains: "
+            f"{'; '.join(trained)}; resume with those settings or start a new run.out_dir")
+    if differences:
+        log.warning("run.resume=%s: settings differ from %s: %s", resume, saved_path, "; ".join(differences))
