@@ -229,9 +229,10 @@ class EvalConfig(_Section):
     # After Stage-1 and Stage-2: the learner's teacher-forced box IoU on the same images (one no-grad forward
     # per GT sequence), beside the free-running one: eval/exposure/... (coordexp_rl/evaluation/exposure.py)
     exposure: bool = True
-    # Learning curves: during Stage-1, every N learner steps the weights go to the rollout actors (idle until
-    # Stage-2) and are scored on the first every_samples validation samples in a thread beside training
-    # (eval/step-000300/, logged as eval rows). 0 = off. Not yet in Stage-2, where the actors are busy.
+    # Learning curves: every N learner steps (both stages) the weights go to the rollout actors and are scored
+    # on the first every_samples validation samples (eval/step-000300/, logged as eval rows). In Stage-1 (and
+    # the SFT control's Stage-2) the actors are idle and score in a thread beside training; in the EM loop
+    # they stop generating for it, so the learner waits. 0 = off.
     every: NonNegativeInt = 0
     every_samples: Count = 200
 
@@ -342,9 +343,10 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     if cfg.stage2.gt_geometry and cfg.stage2.geo_context == "gt":
         raise ConfigError(f"{source}: stage2.gt_geometry=true puts the geometric loss on every GT box, "
                           "stage2.geo_context=gt on the gated pairs' only; set one of them")
-    if cfg.eval.every and cfg.stage1.steps and cfg.eval.every >= cfg.stage1.steps:
-        raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps={cfg.stage1.steps} "
-                          "(the evaluation after Stage-1 is always made); 0 turns it off")
+    steps = cfg.stage1.steps + cfg.stage2.steps
+    if cfg.eval.every and steps and cfg.eval.every >= steps:
+        raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps + stage2.steps = "
+                          f"{steps} (the evaluations after each stage are always made); 0 turns it off")
     return cfg
 
 

@@ -166,7 +166,7 @@ class Driver:
         done = self.step
         steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
-        every = self.cfg.eval.every if label == "stage1" else 0  # learning-curve points (Stage-1 only)
+        every = self.cfg.eval.every  # learning-curve points (also in the SFT control's Stage-2)
         with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
             while done < steps:
                 self.check_stop()
@@ -208,6 +208,7 @@ class Driver:
         s1, total = self.cfg.stage1.steps, self.cfg.stage2.steps
         if self.cfg.stage2.method == "sft":  # the control arm: Stage-2's steps spent on more SFT
             self.stage1(s1 + total, label="stage2")
+            self.evals.wait()  # a curve point still scoring must keep its weights
             return self.sync_weights()  # evaluation reads the actors' weights (the EM loop syncs as it goes)
         start = max(0, self.step - s1)
         self.supervisor = RolloutSupervisor(self.rollout.actors, self.cfg.rollout.gone_timeout_s,
@@ -228,9 +229,19 @@ class Driver:
                 if (k + 1) % self.cfg.stage2.sync_every == 0:
                     self.sync_weights()
                 self.save_checkpoint_if_due()
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and k + 1 < total:
+                    self.evaluate_in_stage2()
         self.supervisor.drain()
         self.log_rollout_stats()
         log.info("stage-2 done; %s", self.supervisor.stats())
+
+    def evaluate_in_stage2(self) -> None:
+        """A curve point in the EM loop (eval.every): the actors score it after the rollout step each has
+        running (the supervisor queues no new one meanwhile), so the learner waits for it; the weights are
+        synced first unless this step just did."""
+        if self.last_sync_step != self.step:
+            self.sync_weights()
+        self.evals.once(curve_label(self.step), self.step, self.cfg.eval.every_samples)
 
     def log_rollout_stats(self) -> None:
         """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""

@@ -162,8 +162,11 @@ def curve_stats(run: Path) -> dict[str, float | None]:
     the mean object-score AP50 over Stage-1 (trapezoids / steps) and the first evaluated step whose
     class-agnostic F1 reaches AVERAGE_BOX_F1 (None: never). Both None without a curve (no eval.every, or an
     arm that started from the default's Stage-1)."""
-    points = sorted((r["step"], r) for r in _records(run) if r.get("stage") == "eval"
-                    and (r.get("label") in ("initial", "stage1") or str(r.get("label")).startswith("step-")))
+    evals = [r for r in _records(run) if r.get("stage") == "eval"]
+    end = next((r["step"] for r in evals if r.get("label") == "stage1"), None)  # Stage-2's points stay out
+    points = sorted((r["step"], r) for r in evals
+                    if r.get("label") in ("initial", "stage1")
+                    or (str(r.get("label")).startswith("step-") and (end is None or r["step"] <= end)))
     if len(points) < 3:
         return {CURVE[0]: None, CURVE[1]: None}
     xs, ys = [s for s, _ in points], [r.get("eval/object_prob/AP50") or 0.0 for _, r in points]

@@ -365,11 +365,12 @@ def test_table_pairs_recall_at_six_plus_and_duplicates_and_lists_every_seed():
 def test_stage1_curve_area_and_the_step_that_leaves_the_average_box(tmp_path):
     rows = [("eval", 0, "initial", 0.0, 0.0), ("stage1", 100, None, None, None),
             ("eval", 100, "step-000100", 0.2, 0.1), ("eval", 200, "step-000200", 0.4, 0.3),
-            ("eval", 300, "stage1", 0.4, 0.5), ("eval", 400, "stage2", 0.9, 0.9)]
+            ("eval", 300, "stage1", 0.4, 0.5), ("eval", 350, "step-000350", 0.9, 0.9),
+            ("eval", 400, "stage2", 0.9, 0.9)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
         {"stage": st, "step": s, "label": lab, "eval/object_prob/AP50": ap, "eval/f1_class_agnostic": f1}) + "\n"
         for st, s, lab, ap, f1 in rows))
-    # trapezoids over 0..300 (stage2's evaluation is past Stage-1): (100 x 0.1 + 100 x 0.3 + 100 x 0.4) / 300
+    # trapezoids over 0..300 (Stage-2's points are past Stage-1): (100 x 0.1 + 100 x 0.3 + 100 x 0.4) / 300
     # = 0.2667; class-agnostic F1 first >= 0.2 at step 200
     stats = ablate.curve_stats(tmp_path)
     assert stats[ablate_table.CURVE[0]] == pytest.approx(80 / 300) and stats[ablate_table.CURVE[1]] == 200

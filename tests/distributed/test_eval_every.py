@@ -1,5 +1,6 @@
 """eval.every: during Stage-1 the driver syncs the weights to the (idle) rollout actors every N learner steps
-and scores them on eval.every_samples validation samples in a thread beside training (``step-N`` labels).
+and scores them on eval.every_samples validation samples in a thread beside training (``step-N`` labels);
+in Stage-2's EM loop it scores them synchronously.
 No Ray here: the learner, the sync and the scoring are stand-ins; the real path runs in test_ray_job."""
 
 from __future__ import annotations
@@ -51,19 +52,64 @@ def test_stage1_is_scored_every_n_steps_on_the_subset(tmp_path, monkeypatch):
                                                                             (8, "step-000008", 0.5)]
 
 
-def test_off_by_default_and_never_in_the_sft_control_stage(tmp_path, monkeypatch):
+def test_off_by_default_and_in_the_sft_control_stage_as_in_stage1(tmp_path, monkeypatch):
     d, events = make_driver(tmp_path, monkeypatch, "stage1.steps=10")
     with closing(d.run_log):
         d.stage1()
+        assert not [e for e in events if e[0] != "train"]
         d.step = 10
         d.cfg.eval.every = 4
         d.stage1(14, label="stage2")  # stage2.method=sft spends Stage-2 on more SFT steps
-    assert not [e for e in events if e[0] != "train"]
+        d.evals.wait()
+    assert [e for e in events if e[0] == "score"] == [("score", "step-000012", 200)]
+
+
+def test_the_em_loop_stops_for_its_curve_points_with_synced_weights(tmp_path, monkeypatch):
+    """In Stage-2's EM loop the actors are generating: a point is scored synchronously, after a sync unless
+    the step just synced (sync_every), and none at Stage-2's last step (its own evaluation follows)."""
+    d, events = make_driver(tmp_path, monkeypatch, "stage1.steps=4", "stage2.steps=8", "stage2.sync_every=3",
+                            "eval.every=2", "eval.every_samples=5")
+    d.step = 4
+
+    class Supervisor:
+        down: dict = {}
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def learner_step(self, learner):
+            events.append(("train", d.step, 1))
+            return {"step": d.step + 1, "loss/total": 1.0, "match/mean_iou": 0.5}
+
+        def drain(self):
+            pass
+
+        def stats(self):
+            return {}
+
+    def sync():
+        events.append(("sync", d.step))
+        d.last_sync_step = d.step
+
+    monkeypatch.setattr(driver_module, "RolloutSupervisor", Supervisor)
+    d.sync_weights, d.log_rollout_stats, d.rollout = sync, lambda: None, SimpleNamespace(actors=[], buffer=None)
+    with closing(d.run_log):
+        d.stage2()
+    scored = [e[1] for e in events if e[0] == "score"]
+    assert scored == ["step-000006", "step-000008", "step-000010"]  # 12 is the end of Stage-2
+    syncs = [e[1] for e in events if e[0] == "sync"]
+    assert syncs == [6, 7, 8, 10]  # every 3 Stage-2 steps (7, 10) and before the points at 6 and 8 only
+    order = [e[:2] for e in events if e[0] in ("sync", "score")]
+    assert order.index(("sync", 6)) < order.index(("score", "step-000006"))
 
 
 def test_settings_that_cannot_work_are_refused_naming_the_key():
-    with pytest.raises(ConfigError, match=r"eval.every=10 must be below stage1.steps=10"):
-        load_config(None, ["stage1.steps=10", "eval.every=10"])
+    with pytest.raises(ConfigError, match=r"eval.every=10 must be below stage1.steps \+ stage2.steps = 10"):
+        load_config(None, ["stage1.steps=6", "stage2.steps=4", "eval.every=10"])
+    load_config(None, ["stage1.steps=10", "stage2.steps=4", "eval.every=10"])  # a point in Stage-2
     with pytest.raises(ConfigError, match="eval.every"):
         load_config(None, ["eval.every=-1"])
     with pytest.raises(ConfigError, match="eval.every_samples"):
