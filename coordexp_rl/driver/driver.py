@@ -36,7 +36,7 @@ from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, re
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
-from coordexp_rl.driver.run_folder import claim_run_folder
+from coordexp_rl.driver.run_folder import claim_run_folder, probe_writable
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
 from coordexp_rl.driver.weight_sync import WeightSyncer
@@ -103,7 +103,7 @@ class Driver:
 
     def prepare(self) -> None:
         claim_run_folder(self.cfg)  # a folder holding another run is refused (or emptied: run.overwrite)
-        self.out.mkdir(parents=True, exist_ok=True)
+        probe_writable(self.out)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.assets = prepare_assets(self.cfg)
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
@@ -171,6 +171,7 @@ class Driver:
             while done < steps:
                 self.check_stop()
                 self.rollout.raise_start_failure()
+                self.evals.raise_failure()
                 n = min(chunk, steps - done, every - done % every if every else chunk)
                 for m in ray.get(self.learner.stage1_steps.remote(n)):
                     self.run_log.log(label, m["step"], m)

@@ -134,6 +134,12 @@ class Evaluations:
         self.pending = (threading.Thread(target=body, name=f"eval-{label}", daemon=True), errors)
         self.pending[0].start()
 
+    def raise_failure(self) -> None:
+        """Raise the error of an evaluation scoring beside training as soon as it has failed (non-blocking):
+        a broken evaluation stops the run now, not after the stage it runs beside."""
+        if self.pending is not None and not self.pending[0].is_alive() and self.pending[1]:
+            self.wait()
+
     def wait(self) -> None:
         if self.pending is None:
             return

@@ -54,6 +54,19 @@ def claim_run_folder(cfg: Config) -> None:
         check_resume_config(cfg)
 
 
+def probe_writable(out: Path) -> None:
+    """Write (and remove) a file in the run folder and its checkpoint folder now, so that an unwritable one
+    is found before the work, not at the first checkpoint."""
+    for folder in (out, out / "checkpoints"):
+        probe = folder / ".write-probe"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise RunFolderError(f"run.out_dir={out}: cannot write into {folder} ({e.strerror or e})") from None
+
+
 def _run_dir(cfg: Config) -> Path:
     """The folder of the run whose checkpoint ``run.resume`` names (``auto``: this run's)."""
     resume = cfg.run.resume

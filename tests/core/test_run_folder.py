@@ -4,11 +4,12 @@ unless it resumes or overwrites, and a resume is checked against the config its 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
 from coordexp_rl.config import dump_config, load_config
-from coordexp_rl.driver.run_folder import RunFolderError, claim_run_folder
+from coordexp_rl.driver.run_folder import RunFolderError, claim_run_folder, probe_writable
 
 
 def _earlier_run(out, *overrides):
@@ -69,3 +70,20 @@ def test_an_arm_resumes_another_runs_checkpoint_into_its_own_folder(tmp_path):
 def test_an_empty_out_dir_is_refused():
     with pytest.raises(Exception, match="run.out_dir"):
         load_config(None, ["run.out_dir="])
+
+
+def test_an_unwritable_run_or_checkpoint_folder_is_found_before_the_work(tmp_path):
+    probe_writable(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints"]  # no probe left behind
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match="cannot write into"):  # a file where the folder should be
+        probe_writable(tmp_path / "file")
+    (tmp_path / "ro" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ro" / "checkpoints").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro" / "checkpoints", os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: a read-only folder stays writable")
+        with pytest.raises(RunFolderError, match=r"cannot write into .*checkpoints"):
+            probe_writable(tmp_path / "ro")
+    finally:
+        (tmp_path / "ro" / "checkpoints").chmod(0o700)

@@ -106,6 +106,26 @@ def test_the_em_loop_stops_for_its_curve_points_with_synced_weights(tmp_path, mo
     assert order.index(("sync", 6)) < order.index(("score", "step-000006"))
 
 
+def test_a_failed_evaluation_beside_training_stops_stage1_at_once(tmp_path, monkeypatch):
+    """The initial evaluation scores in a thread while Stage-1 trains: its error (a broken validation file,
+    actors that cannot start) ends the run within a step or two, not after the whole of Stage-1."""
+    import time
+
+    d, events = make_driver(tmp_path, monkeypatch, "stage1.steps=2000", "run.log_every=1")
+    train = d.learner.stage1_steps.remote
+    d.learner.stage1_steps.remote = lambda n: time.sleep(0.005) or train(n)
+
+    def score(label, n):
+        raise ValueError("validation file: line 3: bad box")
+
+    d.evals = Evaluations(score, d.run_log)
+    with closing(d.run_log):
+        d.evals.start("initial", 0)
+        with pytest.raises(ValueError, match="line 3: bad box"):
+            d.stage1()
+    assert len([e for e in events if e[0] == "train"]) < 100
+
+
 def test_settings_that_cannot_work_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"eval.every=10 must be below stage1.steps \+ stage2.steps = 10"):
         load_config(None, ["stage1.steps=6", "stage2.steps=4", "eval.every=10"])
