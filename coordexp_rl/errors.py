@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 
 USER_ERROR_EXIT = 2  # config and data errors (argparse's usage errors exit 2 as well)
 
@@ -38,3 +39,25 @@ def report_user_error(exc: BaseException, debug: bool = False) -> int | None:
         traceback.print_exception(exc)
     print(f"{found.kind}: {found}", file=sys.stderr)
     return USER_ERROR_EXIT
+
+
+class OverwriteError(UserError):
+    """An output path holds something this command did not ask to replace."""
+
+
+def refuse_overwrite(path: str | Path, force: bool, inputs: tuple = ()) -> None:
+    """A command writes its ``--out`` only where nothing is, or where ``--force`` lets it replace what is
+    there; never onto one of its own ``inputs`` (even with --force)."""
+    out = Path(path).expanduser().resolve()
+    for given in inputs:
+        if given is not None and Path(given).expanduser().resolve() == out:
+            raise OverwriteError(f"--out {path} is an input of this command ({given}); choose another --out")
+    if force:
+        return
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        kind = "file" if out.is_file() else "non-empty folder"
+        raise OverwriteError(f"--out {path} is an existing {kind}; pass --force to replace it, or choose another --out")
+
+
+def add_force_argument(parser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace what --out holds (refused otherwise)")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from coordexp_rl.data.synth import SynthConfig, render_image
+from coordexp_rl.errors import add_force_argument, refuse_overwrite
 
 SPLITS = (("train2017", 1), ("val2017", 100_001))  # (folder, first image id): ids never collide
 
@@ -63,10 +64,12 @@ def make_coco_sample(out: str | Path, n_train: int = 64, n_val: int = 16, seed: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coordexp_rl.data.coco_sample", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    add_force_argument(parser)
     parser.add_argument("--train", type=int, default=64)
     parser.add_argument("--val", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    refuse_overwrite(args.out, args.force)
     out = make_coco_sample(args.out, args.train, args.val, args.seed)
     print(f"wrote {args.train} + {args.val} images in COCO's layout to {out}")
     return 0

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from coordexp_rl.data.loader import DataError
+from coordexp_rl.errors import add_force_argument, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--split", default=None, help="keep only this split (train, val, testA, ...)")
     for p in (coco, voc, ref):
         p.add_argument("--out", type=Path, required=True, help="output JSONL")
+        add_force_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = tuple(getattr(args, k, None) for k in ("ann", "refs", "xml_dir", "image_root"))
+    refuse_overwrite(args.out, args.force, inputs)
     stats: Counter = Counter()
     if args.source == "coco":
         records = coco_records(read_json(args.ann, "utf-8-sig"), args.crowd, stats, args.prefix)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from coordexp_rl.errors import add_force_argument, refuse_overwrite
+
 log = logging.getLogger(__name__)
 
 # Strong, well separated colours (RGB) and the word the description uses.
@@ -316,6 +318,7 @@ def _shape_mask(shape: str, square: tuple[int, int, int, int], size: int) -> np.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (images/, train.jsonl, val.jsonl)")
+    add_force_argument(parser)
     parser.add_argument("--train", type=int, required=True, help="number of training images")
     parser.add_argument("--val", type=int, required=True, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0)
@@ -340,6 +343,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_overwrite(args.out, args.force)
     start = time.perf_counter()
     paths = make_synthetic_set(args.out, args.train, args.val, args.seed, image_size=args.size,
                                min_objects=args.min_objects, max_objects=args.max_objects,

@@ -25,6 +25,7 @@ import math
 import torch
 from transformers import AddedToken
 
+from coordexp_rl.errors import add_force_argument, refuse_overwrite
 from coordexp_rl.method.coords import COORD_TOKENS, NUM_BINS, STRUCTURE_TOKENS, CoordVocab
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def ordinal_rows(hidden: int, generator: torch.Generator, num_bins: int = NUM_BI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a Qwen3-VL folder (weights, tokenizer, processor)")
     parser.add_argument("--out", required=True, help="folder to write the converted model to")
+    add_force_argument(parser)
     parser.add_argument("--init", choices=INITS, default="ordinal", help="initialisation of the coord rows")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     src, out = Path(args.model), Path(args.out)
+    refuse_overwrite(out, args.force, (src,))
     if not (src / "config.json").is_file():
         print(f"error: {src}/config.json not found: --model must be a Qwen3-VL folder")
         return 2

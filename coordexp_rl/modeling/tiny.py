@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from coordexp_rl.errors import add_force_argument, refuse_overwrite
 from coordexp_rl.modeling.coord_tokens import add_coord_tokens
 from coordexp_rl.modeling.tokenizer import (
     CHAT_TEMPLATE,
@@ -151,6 +152,7 @@ def _make_tokenizer(kind: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write")
+    add_force_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", choices=("local", "qwen"), default="local",
                         help="local: a small BPE trained here (fast); qwen: the real Qwen vocabulary (large)")
@@ -164,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_overwrite(args.out, args.force)
     size = dict(SHAPES[args.shape]) if args.shape else {}
     size.update({k: getattr(args, k) for k, v in asdict(TinySize()).items()
                  if isinstance(v, int) and not isinstance(v, bool) and getattr(args, k) is not None})

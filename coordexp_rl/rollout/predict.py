@@ -209,8 +209,9 @@ def write_predictions(records: Iterable[dict], path: str | Path, *, progress=Non
 def resume_done_ids(path: str | Path) -> set[str]:
     """``sample_id``s already written to ``path`` (empty when it does not exist).
 
-    A crash can leave the last line cut short: the file is then rewritten without it. A broken line
-    anywhere else is an error that names the line (the file is not ours to repair).
+    A crash can leave the last line cut short (not JSON, no newline): the file is then rewritten without
+    it. Any other line that is not a prediction (broken anywhere else, or JSON without a ``sample_id``,
+    e.g. an annotation file given as --out) is an error that names the line: the file is not ours.
     """
     path = Path(path)
     if not path.exists():
@@ -224,7 +225,7 @@ def resume_done_ids(path: str | Path) -> set[str]:
             rec = json.loads(line)
             sample_id = rec["sample_id"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            if n == len(lines):
+            if n == len(lines) and isinstance(exc, json.JSONDecodeError) and not line.endswith("\n"):
                 log.warning("%s line %d: incomplete last line (a crash?); rewriting the file without it", path, n)
                 break
             raise ValueError(f"{path} line {n}: not a prediction line ({exc}); fix or delete the file") from exc

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from coordexp_rl.config import Config
 from coordexp_rl.data.loader import Sample
+from coordexp_rl.errors import refuse_overwrite
 from coordexp_rl.rollout.engine import DecoderModel
 from coordexp_rl.rollout.predict import DECODES, SCORE_MODES, predict, resume_done_ids, write_predictions
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from coordexp_rl.data.loader import DataError, load_samples
 
     try:
+        refuse_overwrite(args.out, force=True, inputs=(args.data,))  # appended to, never onto its input
         resolve_settings(args)
         samples = load_samples(args.data, args.image_root, skip_bbox_norm=args.skip_bbox_norm)
         if args.engine == "vllm":  # a prompt + max_new_tokens over max_model_len fails mid-run in vLLM: check now

@@ -47,6 +47,18 @@ def test_broken_middle_line_is_an_error_naming_the_line(tmp_path):
     assert path.read_text(encoding="utf-8") == text  # not ours to repair
 
 
+def test_a_file_that_is_not_predictions_is_refused_not_repaired(tmp_path):
+    """An annotation file given as --out (one JSON line, no sample_id, maybe no final newline) is not a
+    torn prediction file: refused, untouched."""
+    for text in ('{"images": [], "annotations": [], "categories": []}',
+                 json.dumps({"images": ["a.png"], "objects": []}) + "\n"):
+        path = tmp_path / "ann.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"ann\.json line 1: not a prediction line"):
+            resume_done_ids(path)
+        assert path.read_text(encoding="utf-8") == text
+
+
 def test_write_predictions_appends_and_counts(tmp_path):
     path = tmp_path / "p.jsonl"
     recs = [json.loads(line(i, s)) for i, s in enumerate(["ok", "failed", "ok"])]
