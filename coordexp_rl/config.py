@@ -235,6 +235,9 @@ class EvalConfig(_Section):
     # they stop generating for it, so the learner waits. 0 = off.
     every: NonNegativeInt = 0
     every_samples: Count = 200
+    # A headline metric of the evaluations (e.g. object_prob/AP50; higher is better): the checkpoint of the
+    # best curve point (eval.every) is kept beyond run.keep_last, named in checkpoints/best.json. "" = off.
+    best_metric: str = ""
 
 
 class RunConfig(_Section):
@@ -344,6 +347,9 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
         raise ConfigError(f"{source}: stage2.gt_geometry=true puts the geometric loss on every GT box, "
                           "stage2.geo_context=gt on the gated pairs' only; set one of them")
     steps = cfg.stage1.steps + cfg.stage2.steps
+    if cfg.eval.best_metric and not cfg.eval.every:
+        raise ConfigError(f"{source}: eval.best_metric={cfg.eval.best_metric} picks among the curve points of "
+                          "eval.every, which is 0 (off); set eval.every")
     if cfg.eval.every and steps and cfg.eval.every >= steps:
         raise ConfigError(f"{source}: eval.every={cfg.eval.every} must be below stage1.steps + stage2.steps = "
                           f"{steps} (the evaluations after each stage are always made); 0 turns it off")

@@ -157,11 +157,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prune_checkpoints(folder: Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest complete checkpoints (0 = keep all); returns the deleted."""
+def prune_checkpoints(folder: Path, keep_last: int, protect=()) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints (0 = keep all) and those in ``protect``
+    (paths: the best one, those being scored); returns the deleted."""
     if keep_last <= 0:
         return []
-    old = complete_checkpoints(folder)[:-keep_last]
+    kept = {Path(p).resolve() for p in protect}
+    old = [p for p in complete_checkpoints(folder)[:-keep_last] if p.resolve() not in kept]
     for p in old:
         shutil.rmtree(p)
         log.info("removed old checkpoint %s (run.keep_last=%d)", p, keep_last)

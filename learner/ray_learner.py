@@ -196,15 +196,16 @@ class LearnerWorker:
         self._broadcast.send(version, named, dtype=self.cfg.model.dtype, omitted=frozen)
         return version
 
-    def save_checkpoint(self, path: str, keep_last: int = 0, driver: dict | None = None) -> str:
+    def save_checkpoint(self, path: str, keep_last: int = 0, driver: dict | None = None,
+                        protect: list[str] | None = None) -> str:
         """Save (data stream, consumed row ids and the driver's own state go along); keep the newest
-        ``keep_last`` complete checkpoints of the folder (0 = all)."""
+        ``keep_last`` complete checkpoints of the folder (0 = all) and those in ``protect``."""
         from learner.checkpoint import prune_checkpoints
 
         data = {"stream": self.stream.state(), "consumed": dict(self.consumed), "driver": driver or {}}
         out = self.learner.save(Path(path), data)
         if self.learner.dist.is_main and keep_last:
-            prune_checkpoints(Path(path).parent, keep_last)
+            prune_checkpoints(Path(path).parent, keep_last, protect=protect or ())
         return str(out)
 
     def latest_checkpoint(self, folder: str) -> str | None:

@@ -35,7 +35,7 @@ from coordexp_rl.driver.evaluations import (
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
-from coordexp_rl.driver.run_control import Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
+from coordexp_rl.driver.run_control import BestCheckpoint, Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
 from coordexp_rl.driver.run_folder import claim_run_folder, probe_writable
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
@@ -63,6 +63,7 @@ class Driver:
         self.learner = None  # learner.group.LearnerGroup
         self.run_log: RunLog | None = None  # metrics.jsonl + TensorBoard (rewound on a resume)
         self.checkpoints: Checkpoints | None = None
+        self.best: BestCheckpoint | None = None  # eval.best_metric's checkpoint, when set
         self.evals: Evaluations | None = None
         self.rollout: Rollout | None = None  # buffer, actors, their work list
         self.syncer: WeightSyncer | None = None
@@ -151,7 +152,8 @@ class Driver:
             self.checkpoints.last_path = resumed["path"]
             self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
         self.run_log = RunLog(self.out, resume_step=self.step if resumed else None)
-        self.evals = Evaluations(self.score, self.run_log)
+        self.best = BestCheckpoint(self.checkpoints, cfg.eval.best_metric) if cfg.eval.best_metric else None
+        self.evals = Evaluations(self.score, self.run_log, on_scored=self.best.scored if self.best else None)
         if resumed:
             log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"],
                      self.step, resumed["version"], sorted(self.run_log.evaluations()) or "none")
@@ -194,6 +196,8 @@ class Driver:
                         "shorter than one evaluation of eval.every_samples=%d)", time.perf_counter() - t0,
                         self.cfg.eval.every, self.cfg.eval.every_samples)
         self.sync_weights()
+        if self.best:
+            self.best.saving_for(self.step, self.driver_state())
         self.evals.start(curve_label(self.step), self.step, self.cfg.eval.every_samples)
 
     def end_stage1(self) -> None:
@@ -242,6 +246,8 @@ class Driver:
         synced first unless this step just did."""
         if self.last_sync_step != self.step:
             self.sync_weights()
+        if self.best:
+            self.best.saving_for(self.step, self.driver_state())
         self.evals.once(curve_label(self.step), self.step, self.cfg.eval.every_samples)
 
     def log_rollout_stats(self) -> None:

@@ -100,8 +100,9 @@ class Evaluations:
     """The run's evaluations by label: ``score(label)`` (the headline metrics of the actors' weights) logged
     to the run log as an ``eval`` row. Those kept from before a resume are not redone."""
 
-    def __init__(self, score: Callable[[str], dict], run_log):
-        self.score, self.run_log = score, run_log
+    def __init__(self, score: Callable[[str], dict], run_log, on_scored: Callable | None = None):
+        """``on_scored(label, step, headline)``: called with each new score (e.g. the best checkpoint's)."""
+        self.score, self.run_log, self.on_scored = score, run_log, on_scored
         self.results: dict[str, dict] = run_log.evaluations()
         self.pending: tuple[threading.Thread, list] | None = None
 
@@ -115,6 +116,8 @@ class Evaluations:
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
         self.results[label] = headline
+        if self.on_scored:
+            self.on_scored(label, step, headline)
 
     def start(self, label: str, step: int, samples: int | None = None) -> None:
         """``once`` in a thread while the learner trains; ``wait`` (before the weights change) joins it and

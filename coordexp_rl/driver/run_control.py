@@ -6,8 +6,10 @@ Kept apart from ``coordexp_rl.driver.driver.Driver`` so the driver's main flow s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -24,11 +26,13 @@ class RunStopped(RuntimeError):
 
 
 class Checkpoints:
-    """The run's checkpoint folder: periodic saves (``run.checkpoint_every``), keep_last, the last step saved."""
+    """The run's checkpoint folder: periodic saves (``run.checkpoint_every``), keep_last, the last step saved,
+    and the checkpoints ``run.keep_last`` must not remove (``protected``: the best one, those being scored)."""
 
     def __init__(self, learner, folder: Path, every: int, keep_last: int):
         self.learner, self.folder, self.every, self.keep_last = learner, folder, every, keep_last
         self.last_step, self.last_path = -1, ""
+        self.protected: set[str] = set()
 
     def save_if_due(self, step: int, driver_state: dict) -> None:
         if self.every and step % self.every == 0:
@@ -36,7 +40,8 @@ class Checkpoints:
 
     def save(self, step: int, driver_state: dict, name: str | None = None) -> str:
         target = self.folder / (name or f"step-{step:06d}")
-        path = ray.get(self.learner.save_checkpoint.remote(str(target), self.keep_last, driver_state))
+        path = ray.get(self.learner.save_checkpoint.remote(str(target), self.keep_last, driver_state,
+                                                           sorted(self.protected)))
         self.last_step, self.last_path = step, path
         log.info("checkpoint %s", path)
         return path
@@ -46,6 +51,51 @@ class Checkpoints:
         if self.last_step == step:
             return self.last_path
         return self.save(step, driver_state)
+
+
+class BestCheckpoint:
+    """``eval.best_metric``: the checkpoint of the best learning-curve point so far (higher is better), kept
+    beyond ``run.keep_last`` and named in ``checkpoints/best.json``. Curve points are all scored on the same
+    ``eval.every_samples`` images, so they compare. A point's checkpoint is saved when its scoring starts and
+    protected until its score is in (scoring may run in a thread beside training)."""
+
+    FILE = "best.json"
+
+    def __init__(self, checkpoints: Checkpoints, metric: str):
+        self.checkpoints, self.metric = checkpoints, metric
+        self.scoring: dict[int, str] = {}  # step -> checkpoint path, score pending
+        self._lock = threading.Lock()
+        self.best: dict | None = None
+        path = checkpoints.folder / self.FILE
+        if path.is_file():  # a resumed run keeps its best
+            self.best = json.loads(path.read_text())
+            checkpoints.protected.add(self.best["path"])
+
+    def saving_for(self, step: int, driver_state: dict) -> None:
+        """Before a curve point is scored: its weights as a checkpoint, protected until the score is in."""
+        path = self.checkpoints.ensure(step, driver_state)
+        with self._lock:
+            self.scoring[step] = path
+            self.checkpoints.protected.add(path)
+
+    def scored(self, label: str, step: int, headline: dict) -> None:
+        """A score is in (any evaluation; only curve points with a saved checkpoint count)."""
+        if self.metric not in headline:
+            raise ValueError(f"eval.best_metric={self.metric!r} is not an evaluation metric; use one of "
+                             f"{sorted(k for k, v in headline.items() if isinstance(v, (int, float)))}")
+        with self._lock:
+            path = self.scoring.pop(step, None)
+            if path is None:
+                return
+            value = float(headline[self.metric])
+            if self.best is None or value > self.best["value"]:
+                if self.best is not None:
+                    self.checkpoints.protected.discard(self.best["path"])
+                self.best = {"metric": self.metric, "value": value, "step": step, "label": label, "path": path}
+                (self.checkpoints.folder / self.FILE).write_text(json.dumps(self.best, indent=2) + "\n")
+                log.info("best %s so far: %.4f at step %d (%s)", self.metric, value, step, path)
+            else:
+                self.checkpoints.protected.discard(path)
 
 
 def load_resume_point(learner, resume: str, checkpoints: Path) -> dict:

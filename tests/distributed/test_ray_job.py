@@ -7,6 +7,7 @@ FSDP2 ranks) runs through the launcher in test_actor_restart.
 """
 
 import json
+import pathlib
 import subprocess
 
 import pytest
@@ -16,7 +17,8 @@ from coordexp_rl.tools.local_head import RAY, ROOT, launch_job, local_ray_head, 
 pytestmark = pytest.mark.integration
 SHORT_RUN = ["stage1.steps=4", "stage2.steps=4", "stage2.sync_every=2", "data.synth_train=32", "data.synth_val=8",
              "eval.max_samples=8", "rollout.max_new_tokens=48", "optim.batch_size=4",
-             "eval.every=2", "eval.every_samples=3"]  # one learning-curve point, at step 2
+             "eval.every=2", "eval.every_samples=3",  # curve points at step 2 (Stage-1) and 6 (Stage-2)
+             "eval.best_metric=f1@0.5/f1", "run.keep_last=1"]  # the best point's checkpoint outlives keep_last
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,13 @@ def test_ray_job_submit_runs_both_stages_syncs_and_evaluates(ray_head, tmp_path)
     assert (out / "report.md").read_text().count("| stage2 |") == 1
     curve = out / "eval" / "step-000002"  # eval.every: scored beside Stage-1 on 3 samples
     assert len((curve / "predictions.jsonl").read_text().splitlines()) == 3
-    assert list(json.loads((out / "results.json").read_text())) == ["initial", "step-000002", "stage1", "stage2"]
+    assert len((out / "eval" / "step-000006" / "predictions.jsonl").read_text().splitlines()) == 3  # in the EM loop
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["initial", "step-000002", "stage1", "step-000006", "stage2"]
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    scores = {s: results[f"step-{s:06d}"]["f1@0.5/f1"] for s in (2, 6)}
+    assert best["step"] == max(scores, key=lambda s: (scores[s], -s)) and best["value"] == scores[best["step"]]
+    assert (pathlib.Path(best["path"]) / "COMPLETE").is_file()  # kept although keep_last is 1
     for label in ("initial", "stage1", "stage2"):  # each evaluation leaves something to look at
         folder = out / "eval" / label
         assert (folder / "report.md").is_file() and (folder / "iou_histogram.png").is_file()

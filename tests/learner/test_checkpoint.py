@@ -99,3 +99,8 @@ def test_keep_last_removes_the_oldest_and_saving_over_a_folder_replaces_it(learn
     assert [p.name for p in removed] == [f"step-{start:06d}"]
     assert sorted(p.name for p in folder.iterdir()) == [f"step-{start + 1:06d}", f"step-{start + 2:06d}"]
     assert prune_checkpoints(folder, keep_last=0) == []
+    learner.step = start + 3
+    learner.save(folder / f"step-{start + 3:06d}")
+    protected = folder / f"step-{start + 1:06d}"  # the best one: kept beyond keep_last
+    assert prune_checkpoints(folder, keep_last=1, protect=[str(protected)]) == [folder / f"step-{start + 2:06d}"]
+    assert sorted(p.name for p in folder.iterdir()) == [protected.name, f"step-{start + 3:06d}"]
