@@ -35,7 +35,14 @@ from coordexp_rl.driver.evaluations import (
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
-from coordexp_rl.driver.run_control import BestCheckpoint, Checkpoints, RunStopped, flatten, load_resume_point, stop_on_signals
+from coordexp_rl.driver.run_control import (
+    BestCheckpoint,
+    Checkpoints,
+    RunStopped,
+    flatten,
+    load_resume_point,
+    stop_on_signals,
+)
 from coordexp_rl.driver.run_folder import claim_run_folder, probe_writable
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
