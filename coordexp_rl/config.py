@@ -250,6 +250,9 @@ class RunConfig(_Section):
     checkpoint_every: NonNegativeInt = 1000  # 0 = only the final one
     resume: str = ""  # a checkpoint folder to continue from; "auto" = the newest complete one in out_dir (if any)
     keep_last: NonNegativeInt = 3  # complete checkpoints kept on disk (oldest removed first); 0 = keep all
+    # On a cluster the launch joined: how long to wait for its placement groups (nodes joining, an
+    # autoscaler adding them) before it stops with the knobs to change. A local Ray refuses at once.
+    placement_timeout_s: Positive = 600.0
     ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
 
 
@@ -284,7 +287,7 @@ STAGE2_ONLY_KEYS = (
     "loss.extra_eos_weight",  # Stage-2 targets of a rollout that over-generated
     "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
     "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
-    "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite",
+    "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite", "run.placement_timeout_s",
 )
 
 

@@ -83,8 +83,8 @@ class Driver:
     def run(self) -> str:
         self.prepare()
         train, counts = self.check_data()  # a data error ends the run here, before Ray starts
-        connect_ray(self.cfg)
-        groups = reserve_resources(self.cfg)
+        local = connect_ray(self.cfg)
+        groups = reserve_resources(self.cfg, local)
         self.learner = self.start_learner(groups["learner"])
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before

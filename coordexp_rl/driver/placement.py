@@ -1,16 +1,20 @@
 """Where a run's workers go: one Ray bundle per rollout actor and per learner rank, reserved up front.
 
-Used by the driver (``coordexp_rl.launch``): ``connect_ray(cfg)`` then ``reserve_resources(cfg)``: the rollout
-actors' group (PACK) and the learner ranks' group (STRICT_PACK), apart.
+Used by the driver (``coordexp_rl.launch``): ``connect_ray(cfg)`` then ``reserve_resources(cfg, local)``:
+the rollout actors' group (PACK) and the learner ranks' group (STRICT_PACK), apart. On a Ray this launch
+started (``local``) the cluster cannot grow, so a request larger than it is refused at once; on a cluster
+it joined, the groups are created and waited for (``run.placement_timeout_s``, with progress lines): nodes
+may still be joining, and a pending group is what asks an autoscaler for them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from coordexp_rl.config import Config
 
@@ -36,8 +40,9 @@ def placement_groups(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str
     return {"rollout": (b[:n], "PACK"), "learner": (b[n:], "STRICT_PACK")}
 
 
-def connect_ray(cfg: Config) -> None:
-    """Join ``run.ray_address`` / ``RAY_ADDRESS`` (inside `ray job submit`), else start a local Ray."""
+def connect_ray(cfg: Config) -> bool:
+    """Join ``run.ray_address`` / ``RAY_ADDRESS`` (inside `ray job submit`), else start a local Ray; True
+    for a local Ray (one that cannot grow)."""
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -46,22 +51,65 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
                  include_dashboard=False, _node_ip_address="127.0.0.1")
     log.info("ray: %s", ray.cluster_resources())
+    return not address
 
 
-def reserve_resources(cfg: Config) -> dict:
-    """The ``placement_groups(cfg)``, ready (role -> group, None for a role without bundles); ResourceError
-    naming the knobs when the cluster is too small."""
+def shortfall(cfg: Config, have: dict) -> str:
+    """What the config asks for beyond ``have`` (Ray resources), with the knobs; "" when it fits."""
     wanted = bundles(cfg)
-    have = ray.cluster_resources()
     for key in ("CPU", "GPU"):
         want = sum(b.get(key, 0) for b in wanted)
         if want > have.get(key, 0):
-            raise ResourceError(
-                f"the config asks for {want:g} {key} ({cfg.rollout.num_actors} rollout actors x "
-                f"{'gpus' if key == 'GPU' else 'cpus'}_per_actor + the learner's), the cluster has "
-                f"{have.get(key, 0):g}; lower rollout.num_actors / rollout.{key.lower()}s_per_actor / "
-                f"learner.{key.lower()}s or add nodes")
+            return (f"the config asks for {want:g} {key} ({cfg.rollout.num_actors} rollout actors x "
+                    f"{'gpus' if key == 'GPU' else 'cpus'}_per_actor + the learner's), the cluster has "
+                    f"{have.get(key, 0):g}; lower rollout.num_actors / rollout.{key.lower()}s_per_actor / "
+                    f"learner.{key.lower()}s or add nodes")
+    return ""
+
+
+def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> dict:
+    """The ``placement_groups(cfg)``, ready (role -> group, None for a role without bundles). ResourceError
+    naming the knobs when a local Ray is too small, or when the groups are not ready after
+    ``run.placement_timeout_s`` (progress logged every ``poll_s``)."""
+    missing = shortfall(cfg, ray.cluster_resources())
+    if missing and local:
+        raise ResourceError(missing)
+    timeout = cfg.run.placement_timeout_s
+    if missing:
+        log.warning("%s: waiting up to run.placement_timeout_s=%g s for nodes to join", missing, timeout)
     pgs = {role: placement_group(b, strategy=strategy) if b else None
            for role, (b, strategy) in placement_groups(cfg).items()}
-    ray.get([pg.ready() for pg in pgs.values() if pg is not None], timeout=600)
+    pending = {pg.ready(): role for role, pg in pgs.items() if pg is not None}
+    start = time.monotonic()
+    while pending:
+        left = timeout - (time.monotonic() - start)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.0, min(poll_s, left)))
+        for ref in ready:
+            ray.get(ref)
+            log.info("placement group of the %s ready", pending.pop(ref))
+        if not pending:
+            break
+        waiting = ", ".join(f"{role} ({_describe(placement_groups(cfg)[role][0])})" for role in pending.values())
+        if time.monotonic() - start >= timeout:
+            for pg in pgs.values():
+                if pg is not None:
+                    remove_placement_group(pg)
+            raise ResourceError(
+                f"placement groups not ready after run.placement_timeout_s={timeout:g} s: {waiting}; the cluster "
+                f"has {_describe([ray.available_resources()])} free of {_describe([ray.cluster_resources()])}; "
+                "lower rollout.num_actors / rollout.gpus_per_actor / rollout.cpus_per_actor / learner.gpus / "
+                "learner.cpus, add nodes, or raise run.placement_timeout_s")
+        log.info("waiting for placement: %s; %.0f s of %g s; the cluster has %s free", waiting,
+                 time.monotonic() - start, timeout, _describe([ray.available_resources()]))
     return pgs
+
+
+def _describe(bundle_list: list[dict]) -> str:
+    """Bundles summed over CPU and GPU: ``4 x {8 CPU, 1 GPU}`` for equal bundles, else the totals."""
+    if not bundle_list:
+        return "nothing"
+    keys = [k for k in ("CPU", "GPU") if any(b.get(k) for b in bundle_list)]
+    one = ", ".join(f"{bundle_list[0].get(k, 0):g} {k}" for k in keys)
+    if len(bundle_list) > 1 and all(b == bundle_list[0] for b in bundle_list):
+        return f"{len(bundle_list)} x {{{one}}}"
+    return ", ".join(f"{sum(b.get(k, 0) for b in bundle_list):g} {k}" for k in keys)

@@ -35,9 +35,10 @@ def token_env(folder: Path, **extra: str) -> dict:
 
 
 @contextmanager
-def local_ray_head(env: dict, num_cpus: int) -> Iterator[str]:
+def local_ray_head(env: dict, num_cpus: int, info: dict | None = None) -> Iterator[str]:
     """`ray start --head`, wait until its job agent answers, yield the dashboard address; on exit end this
-    cluster's processes."""
+    cluster's processes (nodes that joined it included). ``info`` gets the GCS address (``gcs``: what
+    `ray start --address` and `ray.init` take) and the temp dir."""
     from learner.distributed import free_port
 
     # A short temp dir: Ray's unix socket paths under it must stay below the 107-byte limit.
@@ -52,6 +53,8 @@ def local_ray_head(env: dict, num_cpus: int) -> Iterator[str]:
         if start.returncode:
             raise RuntimeError(f"ray start --head failed ({start.returncode}):\n{start.stderr[-2000:]}")
         address = f"http://127.0.0.1:{dash}"
+        if info is not None:
+            info.update(gcs=f"127.0.0.1:{port}", temp_dir=temp_dir)
         wait_for_job_agent(env, address)
         yield address
     finally:

@@ -141,6 +141,7 @@ TINY_SIZED = {
     "buffer.capacity": "batch", "buffer.max_staleness": "steps", "weight_sync.bucket_mb": "memory",
     "weight_sync.timeout_s": "timeout", "learner.world_size": "scale", "learner.gpus": "scale",
     "run.checkpoint_every": "steps", "run.log_every": "steps", "eval.max_samples": "batch",
+    "run.placement_timeout_s": "timeout",
 }
 DERIVED = {"stage2.lr": "stage2.lr_ratio"}  # set outright, or derived from the key named (x optim.lr)
 
