@@ -153,12 +153,13 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> Iterator[list[to
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, *,
-                       use_cuda: bool, timeout_s: float = 1800.0) -> None:
-    """Join the learner's default process group: NCCL on GPUs, gloo on CPUs (TCP rendezvous at rank 0)."""
+                       use_cuda: bool, timeout_s: float = 1800.0, local_device: int = 0) -> None:
+    """Join the learner's default process group: NCCL on GPUs, gloo on CPUs (TCP rendezvous at rank 0).
+    ``local_device``: this rank's GPU among the visible ones (the node's learner GPUs, group.share_node_gpus)."""
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; one learner rank per process")
     if use_cuda:
-        torch.cuda.set_device(0)  # Ray gives each rank actor its own GPU as device 0
+        torch.cuda.set_device(local_device)
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))

@@ -30,6 +30,31 @@ def _rendezvous_address() -> tuple[str, int]:
 
 
 @ray.remote(num_cpus=0)
+def _node_and_gpus() -> tuple[str, list[str]]:
+    """The node and GPU ids of a bundle (runs in it, with the rank's GPUs)."""
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
+
+def share_node_gpus(placements: list[tuple[str, list[str]]]) -> list[tuple[str, int]]:
+    """Per rank, from its (node, own GPU ids): CUDA_VISIBLE_DEVICES = every learner GPU of its node, and the
+    index of its own first GPU in that list (its local device). As Ray Train does: Ray masks each actor to
+    its own GPU, and NCCL between processes that cannot see each other's devices loses peer access (hangs
+    and slower transports were reported on NVSwitch nodes).
+
+    >>> share_node_gpus([("a", ["3"]), ("a", ["1"]), ("b", ["0"])])
+    [('1,3', 1), ('1,3', 0), ('0', 0)]
+    """
+    by_node: dict[str, set[str]] = {}
+    for node, gpus in placements:
+        by_node.setdefault(node, set()).update(gpus)
+    out = []
+    for node, gpus in placements:
+        shared = sorted(by_node[node], key=int)
+        out.append((",".join(shared), shared.index(gpus[0]) if gpus else 0))
+    return out
+
+
+@ray.remote(num_cpus=0)
 def _rank0_result(*results: Any) -> Any:
     # Ray resolves every rank's ref before this runs, and fails with the first rank's error.
     return results[0]
@@ -69,13 +94,18 @@ class LearnerGroup:
                 placement_group, placement_group_bundle_index=bundle_indices[rank])}
 
         addr, port = "", 0
+        devices: list = [None] * world_size
         if world_size > 1:
             addr, port = ray.get(_rendezvous_address.options(**where(0)).remote())
+            if num_gpus:  # ranks on one node see all of its learner GPUs, each picks its own
+                devices = share_node_gpus(ray.get([_node_and_gpus.options(num_gpus=num_gpus, **where(r)).remote()
+                                                   for r in range(world_size)]))
         self.world_size = world_size
         self.workers = [
             LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank)).remote(
                 cfg_dict, model_path, train_path, image_root, rank=rank, world_size=world_size,
-                master_addr=addr, master_port=port, plan=plan, dist_timeout_s=dist_timeout_s)
+                master_addr=addr, master_port=port, plan=plan, dist_timeout_s=dist_timeout_s,
+                devices=devices[rank])
             for rank in range(world_size)]
         log.info("learner group: %d ranks, rendezvous %s:%d", world_size, addr, port)
 

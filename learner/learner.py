@@ -171,7 +171,7 @@ class Learner:
         batch_size = max(1, batch_size)
         rounds = math.ceil(max(len(share) for share in shares) / batch_size)
         flat = [0.0] * starts[-1]
-        rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        rng_devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
             for r in range(rounds):
                 idx = mine[r * batch_size:(r + 1) * batch_size]

@@ -13,6 +13,7 @@ alone returns the published weights.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,9 +35,14 @@ def node_address() -> tuple[str, int]:
 class LearnerWorker:
     def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
                  rank: int = 0, world_size: int = 1, master_addr: str = "", master_port: int = 0,
-                 plan: dict | None = None, dist_timeout_s: float = 1800.0):
-        """``plan``: learner.distributed.ParallelPlan fields; ranks > 1 rendezvous at master_addr:port."""
+                 plan: dict | None = None, dist_timeout_s: float = 1800.0,
+                 devices: tuple[str, int] | None = None):
+        """``plan``: learner.distributed.ParallelPlan fields; ranks > 1 rendezvous at master_addr:port.
+        ``devices``: (CUDA_VISIBLE_DEVICES, this rank's index in it), from ``group.share_node_gpus``."""
         prepare_runtime()
+        self.devices = devices
+        if devices is not None:  # before anything touches CUDA in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
         from coordexp_rl.data.limits import load_checked_samples
         from coordexp_rl.data.stream import BatchStream
         from learner.distributed import ParallelPlan, init_process_group
@@ -48,7 +54,7 @@ class LearnerWorker:
 
             init_process_group(rank, world_size, master_addr, master_port,
                                use_cuda=self.cfg.learner.gpus > 0 and torch.cuda.is_available(),
-                               timeout_s=dist_timeout_s)
+                               timeout_s=dist_timeout_s, local_device=devices[1] if devices else 0)
         self.learner = Learner(self.cfg, model_path, ParallelPlan(**(plan or {})))
         # The driver checked the images (or `validate` did): no rank re-opens them at start-up.
         samples, _ = load_checked_samples(self.cfg, train_path, image_root or None, self.learner.processor,
@@ -65,7 +71,9 @@ class LearnerWorker:
     def status(self) -> dict:
         """Where the learner stands (its first answer also tells the driver the actor is up)."""
         return {"step": self.learner.step, "version": self.learner.version, "samples": len(self.samples),
-                "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size}
+                "rank": self.learner.dist.rank, "world_size": self.learner.dist.world_size,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "local_device": self.devices[1] if self.devices else None}
 
     def stage1_steps(self, n: int) -> list[dict]:
         """``n`` Stage-1 steps on the next batches of the stream; their metrics."""
