@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -295,7 +296,17 @@ class Learner:
         self.step += 1
         metrics = {f"loss/{k}": v for k, v in terms.items()}
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        metrics.update(self._peak_memory())
         return metrics
+
+    def _peak_memory(self) -> dict[str, float]:
+        """This rank's peak memory: on a GPU the step's peak allocation (reset after each step), on the CPU
+        the process's peak resident memory so far (the OS keeps only the high-water mark)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+            return {"memory/peak_device_gib": peak}
+        return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     # ------------------------------------------------------------------------------------------------
     # Weights and checkpoints

@@ -68,6 +68,16 @@ def test_stage1_terms_are_sums_over_the_batch_ce_weight(tiny_model_dir, samples)
                                             rel=1e-5)
 
 
+def test_every_step_reports_its_peak_memory(tiny_model_dir, samples):
+    """On the CPU the process's peak resident memory (GiB); on a GPU the step's peak allocation."""
+    learner = make_learner(tiny_model_dir)
+    m = learner.stage1_step(samples)
+    assert 0.1 < m["memory/peak_rss_gib"] < 64 and "memory/peak_device_gib" not in m
+    row = rollout_of(learner, samples[0], samples[0].objects)
+    later = learner.stage2_step([row], {samples[0].sample_id: samples[0]})["memory/peak_rss_gib"]
+    assert later >= m["memory/peak_rss_gib"]
+
+
 def test_stage2_runs_at_its_own_learning_rate(tiny_model_dir, samples):
     learner = make_learner(tiny_model_dir, "optim.lr=1e-3", "stage1.steps=3", "stage2.lr=4e-4")
     lrs = [learner.stage1_step(samples)["lr"] for _ in range(3)]
