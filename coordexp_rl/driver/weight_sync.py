@@ -21,6 +21,7 @@ until it catches up: at the next sync, or when it restarts.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -114,17 +115,26 @@ class WeightSyncer:
         return res
 
     def _object_store(self, res: SyncResult, bump: bool, laggards: list[int]) -> None:
-        """The weights through the object store to ``laggards`` and to the buffer (for restarts)."""
+        """The weights through the object store to ``laggards`` and to the buffer (for restarts). An actor
+        Ray is restarting (ActorUnavailableError) is asked again until ``timeout_s`` has passed: loading a
+        version twice is harmless, and its new process would otherwise miss this sync."""
         version, refs = self._put_weights(bump)
         res.version = version
-        # The frozen-parameter ref goes nested in a list: only an actor that lacks those tensors fetches it.
-        calls = {self.actors[i].update_weights.remote(refs[0], refs[1:]): i for i in laggards}
-        for i, why in self._wait(calls, res.gone).items():
-            if why is None:
-                res.via[i] = "object_store"
-                res.failed.pop(i, None)
-            else:
-                res.failed[i] = why
+        deadline = time.monotonic() + self.timeout_s
+        while laggards:
+            # The frozen-parameter ref goes nested in a list: only an actor that lacks those tensors fetches it.
+            calls = {self.actors[i].update_weights.remote(refs[0], refs[1:]): i for i in laggards}
+            laggards = []
+            for i, why in self._wait(calls, res.gone, max(1.0, deadline - time.monotonic())).items():
+                if why is None:
+                    res.via[i] = "object_store"
+                    res.failed.pop(i, None)
+                else:
+                    res.failed[i] = why
+                    if why.startswith("ActorUnavailableError") and time.monotonic() < deadline:
+                        laggards.append(i)
+            if laggards:
+                time.sleep(1.0)
 
     def _put_weights(self, bump: bool) -> tuple[int, list]:
         """The learner's weights into the object store and the buffer (where restarted actors load them):
@@ -135,11 +145,12 @@ class WeightSyncer:
         self.kept_version = version
         return version, refs
 
-    def _wait(self, calls: dict, gone: set[int]) -> dict[int, str | None]:
-        """Each call's actor -> None (done) or why it failed (dead, error, not done in ``timeout_s``); the
-        actors that were dead go into ``gone``."""
-        ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
-        out: dict[int, str | None] = {calls[r]: f"timed out after {self.timeout_s:g} s" for r in late}
+    def _wait(self, calls: dict, gone: set[int], timeout_s: float | None = None) -> dict[int, str | None]:
+        """Each call's actor -> None (done) or why it failed (dead, error, not done in ``timeout_s``, by
+        default weight_sync.timeout_s); the actors that were dead go into ``gone``."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+        out: dict[int, str | None] = {calls[r]: f"timed out after {timeout_s:g} s" for r in late}
         for r in ready:
             try:
                 ray.get(r)
