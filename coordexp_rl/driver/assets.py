@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordexp_rl.config import Config, ConfigError
+from coordexp_rl.config import Config, ConfigError, is_stage2_only
 from coordexp_rl.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -97,15 +97,21 @@ def pretrain_config(cfg: Config) -> Config:
                               f"model.tiny_seed={m.tiny_seed}", f"model.tiny_size={json.dumps(m.tiny_size)}"])
 
 
+def stage1_settings(cfg: Config) -> dict:
+    """Every setting but those Stage-1 never reads (config.STAGE2_ONLY_KEYS, checked by
+    tests/deploy/test_ablate.py): the pretrained model's cache key. Any default that changes what Stage-1
+    trains gives a new folder; a new Stage-2, evaluation or run setting does not retrain it."""
+    return {f"{section}.{k}": v for section, values in cfg.model_dump().items() for k, v in values.items()
+            if not is_stage2_only(f"{section}.{k}")}
+
+
 def pretrained_tiny_model(cfg: Config, init: Path) -> Path:
     """The tiny model ``init`` after model.tiny_pretrain_steps Stage-1 steps of the default's sparse task
     (``pretrain_config``), in this process, built once into the cache folder. Why: a real run starts from a
     VLM that already names and boxes things; the dense task from random weights would spend its budget
     learning what a shape is (docs/RESULTS.md "Dense scenes")."""
     base = pretrain_config(cfg)
-    # Keyed on the whole pretraining config (the initial model's seed and size are in it): any default that
-    # changes what Stage-1 trains gives a new folder.
-    target = _keyed_dir("tiny-pretrained", base.model_dump())
+    target = _keyed_dir("tiny-pretrained", stage1_settings(base))
     if not target.exists():
         log.info("pretraining the tiny Qwen3-VL (%d Stage-1 steps of the default task) into %s", base.stage1.steps,
                  target)

@@ -46,6 +46,21 @@ def test_pretrained_once_into_the_cache_and_trained(small_pretrain):
     assert assets.tiny_model(load_config(None, ["model.tiny_pretrain_steps=4"])) != model
 
 
+def test_the_cache_key_holds_what_stage1_reads_and_nothing_else():
+    """A new Stage-2, evaluation or run setting (a schema change) must not retrain the cached model; a
+    Stage-1 setting must."""
+    base = assets.pretrain_config(load_config(None, ["model.tiny_pretrain_steps=3"]))
+    key = assets.stage1_settings(base)
+    assert "optim.lr" in key and "loss.lambda_l1" in key and "rollout.max_new_tokens" in key
+    assert not [k for k in key if k.startswith(("stage2.", "eval.", "matching.", "buffer."))]
+    assert "run.out_dir" not in key and "run.seed" in key
+    changed = base.model_copy(deep=True)
+    changed.stage2.lr_ratio, changed.eval.every_samples, changed.run.keep_last = 0.5, 7, 9
+    assert assets.stage1_settings(changed) == key
+    changed.optim.warmup_steps = 1
+    assert assets.stage1_settings(changed) != key
+
+
 def test_a_real_model_path_and_pretraining_are_refused_together():
     with pytest.raises(ConfigError, match="model.tiny_pretrain_steps=5 pretrains the tiny model, but model.path"):
         load_config(None, ["model.tiny_pretrain_steps=5", "model.path=/models/qwen3-vl"])
