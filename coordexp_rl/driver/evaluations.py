@@ -104,13 +104,18 @@ class Evaluations:
         """``on_scored(label, step, headline)``: called with each new score (e.g. the best checkpoint's)."""
         self.score, self.run_log, self.on_scored = score, run_log, on_scored
         self.results: dict[str, dict] = run_log.evaluations()
+        self.kept_steps: dict[str, int] = run_log.evaluation_steps()
         self.pending: tuple[threading.Thread, list] | None = None
 
     def once(self, label: str, step: int, samples: int | None = None) -> None:
         """Score (``samples``: the first N validation samples; None = eval.max_samples) and log at ``step``."""
-        if label in self.results:
+        kept_at = self.kept_steps.get(label, step)
+        if label in self.results and (label == INITIAL or kept_at == step):
             log.info("eval %s: kept from before the resume", label)
             return
+        if label in self.results:  # a resumed run with a longer stage: its end moved, the new weights count
+            log.info("eval %s: made again at step %d (the one kept from before the resume was at step %d)",
+                     label, step, kept_at)
         headline = self.score(label, samples)
         self.run_log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",

@@ -52,6 +52,10 @@ class RunLog:
         return {r["label"]: {k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")}
                 for r in self.kept if r.get("stage") == "eval"}
 
+    def evaluation_steps(self) -> dict[str, int]:
+        """The step of each evaluation kept from before a resume: label -> step."""
+        return {r["label"]: int(r["step"]) for r in self.kept if r.get("stage") == "eval"}
+
     def log(self, stage: str, step: int, metrics: dict) -> dict:
         """Append ``{"stage", "step", "time", **metrics}``; numbers also go to TensorBoard as stage/key."""
         record = {"stage": stage, "step": int(step), "time": time.time(), **metrics}

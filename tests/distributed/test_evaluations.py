@@ -71,3 +71,21 @@ def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
             evals.start("initial", 5)
         assert evals.pending is None and "skipped (resumed at step 5" in caplog.text
     assert rows(tmp_path)[-1] == ("stage1", 4, None)
+
+
+def test_an_extended_run_evaluates_its_new_end_again(tmp_path, caplog):
+    """A finished run resumed with more Stage-2 steps: its kept "stage2" evaluation was of the old end;
+    the new end is scored and replaces it (report.md and results.json then show the new model)."""
+    with closing(RunLog(tmp_path, tensorboard=False)) as first:
+        first.log("eval", 0, {"label": "initial", "eval/mean_iou": 0.1})
+        first.log("eval", 4, {"label": "stage1", "eval/mean_iou": 0.2})
+        first.log("eval", 8, {"label": "stage2", "eval/mean_iou": 0.3})
+    scored = []
+    with closing(RunLog(tmp_path, tensorboard=False, resume_step=8)) as resumed:
+        evals = Evaluations(lambda label, n: scored.append(label) or {"mean_iou": 0.5}, resumed)
+        with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
+            evals.once("stage1", 4)  # the same end: kept
+            evals.once("stage2", 12)
+        assert scored == ["stage2"] and evals.results["stage2"] == {"mean_iou": 0.5}
+        assert "made again at step 12 (the one kept from before the resume was at step 8)" in caplog.text
+    assert rows(tmp_path)[-1] == ("eval", 12, "stage2")
