@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from coordexp_rl.data.contract import TOKEN, Record
@@ -107,8 +108,11 @@ def load_image(sample: Sample) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """The image file as RGB (decoded now; the file is closed on return)."""
+    """The image file as RGB (decoded now; the file is closed on return). 16-bit and 32-bit integer images
+    are scaled to 8 bits first (PIL's own conversion clips them, which turns a 16-bit PNG white)."""
     with Image.open(path) as im:
+        if im.mode.startswith("I"):  # "I;16", "I;16B", "I": integer pixels, taken as 16-bit
+            return Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
 

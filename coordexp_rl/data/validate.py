@@ -198,16 +198,25 @@ class _ImageChecker:
         return found
 
 
+# Qwen3-VL's image processor refuses an absolute aspect ratio of 200 or more (smart_resize); found here, such
+# an image would otherwise stop training or `infer` when an engine first meets it.
+MAX_ASPECT_RATIO = 200
+
+
 def _open_size(path: Path) -> tuple[int, int] | str:
     if not path.is_file():
         return "no such file"
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()  # checks the file's structure (e.g. PNG chunk CRCs) without decoding pixels
-        return size
+            im.load()  # every pixel decoded: a truncated JPEG fails here, not in the middle of a run
     except Exception as exc:  # PIL raises many types for broken files
         return f"does not open as an image ({type(exc).__name__}: {exc})"
+    w, h = size
+    if max(w, h) >= MAX_ASPECT_RATIO * max(1, min(w, h)):
+        ratio = max(w, h) / max(1, min(w, h))
+        return f"is {w}x{h} pixels: aspect ratio {ratio:.0f}:1, Qwen3-VL takes under {MAX_ASPECT_RATIO}:1"
+    return size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

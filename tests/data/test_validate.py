@@ -183,3 +183,34 @@ def test_a_file_holds_one_coordinate_kind(root: Path):
                                      ("..\\b.png", False)])
 def test_path_escape_reason(rel: str, ok: bool):
     assert (path_escape_reason(rel) is None) == ok
+
+
+def test_images_are_decoded_whole_and_extreme_aspect_ratios_refused(root: Path):
+    """A truncated JPEG opens (its header is whole) but fails when decoded; a 3000x10 image would stop
+    Qwen3-VL's processor mid-run. Both are found up front, at their line."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(root / "images" / "whole.jpg", quality=90)
+    data = (root / "images" / "whole.jpg").read_bytes()
+    (root / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (3000, 10)).save(root / "images" / "strip.png")
+    cut = variant(images=["images/cut.jpg"], width=64, height=48, objects=[obj(bbox_2d=[0, 0, 5, 5])])
+    strip = variant(images=["images/strip.png"], width=3000, height=10, objects=[obj(bbox_2d=[0, 0, 5, 5])])
+    problems = [str(p) for p in validate_file(write_jsonl(root / "d.jsonl", [GOOD, cut, strip]))]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{root / 'd.jsonl'}:2: images[0]:") and "does not open as an image" in problems[0]
+    assert problems[1].startswith(f"{root / 'd.jsonl'}:3: images[0]:") and "aspect ratio 300:1" in problems[1]
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path: Path):
+    """A 16-bit grey PNG becomes the 8-bit image it shows, not white (PIL's own conversion clips)."""
+    import numpy as np
+    from PIL import Image
+
+    from coordexp_rl.data.loader import load_rgb
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0 .. 64512
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 8, 3) and rgb[0, 0, 0] == 0 and rgb[7, 7, 0] == 252 and len(np.unique(rgb)) == 64
