@@ -18,7 +18,8 @@ from coordexp_rl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# What a launch writes into its folder (spill folders and TensorBoard included); what overwrite removes.
+# What a launch writes into its folder (TensorBoard included); what overwrite removes. A Parquet spill
+# folder (buffer.spill_dir) is not in the list: it is an audit trail, kept.
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "tb", "plots", "final_model", "report.md",
                "results.json")
 # Keys a resume may change without a word: how long, how it is run and observed, not what was trained.
