@@ -100,7 +100,7 @@ class Driver:
             self.stage1()
             self.evals.wait()
             self.end_stage1()
-            self.evals.once("stage1", self.step)
+            self.evals.once("stage1", min(self.step, self.cfg.stage1.steps))  # resumed in Stage-2: kept
             self.stage2()
             self.evals.once("stage2", self.step)
         return self.finish()
