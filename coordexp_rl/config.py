@@ -291,6 +291,24 @@ STAGE2_ONLY_KEYS = (
 )
 
 
+def flat_settings(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config tree (``Config.model_dump()`` or a YAML mapping) as dotted keys -> values; the mapping
+    ``model.tiny_size`` stays one value."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "tiny_size":
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(a: dict, b: dict) -> list[str]:
+    """The dotted keys whose values differ between two config trees, sorted."""
+    fa, fb = flat_settings(a), flat_settings(b)
+    return [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def is_stage2_only(key: str) -> bool:
     """Whether the dotted ``key`` is in STAGE2_ONLY_KEYS (by itself or through its section)."""
     return key in STAGE2_ONLY_KEYS or key.split(".", 1)[0] in STAGE2_ONLY_KEYS

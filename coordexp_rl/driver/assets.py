@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordexp_rl.config import Config, ConfigError, is_stage2_only
+from coordexp_rl.config import Config, ConfigError, flat_settings, is_stage2_only
 from coordexp_rl.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ def stage1_settings(cfg: Config) -> dict:
     """Every setting but those Stage-1 never reads (config.STAGE2_ONLY_KEYS, checked by
     tests/deploy/test_ablate.py): the pretrained model's cache key. Any default that changes what Stage-1
     trains gives a new folder; a new Stage-2, evaluation or run setting does not retrain it."""
-    return {f"{section}.{k}": v for section, values in cfg.model_dump().items() for k, v in values.items()
-            if not is_stage2_only(f"{section}.{k}")}
+    return {k: v for k, v in flat_settings(cfg.model_dump()).items() if not is_stage2_only(k)}
 
 
 def pretrained_tiny_model(cfg: Config, init: Path) -> Path:

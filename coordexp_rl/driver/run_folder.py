@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from coordexp_rl.config import Config, is_stage2_only, load_config
+from coordexp_rl.config import Config, changed_settings, flat_settings, is_stage2_only, load_config
 from coordexp_rl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,21 +78,11 @@ def _resolved(path: Path) -> Path:
     return path.expanduser().resolve()
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "tiny_size":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(saved: Config, cfg: Config) -> list[str]:
     """Dotted keys whose values differ between two configs, ``key: saved -> now``, resume-free keys left out."""
-    a, b = _flat(saved.model_dump()), _flat(cfg.model_dump())
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+    a, b = saved.model_dump(), cfg.model_dump()
+    fa, fb = flat_settings(a), flat_settings(b)
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in changed_settings(a, b) if not k.startswith(RESUME_FREE)]
 
 
 def check_resume_config(cfg: Config) -> None:

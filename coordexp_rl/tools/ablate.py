@@ -48,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coordexp_rl.config import Config, is_stage2_only, load_config, stage2_lr
+from coordexp_rl.config import Config, changed_settings, is_stage2_only, load_config, stage2_lr
 from coordexp_rl.tools.ablate_table import (
     AVERAGE_BOX_F1,
     COSTS,
@@ -110,7 +110,7 @@ def shares_stage1(name: str, extra: list[str], base: Path | None = None) -> bool
 
 def changed_keys(name: str, extra: list[str], base: Path | None = None) -> list[str]:
     """The dotted keys in which an arm's config differs from the default's (both on ``base``)."""
-    return _changed_keys(load_config(arm_configs(name, base), extra).model_dump(),
+    return changed_settings(load_config(arm_configs(name, base), extra).model_dump(),
                          load_config(arm_configs("default", base), extra).model_dump())
 
 
@@ -188,16 +188,6 @@ class StaleRunError(ValueError):
     """A run folder holds results of another config (another --scale or overrides)."""
 
 
-def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict) and k != "tiny_size":
-            keys += _changed_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 def _as_run(cfg: Config) -> dict:
     """The config as it runs: Stage-2's rate resolved (stage2.lr set, or derived from optim.lr and equal)."""
     tree = cfg.model_dump()
@@ -210,7 +200,7 @@ def check_reusable(out: Path, expected: Config) -> None:
     """Refuse to read back a run whose saved config.yaml differs from what this call would run."""
     saved = out / "config.yaml"
     if saved.exists():
-        changed = _changed_keys(_as_run(load_config(saved)), _as_run(expected))
+        changed = changed_settings(_as_run(load_config(saved)), _as_run(expected))
         if changed:
             raise StaleRunError(f"{out} holds a run with another config (differs in {', '.join(changed)}); "
                                 "pass another --runs-dir or remove that folder")

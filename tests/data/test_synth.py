@@ -267,14 +267,10 @@ def test_dense_config_builds_its_own_cached_set(tmp_path: Path, monkeypatch):
 def test_dense_config_spells_out_every_key_and_changes_only_the_dense_ones():
     import yaml
 
-    from coordexp_rl.config import Config, load_config
+    from coordexp_rl.config import Config, flat_settings, load_config
 
-    def flat(tree: dict, prefix: str = "") -> dict:
-        return {k2: v2 for k, v in tree.items() for k2, v2 in (
-            flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) and k != "tiny_size" else [(prefix + k, v)])}
-
-    assert set(flat(yaml.safe_load(DENSE_CONFIG.read_text()))) == set(flat(Config().model_dump()))
-    base, dense = flat(Config().model_dump()), flat(load_config(DENSE_CONFIG).model_dump())
+    assert set(flat_settings(yaml.safe_load(DENSE_CONFIG.read_text()))) == set(flat_settings(Config().model_dump()))
+    base, dense = flat_settings(Config().model_dump()), flat_settings(load_config(DENSE_CONFIG).model_dump())
     assert {k for k in base if base[k] != dense[k]} == {
         "model.tiny_pretrain_steps", "data.synth_val", "data.synth_min_objects", "data.synth_max_objects",
         "data.synth_min_size", "data.synth_max_size", "data.synth_max_pair_iou", "data.synth_distinct_descs",

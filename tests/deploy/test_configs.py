@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from coordexp_rl.config import Config, load_config
+from coordexp_rl.config import Config, flat_settings, load_config
 from coordexp_rl.driver.placement import placement_groups
 from tests.deploy.packing import CONFIGS, GPU_CONFIGS, ROOT, all_config_files, bundles, config, pack
 
@@ -17,18 +17,8 @@ COCO_TRAIN_IMAGES = 118_287  # instances_train2017.json
 NODE_8GPU = {"GPU": 8, "CPU": 96}  # p4de.24xlarge / the RayJob worker pod's Ray resources
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "tiny_size":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _diff_from_defaults(cfg: Config) -> dict:
-    base, mine = _flat(Config().model_dump()), _flat(cfg.model_dump())
+    base, mine = flat_settings(Config().model_dump()), flat_settings(cfg.model_dump())
     return {k: v for k, v in mine.items() if base[k] != v}
 
 
@@ -36,7 +26,7 @@ def test_tiny_cpu_is_exactly_the_embedded_default():
     assert load_config(CONFIGS / "tiny_cpu.yaml") == load_config(None)
     # ...and spells out every key, so a default changed in config.py alone is noticed here.
     raw = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
-    assert set(_flat(raw)) == set(_flat(Config().model_dump()))
+    assert set(flat_settings(raw)) == set(flat_settings(Config().model_dump()))
 
 
 @pytest.mark.parametrize("path", all_config_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -148,7 +138,7 @@ DERIVED = {"stage2.lr": "stage2.lr_ratio"}  # set outright, or derived from the 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_gpu_configs_set_or_derive_every_tiny_sized_setting(name):
-    raw = _flat(yaml.safe_load((CONFIGS / name).read_text()))
+    raw = flat_settings(yaml.safe_load((CONFIGS / name).read_text()))
     missing = [k for k in TINY_SIZED if k not in raw]
     missing += [k for k, source in DERIVED.items() if k not in raw and source not in raw]
     assert missing == [], f"{name} leaves tiny-model defaults in place: {missing}"
