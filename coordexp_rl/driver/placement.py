@@ -77,8 +77,8 @@ def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> 
     timeout = cfg.run.placement_timeout_s
     if missing:
         log.warning("%s: waiting up to run.placement_timeout_s=%g s for nodes to join", missing, timeout)
-    pgs = {role: placement_group(b, strategy=strategy) if b else None
-           for role, (b, strategy) in placement_groups(cfg).items()}
+    groups = placement_groups(cfg)
+    pgs = {role: placement_group(b, strategy=strategy) if b else None for role, (b, strategy) in groups.items()}
     pending = {pg.ready(): role for role, pg in pgs.items() if pg is not None}
     start = time.monotonic()
     while pending:
@@ -89,7 +89,7 @@ def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> 
             log.info("placement group of the %s ready", pending.pop(ref))
         if not pending:
             break
-        waiting = ", ".join(f"{role} ({_describe(placement_groups(cfg)[role][0])})" for role in pending.values())
+        waiting = ", ".join(f"{role} ({_describe(groups[role][0])})" for role in pending.values())
         if time.monotonic() - start >= timeout:
             for pg in pgs.values():
                 if pg is not None:
@@ -104,12 +104,16 @@ def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> 
     return pgs
 
 
+def bundle_text(bundle: dict) -> str:
+    """One bundle's CPUs and GPUs: ``{8 CPU, 1 GPU}`` (a resource it does not ask for is left out)."""
+    return "{" + ", ".join(f"{bundle[k]:g} {k}" for k in ("CPU", "GPU") if bundle.get(k)) + "}"
+
+
 def _describe(bundle_list: list[dict]) -> str:
     """Bundles summed over CPU and GPU: ``4 x {8 CPU, 1 GPU}`` for equal bundles, else the totals."""
     if not bundle_list:
         return "nothing"
-    keys = [k for k in ("CPU", "GPU") if any(b.get(k) for b in bundle_list)]
-    one = ", ".join(f"{bundle_list[0].get(k, 0):g} {k}" for k in keys)
     if len(bundle_list) > 1 and all(b == bundle_list[0] for b in bundle_list):
-        return f"{len(bundle_list)} x {{{one}}}"
+        return f"{len(bundle_list)} x {bundle_text(bundle_list[0])}"
+    keys = [k for k in ("CPU", "GPU") if any(b.get(k) for b in bundle_list)]
     return ", ".join(f"{sum(b.get(k, 0) for b in bundle_list):g} {k}" for k in keys)

@@ -4,7 +4,7 @@ memory per device against the device, the learning rate at the start and end of 
 from __future__ import annotations
 
 from coordexp_rl.config import Config, stage2_lr
-from coordexp_rl.driver.placement import placement_groups
+from coordexp_rl.driver.placement import bundle_text, placement_groups
 from coordexp_rl.modeling.memory import GPU_GB, engine_budget, learner_budget, model_key
 from learner.learner import lr_schedule
 
@@ -14,8 +14,8 @@ def describe_plan(cfg: Config) -> list[str]:
     lines = ["plan:"]
     for role, (bundles, strategy) in placement_groups(cfg).items():
         what = "actor" if role == "rollout" else "rank"
-        each = ", ".join(f"{v:g} {k}" for k, v in bundles[0].items()) if bundles else "nothing"
-        lines.append(f"  placement: {role}: {len(bundles)} {what}(s) x {{{each}}} ({strategy})")
+        each = bundle_text(bundles[0]) if bundles else "{}"
+        lines.append(f"  placement: {role}: {len(bundles)} {what}(s) x {each} ({strategy})")
     lines += ["  " + line for line in _lr_lines(cfg)]
     lines += ["  " + line for line in _memory_lines(cfg)]
     return lines
