@@ -9,10 +9,11 @@ boxes with no area left are dropped (counted in the summary), so the output alwa
   ``metadata.iscrowd`` (``--crowd mark``, a 0/1 list aligned with ``objects``).
 - voc: one record per XML file (sorted by name); VOC pixel indices are 1-based and inclusive, so
   ``x1 = xmin - 1, x2 = xmax``; ``metadata.difficult`` is a 0/1 list aligned with ``objects``.
-- refcoco: one record per referring expression, its single box; desc = the expression (whitespace
-  collapsed). ``--refs`` is JSON (a list) or JSONL of ``{ref_id, ann_id, image_id, split,
-  sentences: [{sent, sent_id?}]}`` (other keys ignored; see docs/DATA_JSONL_CONTRACT.md to turn
-  the original ``refs(unc).p`` pickle into this).
+- refcoco: one record per image (training and eval pair predictions with GT by image), one object per
+  referred box; desc = its first expression (whitespace collapsed), every expression kept in
+  ``metadata.expressions`` (aligned with ``objects``). ``--refs`` is JSON (a list) or JSONL of
+  ``{ref_id, ann_id, image_id, split, sentences: [{sent, sent_id?}]}`` (other keys ignored; see
+  docs/DATA_JSONL_CONTRACT.md to turn the original ``refs(unc).p`` pickle into this).
 """
 
 from __future__ import annotations
@@ -146,30 +147,50 @@ def _voc_size(root: ET.Element, image_path: Path) -> tuple[int, int]:
 
 def refcoco_records(refs: list[dict], instances: dict, split: str | None = None,
                     stats: Counter | None = None) -> list[dict]:
-    """Referring expressions -> one record per sentence, in refs order then sentence order."""
+    """Referring expressions -> one record per image (in the order images first appear in ``refs``), one
+    object per referred box (refs of one box merged) with its first expression as desc."""
     stats = Counter() if stats is None else stats
     images = {img["id"]: img for img in instances["images"]}
     anns = {ann["id"]: ann for ann in instances["annotations"]}
-    records = []
+    by_image: dict[Any, dict[Any, dict]] = defaultdict(dict)  # image id -> ann id -> the box's refs
     for ref in refs:
         if split is not None and ref.get("split") != split:
             continue
-        img, ann = images[ref["image_id"]], anns[ref["ann_id"]]
-        x, y, w, h = ann["bbox"]
-        box = clip_box([x, y, x + w, y + h], img["width"], img["height"])
-        if box is None:
-            stats["degenerate_dropped"] += len(ref["sentences"])
-            continue
-        for i, sentence in enumerate(ref["sentences"]):
-            desc = " ".join(str(sentence["sent"]).split())
-            if not desc:
-                stats["empty_expression_dropped"] += 1
+        sentences = [(" ".join(str(s["sent"]).split()), s.get("sent_id")) for s in ref["sentences"]]
+        kept = [(desc, sent_id) for desc, sent_id in sentences if desc]
+        stats["empty_expression_dropped"] += len(sentences) - len(kept)
+        if ref["image_id"] not in images or ref["ann_id"] not in anns:
+            raise DataError(f"ref {ref['ref_id']}: image_id {ref['image_id']} or ann_id {ref['ann_id']} is not in the "
+                            "--ann instances file (RefCOCO refs go with their own instances.json)")
+        box_refs = by_image[ref["image_id"]].setdefault(ref["ann_id"], {"refs": [], "sentences": []})
+        box_refs["refs"].append(ref)
+        box_refs["sentences"] += kept
+    records = []
+    for image_id, boxes in by_image.items():
+        img = images[image_id]
+        splits = {ref.get("split") for b in boxes.values() for ref in b["refs"]}
+        if len(splits) > 1:
+            raise DataError(f"image {image_id} ({img['file_name']}) has refs in splits {sorted(map(str, splits))}: "
+                            "pass --split to convert one split")
+        objects, meta = [], {"ref_ids": [], "ann_ids": [], "expressions": [], "sent_ids": []}
+        for ann_id, b in boxes.items():
+            x, y, w, h = anns[ann_id]["bbox"]
+            box = clip_box([x, y, x + w, y + h], img["width"], img["height"])
+            if box is None or not b["sentences"]:
+                stats["degenerate_dropped" if box is None else "box_without_expression_dropped"] += 1
                 continue
-            meta = {"id": f"refcoco/{ref['ref_id']}/{i}", "dataset": "refcoco", "ref_id": ref["ref_id"],
-                    "ann_id": ref["ann_id"], "image_id": ref["image_id"], "split": ref.get("split"),
-                    "sent_id": sentence.get("sent_id")}
-            records.append(_record(img["file_name"], img["width"], img["height"], [_obj(desc, box)], meta))
-            stats["objects"] += 1
+            objects.append(_obj(b["sentences"][0][0], box))
+            meta["ref_ids"].append([ref["ref_id"] for ref in b["refs"]])
+            meta["ann_ids"].append(ann_id)
+            meta["expressions"].append([desc for desc, _ in b["sentences"]])
+            meta["sent_ids"].append([sent_id for _, sent_id in b["sentences"]])
+        if not objects:
+            stats["image_without_boxes_dropped"] += 1
+            continue
+        records.append(_record(img["file_name"], img["width"], img["height"], objects,
+                               {"id": f"refcoco/{image_id}", "dataset": "refcoco", "image_id": image_id,
+                                "split": splits.pop(), **meta}))
+        stats["objects"] += len(objects)
     return records
 
 
@@ -229,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc = sub.add_parser("voc", help="Pascal VOC XML annotations (one record per XML file)")
     voc.add_argument("--xml-dir", type=Path, required=True, help="the Annotations folder")
     voc.add_argument("--image-root", type=Path, required=True, help="the JPEGImages folder")
-    ref = sub.add_parser("refcoco", help="RefCOCO/+/g referring expressions (one record per expression)")
+    ref = sub.add_parser("refcoco", help="RefCOCO/+/g referring expressions (one record per image)")
     ref.add_argument("--refs", type=Path, required=True, help="refs as a JSON list or JSONL (see the docs)")
     ref.add_argument("--ann", type=Path, required=True, help="the matching COCO instances.json")
     ref.add_argument("--image-root", type=Path, default=None, help="image folder (only checked for missing files)")

@@ -9,8 +9,10 @@ import pytest
 
 from coordexp_rl.cli import main
 from coordexp_rl.data.convert import clip_box, coco_records, refcoco_records, voc_record
+from coordexp_rl.data.loader import DataError
 from coordexp_rl.data.validate import validate_file
 from tests.data._util import read_jsonl, write_jsonl, write_png
+from tests.evaluation.builders import pred_rec
 
 COCO = {
     "images": [
@@ -112,45 +114,57 @@ def test_voc_missing_bndbox_names_the_file(tmp_path: Path):
 REFS = [
     {"ref_id": 11, "ann_id": 100, "image_id": 7, "split": "train", "category_id": 18, "file_name": "ignored",
      "sentences": [{"sent": "the  traffic light ", "sent_id": 5}, {"sent": "green light"}]},
-    {"ref_id": 12, "ann_id": 102, "image_id": 7, "split": "val",
+    {"ref_id": 12, "ann_id": 102, "image_id": 7, "split": "train",
      "sentences": [{"sent": "man at the bottom right", "sent_id": 9}, {"sent": "   "}]},
+    {"ref_id": 13, "ann_id": 100, "image_id": 7, "split": "train",  # a second ref of the traffic light
+     "sentences": [{"sent": "light on the left", "sent_id": 10}]},
+    {"ref_id": 14, "ann_id": 104, "image_id": 3, "split": "val", "sentences": [{"sent": "box", "sent_id": 11}]},
 ]
+LIGHT, MAN = [10.5, 2, 15.5, 10.25], [30, 20, 40, 30]
 
 
-def test_refcoco(coco_dir: Path):
+def test_refcoco_one_record_per_image(coco_dir: Path):
+    """Eval and training pair predictions with GT by image: one record per image, one object per box."""
     refs = coco_dir / "refs.json"
-    refs.write_text(json.dumps(REFS))
+    refs.write_text(json.dumps(REFS[:3]))
     out = coco_dir / "refcoco.jsonl"
     assert main(["convert", "refcoco", "--refs", str(refs), "--ann", str(coco_dir / "instances.json"),
                  "--image-root", str(coco_dir / "img"), "--out", str(out)]) == 0
-
-    def expected(ref_id, ann_id, split, i, sent_id, desc, box):
-        return {"images": ["train/a.png"], "width": 40, "height": 30,
-                "objects": [{"desc": desc, "bbox_2d": box}],
-                "metadata": {"id": f"refcoco/{ref_id}/{i}", "dataset": "refcoco", "ref_id": ref_id,
-                             "ann_id": ann_id, "image_id": 7, "split": split, "sent_id": sent_id}}
-
-    light, man = [10.5, 2, 15.5, 10.25], [30, 20, 40, 30]
-    assert read_jsonl(out) == [  # the blank expression of ref 12 is dropped
-        expected(11, 100, "train", 0, 5, "the traffic light", light),
-        expected(11, 100, "train", 1, None, "green light", light),
-        expected(12, 102, "val", 0, 9, "man at the bottom right", man),
-    ]
+    assert read_jsonl(out) == [{  # the blank expression of ref 12 is dropped; refs 11 and 13 are one box
+        "images": ["train/a.png"], "width": 40, "height": 30,
+        "objects": [{"desc": "the traffic light", "bbox_2d": LIGHT},
+                    {"desc": "man at the bottom right", "bbox_2d": MAN}],
+        "metadata": {"id": "refcoco/7", "dataset": "refcoco", "image_id": 7, "split": "train",
+                     "ref_ids": [[11, 13], [12]], "ann_ids": [100, 102],
+                     "expressions": [["the traffic light", "green light", "light on the left"],
+                                     ["man at the bottom right"]],
+                     "sent_ids": [[5, None, 10], [9]]}}]
     assert validate_file(out, image_root=coco_dir / "img") == []
 
 
-def test_refcoco_jsonl_refs_and_split():
-    [only] = refcoco_records(REFS[1:], COCO, split="val")
-    assert only["objects"] == [{"desc": "man at the bottom right", "bbox_2d": [30, 20, 40, 30]}]
-    assert refcoco_records(REFS, COCO, split="testA") == []
-
-
-def test_refcoco_reads_jsonl(coco_dir: Path):
+def test_refcoco_output_is_accepted_by_eval(coco_dir: Path, tmp_path: Path, capsys):
+    """The records eval refused before (several per image) now score: the GT as predictions give F1 1."""
     refs = write_jsonl(coco_dir / "refs.jsonl", REFS)
-    out = coco_dir / "r.jsonl"
+    out = coco_dir / "refcoco.jsonl"
     assert main(["convert", "refcoco", "--refs", str(refs), "--ann", str(coco_dir / "instances.json"),
-                 "--split", "train", "--out", str(out)]) == 0
-    assert [r["objects"][0]["desc"] for r in read_jsonl(out)] == ["the traffic light", "green light"]
+                 "--out", str(out)]) == 0
+    preds = [pred_rec(r["images"][0], [(o["desc"], o["bbox_2d"], 1.0) for o in r["objects"]], "ok", r["width"],
+                      r["height"]) for r in read_jsonl(out)]
+    capsys.readouterr()
+    assert main(["eval", "--gt", str(out), "--pred", str(write_jsonl(tmp_path / "p.jsonl", preds))]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_images"] == 2 and summary["f1@0.5/f1"] == 1.0
+
+
+def test_refcoco_split_and_mixed_splits():
+    [only] = refcoco_records(REFS, COCO, split="val")
+    assert only["objects"] == [{"desc": "box", "bbox_2d": [0, 3, 3, 7]}] and only["metadata"]["split"] == "val"
+    assert refcoco_records(REFS, COCO, split="testA") == []
+    mixed = [REFS[0], {**REFS[1], "split": "val"}]
+    with pytest.raises(DataError, match="image 7 .* splits .*pass --split"):
+        refcoco_records(mixed, COCO)
+    with pytest.raises(DataError, match="ref 14: image_id 3 or ann_id 999"):
+        refcoco_records([{**REFS[3], "ann_id": 999}], COCO)
 
 
 def test_coco_prefix_puts_the_split_folder_in_front(coco_dir: Path, capsys):
