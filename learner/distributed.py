@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from coordexp_rl.rollout.rendezvous import tcp_store
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -161,8 +163,9 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     if use_cuda:
         torch.cuda.set_device(local_device)
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store = tcp_store(master_addr, master_port, world_size, rank, timeout)  # listens on master_addr only
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     log.info("learner rank %d/%d joined (%s, %s:%d)", rank, world_size, backend, master_addr, master_port)
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from coordexp_rl.rollout.rendezvous import tcp_store
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 << 20  # 256 MiB: a handful of buckets for a 2B model in bf16
@@ -276,8 +278,7 @@ def init_weight_group(master_addr: str, port: int, rank: int, world_size: int, b
         raise ValueError(f"weight group backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(master_addr, port, world_size, rank == 0, timeout=timeout,
-                              wait_for_workers=False)
+        store = tcp_store(master_addr, port, world_size, rank, timeout)
         prefixed = dist.PrefixStore("coordexp_weights", store)
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
@@ -294,7 +295,7 @@ def init_weight_group(master_addr: str, port: int, rank: int, world_size: int, b
             opts._timeout = timeout
             pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
             device = torch.device("cuda", torch.cuda.current_device())
-    except (RuntimeError, dist.DistStoreError) as exc:
+    except (RuntimeError, OSError, dist.DistStoreError) as exc:
         raise WeightSyncError(f"rank {rank}/{world_size}: weight group at {master_addr}:{port} "
                               f"({backend}) did not form within {timeout_s:g} s: {exc}") from exc
     log.info("weight group ready: rank %d/%d %s at %s:%d", rank, world_size, backend, master_addr, port)
