@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("coordexp_rl.data.convert", "convert COCO / Pascal VOC / RefCOCO annotations to contract JSONL"),
     "launch": ("coordexp_rl.driver.driver", "run Stage-1 and the Stage-2 EM loop on Ray (the main job)"),
     "infer": ("coordexp_rl.tools.infer", "generate, parse and write predictions for a JSONL file"),
+    "export": ("coordexp_rl.tools.export", "turn a checkpoint (mid-run or final) into a model folder"),
     "eval": ("coordexp_rl.evaluation.cli", "score predictions against ground truth (COCO mAP, F1, IoU)"),
     "bench": ("coordexp_rl.tools.bench", "benchmarks that print JSON"),
     "ablate": ("coordexp_rl.tools.ablate", "run the ablation arms over seeds and write docs/RESULTS.md"),

@@ -61,7 +61,8 @@ def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
     torch.save({"optimizer": optim_state, "scheduler": learner.scheduler.state_dict()}, tmp / "optim.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     state = {"format": FORMAT_VERSION, "step": learner.step, "stage2_steps": learner.stage2_steps,
-             "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate"}
+             "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate",
+             "model_path": learner.model_path}  # the base folder: config and tokenizer for `coordexp-rl export`
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _write_marker(tmp, learner.step)
     _replace(tmp, path)

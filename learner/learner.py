@@ -45,6 +45,7 @@ class Learner:
     def __init__(self, cfg: Config, model_path: str | Path, plan: ParallelPlan | None = None):
         """``plan``: sharding / accumulation / checkpointing; W > 1 when torch.distributed is initialised."""
         self.cfg = cfg
+        self.model_path = str(Path(model_path).resolve())  # recorded in checkpoints (coordexp-rl export)
         self.plan = plan or ParallelPlan()
         self.dist = DistContext()
         torch.manual_seed(cfg.run.seed)

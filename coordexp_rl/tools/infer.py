@@ -19,6 +19,7 @@ from coordexp_rl.data.loader import Sample
 from coordexp_rl.errors import refuse_overwrite
 from coordexp_rl.rollout.engine import DecoderModel
 from coordexp_rl.rollout.predict import DECODES, SCORE_MODES, predict, resume_done_ids, write_predictions
+from coordexp_rl.tools.export import model_folder
 
 # flag dest -> its value in a run's Config (`--config FILE`, the in-run evaluation's settings). Without
 # --config the config's defaults fill them, except _NONE_WITHOUT_CONFIG, which stay None there: the model
@@ -44,7 +45,8 @@ _D = Config().rollout  # the defaults named in --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL folder with coord tokens")
+    parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL folder with coord tokens, or a "
+                        "run's checkpoint folder (exported to a temporary folder first: coordexp-rl export)")
     parser.add_argument("--data", required=True, type=Path, help="contract JSONL to predict on")
     parser.add_argument("--out", required=True, type=Path, help="predictions JSONL (appended; reruns resume)")
     parser.add_argument("--config", type=Path, default=None,
@@ -91,6 +93,11 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    with model_folder(args.model) as args.model:  # a run's checkpoint folder is exported first
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from coordexp_rl.data.loader import DataError, load_samples
 
     try:
