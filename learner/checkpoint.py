@@ -30,7 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from coordexp_rl.errors import UserError
 
 if TYPE_CHECKING:
     from learner.learner import Learner
@@ -40,8 +43,11 @@ MARKER = "COMPLETE"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that must not or cannot be loaded (incomplete, foreign format, pickled objects)."""
+class CheckpointError(UserError):
+    """A checkpoint folder that must not or cannot be loaded (incomplete, damaged, foreign format, pickled
+    objects): the user picks another, so it ends a command with its message (coordexp_rl.errors)."""
+
+    kind = "checkpoint error"
 
 
 def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
@@ -128,6 +134,8 @@ def safe_load(file: Path):
             f"(torch.load weights_only=True said: {first}). Loading it could run code from whoever wrote "
             "it; use checkpoints written by this code (format "
             f"{FORMAT_VERSION}) from a source you trust.") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # a torn or overwritten file
+        raise CheckpointError(f"{file}: damaged, cannot be loaded ({str(exc).strip().splitlines()[0]})") from None
 
 
 def is_complete(path: Path) -> bool:
@@ -187,31 +195,52 @@ def _full_state(learner: "Learner") -> tuple[dict, dict]:
             get_optimizer_state_dict(learner.model, learner.optimizer, options=opts))
 
 
-def load_checkpoint(learner: "Learner", path: Path) -> dict:
-    """Restore ``learner`` in place from ``path``; returns the saved data state."""
+def read_state(path: Path) -> dict:
+    """A checkpoint folder's ``state.json``, after the checks that need no tensors: the folder, its files,
+    the completion marker, the format. CheckpointError names what is wrong."""
+    path = Path(path)
     state_file = path / "state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json)")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no state.json)")
     if not is_complete(path):
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
                               "resume from an earlier one, or use run.resume=auto to pick the newest complete one")
-    state = json.loads(state_file.read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{state_file}: checkpoint format {state.get('format')}, this code reads "
-                              f"{FORMAT_VERSION}")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{state_file}: damaged, cannot be read as JSON ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{state_file}: checkpoint format {found}, this code reads {FORMAT_VERSION}")
+    missing = [f for f in ("model.safetensors", "optim.pt", "rng.pt") if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint, {', '.join(missing)} missing")
+    return state
+
+
+def load_checkpoint(learner: "Learner", path: Path) -> dict:
+    """Restore ``learner`` in place from ``path``; returns the saved data state."""
+    state_file = path / "state.json"
+    state = read_state(path)
     sharding = "fsdp" if learner.sharded is not None else "replicate"
     if state.get("sharding", "replicate") != sharding:
-        raise ValueError(f"{state_file}: written by a {state.get('sharding')!r} learner, this one is {sharding!r}; "
-                         f"resume with the same learner sharding")
+        raise CheckpointError(f"{state_file}: written by a {state.get('sharding')!r} learner, this one is "
+                              f"{sharding!r}; resume with the same learner sharding")
     optim, rng = safe_load(path / "optim.pt"), safe_load(path / "rng.pt")  # both checked before any change
-    if learner.sharded is not None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    try:
+        if learner.sharded is not None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_model_state_dict(learner.model, load_file(str(path / "model.safetensors")), options=_state_dict_options())
-        set_optimizer_state_dict(learner.model, learner.optimizer, optim["optimizer"], options=_state_dict_options())
-    else:
-        load_model(learner.model, str(path / "model.safetensors"))
-        learner.optimizer.load_state_dict(optim["optimizer"])
+            set_model_state_dict(learner.model, load_file(str(path / "model.safetensors")),
+                                 options=_state_dict_options())
+            set_optimizer_state_dict(learner.model, learner.optimizer, optim["optimizer"],
+                                     options=_state_dict_options())
+        else:
+            load_model(learner.model, str(path / "model.safetensors"))
+            learner.optimizer.load_state_dict(optim["optimizer"])
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:  # torn file, another model's weights
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: its weights or optimizer state do not load into this model ({first})") from None
     learner.scheduler.load_state_dict(optim["scheduler"])
     set_rng_state(rng)
     learner.step, learner.stage2_steps, learner.version = state["step"], state["stage2_steps"], state["version"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from coordexp_rl.config import Config, changed_settings, flat_settings, is_stage2_only, load_config
 from coordexp_rl.errors import UserError
+from learner.checkpoint import read_state
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def claim_run_folder(cfg: Config) -> None:
         for name in found:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if resume and resume != "auto":
+        read_state(Path(resume))  # a damaged or incomplete checkpoint is refused before Ray starts
     if resume:
         check_resume_config(cfg)
 

@@ -33,16 +33,11 @@ def is_checkpoint(folder: Path) -> bool:
 
 def base_model(checkpoint: Path, base: Path | None = None) -> Path:
     """The model folder a checkpoint's config and tokenizer come from (``base``, else the recorded one)."""
-    from learner.checkpoint import MARKER, is_complete
+    from learner.checkpoint import read_state
 
-    if not is_checkpoint(checkpoint):
-        raise ExportError(f"{checkpoint}: not a checkpoint folder (no state.json, or a model folder already)")
-    if not is_complete(checkpoint):
-        raise ExportError(f"{checkpoint}: incomplete checkpoint (no {MARKER} marker: its save did not finish)")
-    try:
-        recorded = json.loads((checkpoint / "state.json").read_text()).get("model_path")
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{checkpoint / 'state.json'}: cannot be read: {exc}") from None
+    if (checkpoint / "config.json").is_file():
+        raise ExportError(f"{checkpoint}: a model folder already (it has a config.json), not a checkpoint")
+    recorded = read_state(checkpoint).get("model_path")  # CheckpointError: incomplete, damaged, foreign
     found = base or (Path(recorded) if recorded else None)
     if found is None:
         raise ExportError(f"{checkpoint}: its state.json records no base model; pass --base (the run's model.path, "

@@ -3,6 +3,7 @@ unless it resumes or overwrites, and a resume is checked against the config its 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -10,10 +11,15 @@ import pytest
 
 from coordexp_rl.config import dump_config, load_config
 from coordexp_rl.driver.run_folder import RunFolderError, claim_run_folder, probe_writable
+from learner.checkpoint import FORMAT_VERSION, CheckpointError
 
 
 def _earlier_run(out, *overrides):
-    (out / "checkpoints" / "step-000010").mkdir(parents=True)
+    checkpoint = out / "checkpoints" / "step-000010"
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optim.pt", "rng.pt", "COMPLETE"):  # what read_state checks without loading
+        (checkpoint / name).write_text("")
+    (checkpoint / "state.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": 10}))
     (out / "metrics.jsonl").write_text('{"stage": "stage1", "step": 10}\n')
     (out / "config.yaml").write_text(dump_config(load_config(None, [f"run.out_dir={out}", *overrides])))
     (out / "launch.log").write_text("not a run output\n")
@@ -65,6 +71,22 @@ def test_an_arm_resumes_another_runs_checkpoint_into_its_own_folder(tmp_path):
         claim_run_folder(load_config(None, [f"run.out_dir={arm}", f"run.resume={checkpoint}"]))
     claim_run_folder(load_config(None, [f"run.out_dir={arm}", f"run.resume={checkpoint}", "run.overwrite=true"]))
     assert not (arm / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "state.json").write_text("{garbage"), "state.json: damaged, cannot be read as JSON"),
+    (lambda c: (c / "COMPLETE").unlink(), "incomplete checkpoint"),
+    (lambda c: (c / "optim.pt").unlink(), "damaged checkpoint, optim.pt missing"),
+    (lambda c: (c / "state.json").write_text('{"format": 1}'), "checkpoint format 1, this code reads 2"),
+])
+def test_a_damaged_checkpoint_to_resume_is_refused_before_the_work(tmp_path, damage, message):
+    default = tmp_path / "default"
+    default.mkdir()
+    _earlier_run(default)
+    checkpoint = default / "checkpoints" / "step-000010"
+    damage(checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        claim_run_folder(load_config(None, [f"run.out_dir={tmp_path / 'arm'}", f"run.resume={checkpoint}"]))
 
 
 def test_an_empty_out_dir_is_refused():

@@ -116,3 +116,20 @@ def test_convert_bad_annotation_file_in_a_real_process(tmp_path: Path):
     debug = _cli("--debug", *args)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1] == plain.stderr.rstrip()
+
+
+def test_unreadable_configs_and_damaged_checkpoints_are_one_line_errors(tmp_path: Path, capsys):
+    """Before Ray starts: a config file that is not UTF-8, a checkpoint to resume whose state is torn."""
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"optim:\n  lr: 0.001 \xff\xfe\n")
+    assert main(["launch", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {config}: cannot be read as UTF-8 text") and "Traceback" not in err
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    for name in ("model.safetensors", "optim.pt", "rng.pt", "COMPLETE"):
+        (checkpoint / name).write_text("junk")
+    (checkpoint / "state.json").write_text("garbage")
+    assert main(["launch", f"run.resume={checkpoint}", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"checkpoint error: {checkpoint / 'state.json'}: damaged") and "Traceback" not in err

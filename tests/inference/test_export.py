@@ -73,7 +73,7 @@ def test_broken_checkpoints_and_lost_bases_are_refused_by_name(checkpoint, tiny_
     moved = shutil.copytree(path, tmp_path / "moved")
     state = json.loads((moved / "state.json").read_text())
     (moved / "state.json").write_text(json.dumps({**state, "model_path": str(tmp_path / "gone")}))
-    cases = [(incomplete, [], "incomplete checkpoint"), (tiny_model_dir, [], "not a checkpoint folder"),
+    cases = [(incomplete, [], "incomplete checkpoint"), (tiny_model_dir, [], "a model folder already"),
              (moved, [], "gone: the base model recorded in .*state.json is not a model folder"),
              (moved, ["--base", str(tmp_path)], "--base is not a model folder")]
     for folder, extra, message in cases:

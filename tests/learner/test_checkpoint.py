@@ -71,6 +71,15 @@ def test_a_pickled_object_in_optim_pt_is_refused_before_it_runs(learner, tmp_pat
     learner.model.load_state_dict(before)
 
 
+@pytest.mark.parametrize("torn", ["model.safetensors", "optim.pt", "rng.pt"])
+def test_a_torn_file_is_a_checkpoint_error_naming_the_folder(learner, tmp_path, torn):
+    path = learner.save(tmp_path / "ckpt")
+    data = (path / torn).read_bytes()
+    (path / torn).write_bytes(data[: len(data) // 2])  # e.g. a copy cut short
+    with pytest.raises(CheckpointError, match=f"{path}.*(damaged|do not load)"):
+        learner.load(path)
+
+
 def test_a_checkpoint_without_its_marker_is_skipped_and_refused(learner, tmp_path, caplog):
     folder = tmp_path / "checkpoints"
     good = learner.save(folder / "step-000001")
