@@ -49,6 +49,7 @@ from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout
 from coordexp_rl.driver.weight_sync import WeightSyncer
 from coordexp_rl.errors import report_user_error
 from coordexp_rl.evaluation.plots import plot_training_curves
+from coordexp_rl.method.coords import CoordVocab
 from coordexp_rl.modeling.load import load_processor
 from learner.group import LearnerGroup
 
@@ -135,6 +136,10 @@ class Driver:
         counts; the validation samples are kept for the evaluations."""
         cfg, a = self.cfg, self.assets
         processor = load_processor(a.model_path, cfg.data.max_pixels, cfg.data.min_pixels)
+        try:  # a stock Qwen3-VL folder fails here, not in the learner after Ray has started
+            CoordVocab.from_tokenizer(processor.tokenizer)
+        except ValueError as exc:
+            raise ConfigError(f"model.path={a.model_path}: {exc}") from None
         train, counts = load_checked_samples(cfg, a.train_path, a.train_image_root, processor,
                                              check_images=cfg.data.check_images, train=True)
         if counts.get("data/truncated_samples"):

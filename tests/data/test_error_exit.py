@@ -133,3 +133,15 @@ def test_unreadable_configs_and_damaged_checkpoints_are_one_line_errors(tmp_path
     assert main(["launch", f"run.resume={checkpoint}", f"run.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"checkpoint error: {checkpoint / 'state.json'}: damaged") and "Traceback" not in err
+
+
+def test_a_model_folder_without_coord_tokens_is_refused_before_ray(tmp_path: Path, capsys):
+    """A stock Qwen3-VL folder (here the tiny model built without coord tokens) names the fix."""
+    from coordexp_rl.modeling.tiny import make_tiny_model
+
+    stock = make_tiny_model(tmp_path / "stock", coord_tokens=False)
+    capsys.readouterr()  # the build's progress bar
+    assert main(["launch", f"model.path={stock}", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: model.path={stock}: tokenizer lacks 1006 coord/structure tokens")
+    assert "add-coord-tokens" in err and "Traceback" not in err
