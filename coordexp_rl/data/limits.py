@@ -135,6 +135,18 @@ def _truncate(sample: Sample, max_tokens: int, desc_tokens: Callable[[str], int]
     return dataclasses.replace(sample, objects=kept, boxes_px=[pairs[id(o)] for o in kept])
 
 
+def check_one_record_per_image(samples: list[Sample], path: str | Path) -> None:
+    """Evaluation pairs predictions with the GT by image: a validation file with two records of one image
+    (e.g. one per referring expression) is refused now, not by the first evaluation after the work."""
+    first: dict[str, int] = {}
+    for s in samples:
+        if s.image_rel in first:
+            raise DataError(f"{path}:{s.line}: images[0]: {s.image_rel!r} has a record already (line "
+                            f"{first[s.image_rel]}); evaluation pairs predictions with the GT by image: merge "
+                            "them into one record (`coordexp-rl convert refcoco` writes one per image)")
+        first[s.image_rel] = s.line
+
+
 def load_checked_samples(cfg, path: str | Path, image_root: str | Path | None, processor, *,
                          check_images: bool, train: bool) -> tuple[list[Sample], dict[str, int]]:
     """``load_samples`` plus both length checks of ``cfg`` (a ``Config``); train=True also fits the targets.
@@ -146,6 +158,8 @@ def load_checked_samples(cfg, path: str | Path, image_root: str | Path | None, p
     r = cfg.rollout
     longest = check_prompt_budget(samples, processor, cfg.data.prompt, r.max_new_tokens, r.max_model_len, path)
     counts = {"data/max_prompt_tokens": longest}
+    if not train:
+        check_one_record_per_image(samples, path)
     if train:
         limit = cfg.data.max_target_tokens or r.max_new_tokens
         samples, fitted = fit_targets(samples, processor.tokenizer, limit, cfg.data.too_many_objects, path)

@@ -99,6 +99,15 @@ def test_load_checked_samples_uses_the_config(processor, tmp_path):
     assert len(val[0].objects) == 9 and "data/truncated_samples" not in val_counts  # GT of evaluation is whole
 
 
+def test_a_validation_file_with_two_records_of_one_image_is_refused_up_front(processor, tmp_path):
+    """RefCOCO-style (one record per expression): evaluation would refuse it after the whole of Stage-1."""
+    path = _sample_file(tmp_path, [_rec(1, sid="a"), _rec(2, sid="b")])
+    cfg = load_config(None, [])
+    load_checked_samples(cfg, path, None, processor, check_images=True, train=True)  # training: fine
+    with pytest.raises(DataError, match=r"d.jsonl:2: images\[0\]: 'a.png' has a record already \(line 1\)"):
+        load_checked_samples(cfg, path, None, processor, check_images=True, train=False)
+
+
 def test_config_load_refuses_image_tokens_that_cannot_fit():
     with pytest.raises(ConfigError, match=r"data.max_pixels=1048576 allows 1024 image tokens.*"
                                           r"rollout.max_new_tokens=96.*rollout.max_model_len=1024"):
@@ -112,7 +121,9 @@ def test_driver_logs_the_truncation_count_in_metrics(tiny_model_dir, tmp_path):
     from coordexp_rl.driver.driver import Driver
 
     path = _sample_file(tmp_path, [_rec(9, sid="many"), _rec(1, sid="one")])
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", f"data.val={path}",
+    val = tmp_path / "val.jsonl"  # one record per image
+    val.write_text(path.read_text().splitlines()[0] + "\n")
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", f"data.val={val}",
                              "data.max_target_tokens=40", "data.too_many_objects=truncate",
                              f"run.out_dir={tmp_path / 'run'}"])
     from coordexp_rl.driver.run_log import RunLog
