@@ -17,6 +17,14 @@ from coordexp_rl.evaluation.report import summary, write_outputs
 from coordexp_rl.evaluation.robustness import boundary_report_paired
 
 
+def iou_threshold(text: str) -> float:
+    """An IoU threshold in (0, 1]: outside it (or NaN) every pair matches or none does, whatever the input."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", type=Path, default=None, help="ground-truth JSONL (data contract); optional with "
                         "--coco-ann")
@@ -25,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", type=Path, default=None, help="folder the GT image paths are relative to "
                         "(default: the GT file's folder)")
     parser.add_argument("--overlays", type=int, default=8, help="number of images to draw boxes on (0: none)")
-    parser.add_argument("--iou-thr", type=float, default=0.5, help="IoU threshold of F1 matching")
+    parser.add_argument("--iou-thr", type=iou_threshold, default=0.5, help="IoU threshold of F1 matching, in (0, 1]")
     parser.add_argument("--score-modes", default=None,
                         help=f"comma-separated COCO score modes from {SCORE_MODES} (default: constant plus every "
                              "mode whose score field the predictions carry)")

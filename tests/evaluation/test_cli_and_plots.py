@@ -113,3 +113,11 @@ def test_quantisation_boundary_report_splits_pairs(tmp_path):
     r = quantisation_boundary_report(gt, pred)
     assert r["near"]["pairs"] == 1 and r["far"]["pairs"] == 1
     assert r["far"]["mean_iou"] == 1.0 and r["near"]["mean_iou"] == pytest.approx(199.5 * 200 / (200 * 200))
+
+
+@pytest.mark.parametrize("thr", ["2", "nan", "-1", "0", "x"])
+def test_an_iou_threshold_outside_0_1_is_refused(eval_files, thr, capsys):
+    gt, pred, _ = eval_files
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--gt", str(gt), "--pred", str(pred), "--iou-thr", thr])
+    assert exit_info.value.code == 2 and "--iou-thr" in capsys.readouterr().err
