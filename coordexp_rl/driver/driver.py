@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from coordexp_rl.config import Config, ConfigError, dump_config, load_config
+from coordexp_rl.config import Config, ConfigError, dump_config, flat_settings, load_config
 from coordexp_rl.data.limits import load_checked_samples
 from coordexp_rl.driver.assets import Assets, prepare_assets
 from coordexp_rl.driver.evaluations import (
@@ -46,6 +46,7 @@ from coordexp_rl.driver.run_control import (
 from coordexp_rl.driver.run_folder import claim_run_folder, probe_writable
 from coordexp_rl.driver.run_log import RunLog
 from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
+from coordexp_rl.driver.trackers import check_installed, open_trackers
 from coordexp_rl.driver.weight_sync import WeightSyncer
 from coordexp_rl.errors import report_user_error
 from coordexp_rl.evaluation.plots import plot_training_curves
@@ -113,6 +114,7 @@ class Driver:
     def prepare(self) -> None:
         claim_run_folder(self.cfg)  # a folder holding another run is refused (or emptied: run.overwrite)
         probe_writable(self.out)
+        check_installed(self.cfg.run.loggers)  # a missing W&B / MLflow library: now, not after Stage-1 has started
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.assets = prepare_assets(self.cfg)
         log.info("model %s, train %s, val %s", self.assets.model_path, self.assets.train_path, self.assets.val_path)
@@ -163,9 +165,12 @@ class Driver:
             self.step = self.checkpoints.last_step = resumed["step"]
             self.checkpoints.last_path = resumed["path"]
             self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
-        self.run_log = RunLog(self.out, resume_step=self.step if resumed else None)
+        resume_step = self.step if resumed else None
+        trackers = open_trackers(cfg.run.loggers, self.out, flat_settings(cfg.model_dump()), resume_step)
+        self.run_log = RunLog(self.out, resume_step, trackers)
         self.best = BestCheckpoint(self.checkpoints, cfg.eval.best_metric) if cfg.eval.best_metric else None
-        self.evals = Evaluations(self.score, self.run_log, on_scored=self.best.scored if self.best else None)
+        self.evals = Evaluations(self.score, self.run_log, on_scored=self.best.scored if self.best else None,
+                                 eval_dir=self.out / "eval")
         if resumed:
             log.info("resumed from %s at step %d (weight version %d); evaluations kept: %s", resumed["path"],
                      self.step, resumed["version"], sorted(self.run_log.evaluations()) or "none")

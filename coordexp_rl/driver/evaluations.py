@@ -100,9 +100,11 @@ class Evaluations:
     """The run's evaluations by label: ``score(label)`` (the headline metrics of the actors' weights) logged
     to the run log as an ``eval`` row. Those kept from before a resume are not redone."""
 
-    def __init__(self, score: Callable[[str], dict], run_log, on_scored: Callable | None = None):
-        """``on_scored(label, step, headline)``: called with each new score (e.g. the best checkpoint's)."""
-        self.score, self.run_log, self.on_scored = score, run_log, on_scored
+    def __init__(self, score: Callable[[str], dict], run_log, on_scored: Callable | None = None,
+                 eval_dir: Path | None = None):
+        """``on_scored(label, step, headline)``: called with each new score (e.g. the best checkpoint's);
+        ``eval_dir``: where ``score`` writes each evaluation's outputs (<eval_dir>/<label>/), for the trackers."""
+        self.score, self.run_log, self.on_scored, self.eval_dir = score, run_log, on_scored, eval_dir
         self.results: dict[str, dict] = run_log.evaluations()
         self.kept_steps: dict[str, int] = run_log.evaluation_steps()
         self.pending: tuple[threading.Thread, list] | None = None
@@ -118,6 +120,8 @@ class Evaluations:
                      label, step, kept_at)
         headline = self.score(label, samples)
         self.run_log.log("eval", step, {"label": label, **{f"eval/{k}": v for k, v in headline.items()}})
+        if self.eval_dir is not None:
+            self.run_log.evaluation(label, step, headline, self.eval_dir / label)
         log.info("eval %s: %s", label, {k: headline.get(k) for k in ("constant/mAP", "constant/AP50", "f1@0.5/f1",
                                                                      "mean_iou", "parse_failure_rate")})
         self.results[label] = headline

@@ -1,34 +1,32 @@
-"""Metrics of a run: one JSON line per record (``metrics.jsonl``) and the same scalars in TensorBoard.
+"""Metrics of a run: one JSON line per record (``metrics.jsonl``), and the same scalars and each evaluation
+in the trackers of ``run.loggers`` (TensorBoard, W&B, MLflow: coordexp_rl/driver/trackers.py).
 
 A resumed run rewinds the log to its checkpoint: ``RunLog(out, resume_step=k)`` keeps the records with
-``step <= k`` (rewriting ``metrics.jsonl`` atomically) and tells TensorBoard to hide events after ``k``
+``step <= k`` (rewriting ``metrics.jsonl`` atomically) and TensorBoard hides events after ``k``
 (``purge_step``), so the steps between the checkpoint and the crash, which run again, appear once.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
 from pathlib import Path
 
+from coordexp_rl.driver.trackers import numeric
+
 
 class RunLog:
-    def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, resume_step: int | None = None, trackers: list | None = None):
+        """``trackers``: open trackers (trackers.open_trackers); closed with the log."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
         self.kept: list[dict] = self._rewind(resume_step) if resume_step is not None else []
         self._file = self.path.open("a")
         self._lock = threading.Lock()  # the driver's evaluation thread logs beside its main loop
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge)
+        self.trackers = trackers or []
 
     def _rewind(self, step: int) -> list[dict]:
         """Keep the records up to ``step`` (a torn last line from a kill is dropped too)."""
@@ -57,19 +55,25 @@ class RunLog:
         return {r["label"]: int(r["step"]) for r in self.kept if r.get("stage") == "eval"}
 
     def log(self, stage: str, step: int, metrics: dict) -> dict:
-        """Append ``{"stage", "step", "time", **metrics}``; numbers also go to TensorBoard as stage/key."""
+        """Append ``{"stage", "step", "time", **metrics}``; the numbers also go to the trackers as stage/key."""
         record = {"stage": stage, "step": int(step), "time": time.time(), **metrics}
         with self._lock:
             self._file.write(json.dumps(record, default=float) + "\n")
             self._file.flush()
-            if self._tb is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                        self._tb.add_scalar(f"{stage}/{key}", value, step)
+            values = {f"{stage}/{k}": v for k, v in numeric(metrics).items()}
+            for tracker in self.trackers:
+                tracker.scalars(int(step), values)
         return record
+
+    def evaluation(self, label: str, step: int, metrics: dict, folder: Path) -> None:
+        """An evaluation's whole metrics and its outputs (``folder``: eval/<label>/) to the trackers."""
+        with self._lock:
+            for tracker in self.trackers:
+                tracker.evaluation(label, int(step), metrics, Path(folder))
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []

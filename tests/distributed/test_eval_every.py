@@ -28,7 +28,7 @@ def make_driver(tmp_path, monkeypatch, *overrides):
     d.learner = SimpleNamespace(stage1_steps=SimpleNamespace(remote=stage1_steps))
     d.rollout = SimpleNamespace(raise_start_failure=lambda: None)
     d.checkpoints = SimpleNamespace(save_if_due=lambda step, state: None)
-    d.run_log = RunLog(tmp_path, tensorboard=False)
+    d.run_log = RunLog(tmp_path)
     d.evals = Evaluations(lambda label, n: events.append(("score", label, n)) or {"mean_iou": 0.5}, d.run_log)
     d.sync_weights = lambda: events.append(("sync", d.step))
     monkeypatch.setattr(driver_module, "ray", SimpleNamespace(get=lambda ref: ref))

@@ -17,7 +17,7 @@ from coordexp_rl.driver.run_log import RunLog
 
 @pytest.fixture
 def run_log(tmp_path):
-    log = RunLog(tmp_path, tensorboard=False)
+    log = RunLog(tmp_path)
     yield log
     log.close()
 
@@ -54,10 +54,10 @@ def test_its_error_is_raised_in_the_driver(run_log):
 
 def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
     never = lambda label, n: pytest.fail("the actors hold a checkpoint's weights, not the initial ones")  # noqa: E731
-    with closing(RunLog(tmp_path, tensorboard=False)) as first:
+    with closing(RunLog(tmp_path)) as first:
         first.log("eval", 0, {"label": "initial", "eval/mean_iou": 0.1})
         first.log("stage1", 4, {"loss/total": 1.0})
-    with closing(RunLog(tmp_path, tensorboard=False, resume_step=4)) as resumed:
+    with closing(RunLog(tmp_path, resume_step=4)) as resumed:
         evals = Evaluations(never, resumed)
         assert evals.results == {"initial": {"mean_iou": 0.1}}
         with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
@@ -65,7 +65,7 @@ def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
             evals.wait()
             evals.once("initial", 4)
         assert "kept from before the resume" in caplog.text
-    with closing(RunLog(tmp_path / "other", tensorboard=False, resume_step=5)) as fresh:
+    with closing(RunLog(tmp_path / "other", resume_step=5)) as fresh:
         evals = Evaluations(never, fresh)
         with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
             evals.start("initial", 5)
@@ -76,12 +76,12 @@ def test_skipped_when_resumed_past_step_0_or_kept(tmp_path, caplog):
 def test_an_extended_run_evaluates_its_new_end_again(tmp_path, caplog):
     """A finished run resumed with more Stage-2 steps: its kept "stage2" evaluation was of the old end;
     the new end is scored and replaces it (report.md and results.json then show the new model)."""
-    with closing(RunLog(tmp_path, tensorboard=False)) as first:
+    with closing(RunLog(tmp_path)) as first:
         first.log("eval", 0, {"label": "initial", "eval/mean_iou": 0.1})
         first.log("eval", 4, {"label": "stage1", "eval/mean_iou": 0.2})
         first.log("eval", 8, {"label": "stage2", "eval/mean_iou": 0.3})
     scored = []
-    with closing(RunLog(tmp_path, tensorboard=False, resume_step=8)) as resumed:
+    with closing(RunLog(tmp_path, resume_step=8)) as resumed:
         evals = Evaluations(lambda label, n: scored.append(label) or {"mean_iou": 0.5}, resumed)
         with caplog.at_level("INFO", logger="coordexp_rl.driver.evaluations"):
             evals.once("stage1", 4)  # the same end: kept

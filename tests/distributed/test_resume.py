@@ -11,6 +11,7 @@ Not compared: wall times and the weight-sync/log timings.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from tests.distributed import launcher
 
 pytestmark = pytest.mark.integration
+TRACKERS = importlib.util.find_spec("wandb") is not None and importlib.util.find_spec("mlflow") is not None
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,15 @@ def by_step(records: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in records}
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, launch_cache, tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, launch_cache, tmp_path, monkeypatch):
     cache, model = launch_cache, f"model.path={dropout_model}"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    # The interrupted run also logs to W&B (offline) and MLflow (SQLite in its folder): they go on at the resume.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    trackers = "run.loggers=[jsonl,tensorboard,wandb,mlflow]" if TRACKERS else "run.loggers=[jsonl,tensorboard]"
     # Both at once (each its own local Ray): the runs are deterministic, only their wall times share the CPUs.
     whole_proc = launcher.start(whole, cache, model)
-    proc = launcher.start(cut, cache, model)
+    proc = launcher.start(cut, cache, model, trackers)
     launcher.wait_for_record(proc, cut, "stage2")
     proc.send_signal(signal.SIGINT)  # Ctrl-C / `ray job stop` (SIGTERM takes the same path)
     rc = launcher.finish(proc, cut)
@@ -62,7 +67,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert [r["label"] for r in evals_before] == ["initial", "stage1"]
     pred_mtime = (cut / "eval" / "stage1" / "predictions.jsonl").stat().st_mtime
 
-    resumed = launcher.start(cut, cache, model, "run.resume=auto")  # beside the rest of the uninterrupted run
+    resumed = launcher.start(cut, cache, model, "run.resume=auto", trackers)  # beside the rest of the whole run
     assert launcher.finish(whole_proc, whole) == 0, launcher.output(whole)[-4000:]
     assert launcher.finish(resumed, cut) == 0, launcher.output(cut)[-4000:]
     after = launcher.records(cut)
@@ -86,6 +91,22 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert json.loads((cut / "results.json").read_text())["stage2"] == \
         json.loads((whole / "results.json").read_text())["stage2"]
     assert len([p for p in (cut / "checkpoints").iterdir() if not p.name.startswith(".")]) <= 3  # keep_last
+    if TRACKERS:
+        assert_trackers_went_on(cut, after)
+
+
+def assert_trackers_went_on(cut, records: list[dict]) -> None:
+    """MLflow holds the one run with every Stage-2 step and the three evaluations' artifacts; W&B one run id
+    over the two launches."""
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads((cut / "trackers.json").read_text())
+    client = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(ids["mlflow"], "stage2/loss/total")]
+    assert sorted(set(steps)) == sorted(r["step"] for r in records if r["stage"] == "stage2")
+    assert {a.path for a in client.list_artifacts(ids["mlflow"], "eval")} == \
+        {"eval/initial", "eval/stage1", "eval/stage2"}
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (cut / "wandb").glob("offline-run-*")) == [ids["wandb"]] * 2
 
 
 def os_listdir(path: str) -> list[str]:
