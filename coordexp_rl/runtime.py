@@ -1,6 +1,6 @@
 """Process setup that every entry point and Ray actor runs first: ``prepare_runtime()``.
 
-Two things (the measured facts behind them: docs/PLATFORM.md):
+Three things (the measured facts behind the first two: docs/PLATFORM.md):
 
 1. The torchvision fix. On CPU machines PyPI's torchvision wheel is a CUDA build whose compiled ``_C``
    library fails to load beside ``torch+cpu``; torchvision then dies at import on
@@ -9,6 +9,8 @@ Two things (the measured facts behind them: docs/PLATFORM.md):
    to load we define the two op schemas it registers fakes for, with a plain-torch CPU kernel.
 2. Environment defaults (``os.environ.setdefault``, so a caller's own settings win) for vLLM's CPU
    backend, offline Hugging Face use, Ray's local binding, and caches under one project cache dir.
+3. In the Ray actors of a quiet launch (``WORKER_LOG_DIR`` set on them: coordexp_rl/driver/console.py),
+   the process's stdout and stderr, engine and C-level output included, go to a file in the run folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 # Kept alive for the life of the process: dropping the Library object would remove the op definitions.
 _TORCHVISION_LIB: torch.library.Library | None = None
 _PREPARED = False
+WORKER_LOG_DIR = "COORDEXP_WORKER_LOG_DIR"  # set on a quiet launch's actors: where their output goes
 
 
 def cache_dir() -> Path:
@@ -59,7 +62,25 @@ def prepare_runtime() -> None:
     for key, value in environment_defaults().items():
         os.environ.setdefault(key, value)
     install_torchvision_fallback()
+    send_output_to_log_dir()
     _PREPARED = True
+
+
+def send_output_to_log_dir() -> Path | None:
+    """With ``WORKER_LOG_DIR`` set: this process's file descriptors 1 and 2 (Python, engine and C-level
+    output alike) onto ``<dir>/worker-<pid>.log``; returns that file (None when unset)."""
+    folder = os.environ.get(WORKER_LOG_DIR)
+    if not folder:
+        return None
+    path = Path(folder) / f"worker-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return path
 
 
 def install_torchvision_fallback() -> bool:

@@ -80,7 +80,7 @@ class LearnerGroup:
     def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
                  world_size: int = 1, placement_group=None, bundle_indices: Sequence[int] | None = None,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, plan: dict | None = None,
-                 dist_timeout_s: float = 1800.0):
+                 dist_timeout_s: float = 1800.0, actor_options: dict | None = None):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if placement_group is not None and (bundle_indices is None or len(bundle_indices) != world_size):
@@ -102,7 +102,7 @@ class LearnerGroup:
                                                    for r in range(world_size)]))
         self.world_size = world_size
         self.workers = [
-            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank)).remote(
+            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank), **(actor_options or {})).remote(
                 cfg_dict, model_path, train_path, image_root, rank=rank, world_size=world_size,
                 master_addr=addr, master_port=port, plan=plan, dist_timeout_s=dist_timeout_s,
                 devices=devices[rank])

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from coordexp_rl.config import Config, ConfigError, dump_config, flat_settings, load_config
 from coordexp_rl.data.limits import load_checked_samples
 from coordexp_rl.driver.assets import Assets, prepare_assets
+from coordexp_rl.driver.console import Console
 from coordexp_rl.driver.evaluations import (
     INITIAL,
     Evaluations,
@@ -60,8 +61,12 @@ log = logging.getLogger("coordexp_rl.launch")
 class Driver:
     """One run: owns the Ray handles (learner, rollout actors, buffer) and the run folder."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, console: Console | None = None, verbose: bool = False):
+        """``console``: the launch's logging (routed into the run folder once it is claimed); ``verbose``:
+        engine, Ray and library output on the console too."""
         self.cfg = cfg
+        self.console, self.verbose = console, verbose
+        self.actor_options: dict = {}  # Ray options every actor gets (where its output goes)
         self.out = Path(cfg.run.out_dir)
         self.step = 0  # the learner's step as the driver last saw it
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
@@ -85,13 +90,14 @@ class Driver:
     def run(self) -> str:
         self.prepare()
         train, counts = self.check_data()  # a data error ends the run here, before Ray starts
-        local = connect_ray(self.cfg)
+        local = connect_ray(self.cfg, log_to_driver=not self.actor_options)
         groups = reserve_resources(self.cfg, local)
         self.learner = self.start_learner(groups["learner"])
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before
             self.run_log.log("data", 0, counts)
-        self.rollout = start_rollout(self.cfg, groups["rollout"], train, self.assets.model_path, self.out, resumed)
+        self.rollout = start_rollout(self.cfg, groups["rollout"], train, self.assets.model_path, self.out, resumed,
+                                     self.actor_options)
         log.info("learner up %s; %d rollout actors starting", ray.get(self.learner.status.remote()),
                  len(self.rollout.actors))
         self.syncer = self.weight_syncer()
@@ -114,6 +120,8 @@ class Driver:
     def prepare(self) -> None:
         claim_run_folder(self.cfg)  # a folder holding another run is refused (or emptied: run.overwrite)
         probe_writable(self.out)
+        if self.console is not None:
+            self.actor_options = self.console.route(self.out, self.verbose)
         check_installed(self.cfg.run.loggers)  # a missing W&B / MLflow library: now, not after Stage-1 has started
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         self.assets = prepare_assets(self.cfg)
@@ -131,7 +139,8 @@ class Driver:
             str(a.train_image_root) if a.train_image_root else None, world_size=plan.world_size,
             placement_group=group, bundle_indices=list(range(plan.world_size)), num_cpus=plan.cpus,
             num_gpus=plan.gpus, plan={"sharding": plan.sharding, "accum_steps": plan.accum_steps,
-                                      "activation_checkpointing": plan.activation_checkpointing})
+                                      "activation_checkpointing": plan.activation_checkpointing},
+            actor_options=self.actor_options)
 
     def check_data(self) -> tuple[list, dict]:
         """The up-front checks (images once, prompt and target lengths): the training samples and their
@@ -361,17 +370,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan "
                         "(placement, learning rates, memory per device), then stop")
     parser.add_argument("--debug", action="store_true", help="show the traceback of config and data errors too")
+    parser.add_argument("--verbose", action="store_true", help="print the engine's, Ray's and the libraries' "
+                        "output too (by default it goes to the run folder's logs/)")
 
 
 def run(args: argparse.Namespace) -> int:
     """The launch; a config or data error ends it with its message and exit code 2 (``--debug``: and the
     traceback), a resource error with 3, a stop with the checkpoint to resume from."""
+    console = Console()
+    try:
+        return _run(args, console)
+    finally:
+        console.close()
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     debug = getattr(args, "debug", False)
     try:
         cfg = load_config(_configs(args), args.overrides)
     except ConfigError as e:
         return report_user_error(e, debug)
-    driver = Driver(cfg)
+    driver = Driver(cfg, console, verbose=getattr(args, "verbose", False))
     if args.dry_run:
         print(driver.describe())
         return 0
@@ -402,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     from coordexp_rl.runtime import prepare_runtime
 
     prepare_runtime()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m coordexp_rl.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

@@ -40,16 +40,17 @@ def placement_groups(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str
     return {"rollout": (b[:n], "PACK"), "learner": (b[n:], "STRICT_PACK")}
 
 
-def connect_ray(cfg: Config) -> bool:
+def connect_ray(cfg: Config, log_to_driver: bool = True) -> bool:
     """Join ``run.ray_address`` / ``RAY_ADDRESS`` (inside `ray job submit`), else start a local Ray; True
-    for a local Ray (one that cannot grow)."""
+    for a local Ray (one that cannot grow). ``log_to_driver``: print the actors' output here (a quiet
+    launch writes it into the run folder instead: driver/console.py)."""
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         need = sum(b.get("CPU", 0) for b in bundles(cfg))
         ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                 include_dashboard=False, _node_ip_address="127.0.0.1")
+                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
     log.info("ray: %s", ray.cluster_resources())
     return not address
 

@@ -40,12 +40,14 @@ class Rollout:
                 log.info("%d rollout actors up", len(self.actors))
 
 
-def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, resumed: dict) -> Rollout:
+def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, resumed: dict,
+                  actor_options: dict | None = None) -> Rollout:
     """The buffer (continuing a resumed run's version and row ids) and ``rollout.num_actors`` actors in the
-    placement group ``group``, each generating for its shard of ``train``."""
-    r = cfg.rollout
+    placement group ``group``, each generating for its shard of ``train``; ``actor_options``: Ray options
+    every actor gets (Driver.actor_options)."""
+    r, options = cfg.rollout, actor_options or {}
     spill = str(out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-    buffer = RolloutBuffer.remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
+    buffer = RolloutBuffer.options(**options).remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
                                   rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
                                   spill_dir=spill, version=resumed.get("version", 0), next_seq=resumed.get("consumed"))
     work_list = ray.put([(s.sample_id, str(s.image_path), s.image_rel) for s in train])
@@ -54,7 +56,7 @@ def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, 
     actors = [
         RolloutActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-            num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts).remote(
+            num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts, **options).remote(
             engine, work_list, cfg.data.prompt, sampling, batch_size=r.batch_size, actor_id=f"rollout-{i}",
             num_shards=r.num_actors, shard_index=i, buffer=buffer, per_image=r.per_image)
         for i in range(r.num_actors)]

@@ -28,7 +28,7 @@ def bad_file(tmp_path: Path) -> Path:
 class DataCheckingDriver:
     """The launcher's Driver up to its data check (the real one starts Ray first)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *_, **__):
         self.cfg = cfg
 
     def run(self):
@@ -72,7 +72,7 @@ def test_launch_error_from_a_ray_task_reports_its_cause(monkeypatch, tmp_path, c
     from ray.exceptions import RayTaskError
 
     class RemoteFailure:
-        def __init__(self, cfg):
+        def __init__(self, cfg, *_, **__):
             pass
 
         def run(self):
@@ -87,7 +87,7 @@ def test_launch_error_from_a_ray_task_reports_its_cause(monkeypatch, tmp_path, c
 
 def test_other_errors_keep_their_traceback(monkeypatch, tmp_path):
     class Bug:
-        def __init__(self, cfg):
+        def __init__(self, cfg, *_, **__):
             pass
 
         def run(self):
@@ -143,5 +143,6 @@ def test_a_model_folder_without_coord_tokens_is_refused_before_ray(tmp_path: Pat
     capsys.readouterr()  # the build's progress bar
     assert main(["launch", f"model.path={stock}", f"run.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"config error: model.path={stock}: tokenizer lacks 1006 coord/structure tokens")
+    last = err.strip().splitlines()[-1]  # after the launch's own progress lines
+    assert last.startswith(f"config error: model.path={stock}: tokenizer lacks 1006 coord/structure tokens")
     assert "add-coord-tokens" in err and "Traceback" not in err

@@ -199,6 +199,9 @@ def _perturbed(section: str, name: str, value):
         return value * 0.5 + 0.125  # stays inside [0, 1] for fractions (top_p, thresholds)
     if value is None:
         return 0.5
+    if isinstance(value, list):  # run.loggers: another valid list
+        more = [a for a in typing.get_args(typing.get_args(annotation)[0]) if a not in value]
+        return [*value, *more[:1]]
     return f"{value}_changed"
 
 

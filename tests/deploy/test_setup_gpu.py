@@ -18,7 +18,7 @@ def test_script_parses():
 
 def test_installs_the_gpu_extra_with_the_official_vllm():
     text = SCRIPT.read_text()
-    assert 'pip install -q -e ".[gpu,test]"' in text
+    assert 'pip install -q -e ".[gpu,test,track]"' in text
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("vllm==") for dep in extras["gpu"])
 

@@ -79,7 +79,8 @@ def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(killed_runs,
     if transport == "broadcast":  # the scale-out path: two FSDP2 ranks, a sharded model saved whole at the end
         assert "learner group: 2 ranks" in text and is_complete(out / "checkpoints" / "final")
     assert "rollout-0 is gone" in text and "rollout-0 is back" in text
-    assert "actor rollout-0 restarted" in text  # the new process registered (and loaded weights) first
+    actors = "".join(p.read_text() for p in (out / "logs").glob("worker-*.log"))  # the actors' own output
+    assert "actor rollout-0 restarted" in actors  # the new process registered (and loaded weights) first
 
     steps = launcher.records(out, "stage2")
     assert [r["step"] for r in steps] == list(range(3, 8))  # 2 Stage-1 steps, then all 5 Stage-2 steps
@@ -93,7 +94,7 @@ def test_a_killed_actor_is_restarted_and_every_row_is_consumed_once(killed_runs,
     assert final["buffer/stale_dropped"] == 0
     # The new process loaded the learner's weights (a version > 0) before generating, by either transport
     # (broadcast: from the failed sync's object-store fallback or the copy the driver left after the death).
-    restarted = re.search(r"actor rollout-0 restarted: next row seq \d+, weight version (\d+)", text)
+    restarted = re.search(r"actor rollout-0 restarted: next row seq \d+, weight version (\d+)", actors)
     assert restarted and int(restarted.group(1)) >= 1
 
     # The actors' throughput counters at every sync (and once more at the end of Stage-2).

@@ -48,7 +48,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     monkeypatch.setenv("WANDB_MODE", "offline")
     trackers = "run.loggers=[jsonl,tensorboard,wandb,mlflow]" if TRACKERS else "run.loggers=[jsonl,tensorboard]"
     # Both at once (each its own local Ray): the runs are deterministic, only their wall times share the CPUs.
-    whole_proc = launcher.start(whole, cache, model)
+    whole_proc = launcher.start(whole, cache, model, "--verbose")  # engine output on the console as well
     proc = launcher.start(cut, cache, model, trackers)
     launcher.wait_for_record(proc, cut, "stage2")
     proc.send_signal(signal.SIGINT)  # Ctrl-C / `ray job stop` (SIGTERM takes the same path)
@@ -93,6 +93,21 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(dropout_model, 
     assert len([p for p in (cut / "checkpoints").iterdir() if not p.name.startswith(".")]) <= 3  # keep_last
     if TRACKERS:
         assert_trackers_went_on(cut, after)
+    assert_quiet_console(launcher.output(cut), launcher.output(whole), cut)
+
+
+ENGINE = "Initializing a V1 LLM engine"  # a line of vLLM's start-up, printed in the rollout actor
+
+
+def assert_quiet_console(quiet: str, verbose: str, out) -> None:
+    """By default the actors' output (vLLM's start-up, library warnings) is in the run folder's logs/,
+    not on the console; --verbose prints it too."""
+    assert ENGINE in verbose and "(RolloutWorker pid=" in verbose
+    assert ENGINE not in quiet and "pid=" not in quiet
+    assert "Warning" not in quiet and "WARNING" not in quiet.replace("WARNING coordexp_rl", "")
+    assert "eval stage2" in quiet and "stage-2: 100%" in quiet  # our own progress and evaluations stay
+    assert any(ENGINE in p.read_text() for p in (out / "logs").glob("worker-*.log"))
+    assert "Started a local Ray instance" in (out / "logs" / "driver.log").read_text()
 
 
 def assert_trackers_went_on(cut, records: list[dict]) -> None:
