@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from coordexp_rl.errors import UserError
 
@@ -25,6 +25,16 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # loss weights
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # probabilities, IoU and L1 thresholds
 PositiveFraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 CoordTopK = Annotated[int, Field(ge=0, le=1000)]  # bins of the 1000 coord tokens; 0 = all
+
+
+def _custom_resource(name: str) -> str:
+    if name in ("CPU", "GPU", "memory", "object_store_memory"):
+        raise ValueError(f"{name} is one of Ray's own resources; name a custom one (e.g. coordexp_rollout)")
+    return name
+
+
+# A custom Ray resource name ("" = none), not one of Ray's own.
+ResourceName = Annotated[str, Field(pattern=r"^([A-Za-z_][\w\-]*)?$"), AfterValidator(_custom_resource)]
 
 
 class _Section(BaseModel):
@@ -199,6 +209,9 @@ class RolloutConfig(_Section):
     cpus_per_actor: Positive = 1.0
     max_restarts: NonNegativeInt = 3  # Ray restarts a dead rollout actor this often (it reloads the newest weights)
     gone_timeout_s: Positive = 300.0  # every actor dead this long: the driver checkpoints and stops
+    # A custom Ray resource each rollout bundle asks 1 of: the actors go only to nodes that declare it
+    # (e.g. coordexp_rollout on spot GPU nodes; deploy/ray_cluster.yaml, docs/DEPLOY.md). "" = any node.
+    node_resource: ResourceName = ""
 
 
 class BufferConfig(_Section):
@@ -220,6 +233,9 @@ class LearnerConfig(_Section):
     sharding: Literal["replicate", "fsdp"] = "replicate"  # whole model per rank, or FSDP2 shards
     accum_steps: Count = 1  # micro-batches per optimizer step per rank
     activation_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
+    # A custom Ray resource each learner rank's bundle asks 1 of (e.g. coordexp_learner on on-demand nodes,
+    # so that the optimizer state never sits on spot capacity). "" = any node.
+    node_resource: ResourceName = ""
 
 
 class EvalConfig(_Section):
@@ -299,6 +315,7 @@ STAGE2_ONLY_KEYS = (
     "rollout.engine", "rollout.num_actors", "rollout.batch_size", "rollout.temperature", "rollout.top_p",
     "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
     "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite", "run.placement_timeout_s", "run.loggers",
+    "rollout.node_resource", "learner.node_resource",  # where the processes run, not what they compute
 )
 
 

@@ -26,10 +26,13 @@ class ResourceError(RuntimeError):
 
 
 def bundles(cfg: Config) -> list[dict[str, float]]:
-    """One bundle per rollout actor, then one per learner rank (dedicated devices for each)."""
+    """One bundle per rollout actor, then one per learner rank (dedicated devices for each); a role's
+    ``node_resource`` pins its bundles to the nodes that declare that custom resource."""
     rollout, learner = cfg.rollout, cfg.learner
-    actor = {"CPU": rollout.cpus_per_actor, **({"GPU": rollout.gpus_per_actor} if rollout.gpus_per_actor else {})}
-    rank = {"CPU": learner.cpus, **({"GPU": learner.gpus} if learner.gpus else {})}
+    actor = {"CPU": rollout.cpus_per_actor, **({"GPU": rollout.gpus_per_actor} if rollout.gpus_per_actor else {}),
+             **({rollout.node_resource: 1.0} if rollout.node_resource else {})}
+    rank = {"CPU": learner.cpus, **({"GPU": learner.gpus} if learner.gpus else {}),
+            **({learner.node_resource: 1.0} if learner.node_resource else {})}
     return [dict(actor) for _ in range(rollout.num_actors)] + [dict(rank) for _ in range(learner.world_size)]
 
 
@@ -58,6 +61,12 @@ def connect_ray(cfg: Config, log_to_driver: bool = True) -> bool:
 def shortfall(cfg: Config, have: dict) -> str:
     """What the config asks for beyond ``have`` (Ray resources), with the knobs; "" when it fits."""
     wanted = bundles(cfg)
+    for role, key in (("rollout", cfg.rollout.node_resource), ("learner", cfg.learner.node_resource)):
+        want = sum(b.get(key, 0) for b in wanted) if key else 0
+        if want > have.get(key, 0):
+            return (f"the config asks for {want:g} {key} ({role}.node_resource), the cluster has {have.get(key, 0):g}; "
+                    f"declare it on the {role} node types (`ray start --resources='{{\"{key}\": 8}}'`, "
+                    f"deploy/ray_cluster.yaml) or set {role}.node_resource='' to place anywhere")
     for key in ("CPU", "GPU"):
         want = sum(b.get(key, 0) for b in wanted)
         if want > have.get(key, 0):
@@ -106,8 +115,9 @@ def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> 
 
 
 def bundle_text(bundle: dict) -> str:
-    """One bundle's CPUs and GPUs: ``{8 CPU, 1 GPU}`` (a resource it does not ask for is left out)."""
-    return "{" + ", ".join(f"{bundle[k]:g} {k}" for k in ("CPU", "GPU") if bundle.get(k)) + "}"
+    """One bundle's resources: ``{8 CPU, 1 GPU, 1 coordexp_rollout}`` (one it does not ask for is left out)."""
+    keys = ["CPU", "GPU", *sorted(k for k in bundle if k not in ("CPU", "GPU"))]
+    return "{" + ", ".join(f"{bundle[k]:g} {k}" for k in keys if bundle.get(k)) + "}"
 
 
 def _describe(bundle_list: list[dict]) -> str:
@@ -116,5 +126,6 @@ def _describe(bundle_list: list[dict]) -> str:
         return "nothing"
     if len(bundle_list) > 1 and all(b == bundle_list[0] for b in bundle_list):
         return f"{len(bundle_list)} x {bundle_text(bundle_list[0])}"
-    keys = [k for k in ("CPU", "GPU") if any(b.get(k) for b in bundle_list)]
+    keys = ["CPU", "GPU", *sorted({k for b in bundle_list for k in b} - {"CPU", "GPU"})]
+    keys = [k for k in keys if any(b.get(k) for b in bundle_list)]
     return ", ".join(f"{sum(b.get(k, 0) for b in bundle_list):g} {k}" for k in keys)

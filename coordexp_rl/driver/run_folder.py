@@ -25,8 +25,8 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "tb", "plo
                "results.json", "trackers.json", "wandb", "mlflow.db", "mlartifacts", "logs")
 # Keys a resume may change without a word: how long, how it is run and observed, not what was trained.
 RESUME_FREE = ("run.", "eval.", "stage1.steps", "stage2.steps", "data.check_images", "rollout.num_actors",
-               "rollout.cpus_per_actor", "rollout.gpus_per_actor", "rollout.max_restarts", "rollout.gone_timeout_s",
-               "learner.", "weight_sync.", "buffer.spill_dir")
+               "rollout.cpus_per_actor", "rollout.gpus_per_actor", "rollout.node_resource", "rollout.max_restarts",
+               "rollout.gone_timeout_s", "learner.", "weight_sync.", "buffer.spill_dir")
 
 
 class RunFolderError(UserError):

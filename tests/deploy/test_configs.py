@@ -80,11 +80,13 @@ def test_gpu_configs_fill_their_nodes(name, gpus, nodes):
 
 
 def strict_packed(cfg) -> list[dict]:
-    """The rollout bundles, then the learner's STRICT_PACK group as the one node-sized piece it must be."""
+    """The rollout bundles, then the learner's STRICT_PACK group as the one node-sized piece it must be
+    (CPUs and GPUs only: role pinning by node_resource is checked on the cluster files, test_ray_cluster.py)."""
     groups = placement_groups(cfg)
     (actors, a_strategy), (ranks, l_strategy) = groups["rollout"], groups["learner"]
     assert (a_strategy, l_strategy) == ("PACK", "STRICT_PACK")
-    return actors + [{k: sum(r.get(k, 0) for r in ranks) for k in ranks[0]}]
+    devices = [{k: v for k, v in a.items() if k in ("CPU", "GPU")} for a in actors]
+    return devices + [{k: sum(r.get(k, 0) for r in ranks) for k in ("CPU", "GPU") if k in ranks[0]}]
 
 
 def test_two_node_config_puts_the_learner_on_a_node_of_its_own():
