@@ -123,6 +123,8 @@ def test_wandb_and_mlflow_receive_config_metrics_and_evaluations_and_a_resume_co
 def test_the_trackers_honour_their_environment(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.chdir(tmp_path)  # a user's own MLFLOW_TRACKING_URI keeps MLflow's artifact default (./mlruns)
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_here"))
@@ -131,6 +133,7 @@ def test_the_trackers_honour_their_environment(tmp_path, monkeypatch):
     assert not (out / "mlflow.db").exists() and not (out / "wandb").exists()
     assert MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}").get_experiment_by_name("mine") is not None
     assert list((tmp_path / "wandb_here" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "mlruns").is_dir()
 
 
 def test_a_missing_tracker_library_is_refused_naming_the_package(monkeypatch):
