@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -75,8 +76,6 @@ class TensorBoard:
 
 class Wandb:
     def __init__(self, out: Path, config: dict, run_id: str | None):
-        import os
-
         import wandb
 
         self.wandb = wandb
@@ -111,8 +110,6 @@ class Mlflow:
     UNSAFE = re.compile(r"[^\w\-./ :]")
 
     def __init__(self, out: Path, config: dict, run_id: str | None, commit: str):
-        import os
-
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
