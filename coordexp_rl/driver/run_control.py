@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -33,6 +36,7 @@ class Checkpoints:
         self.learner, self.folder, self.every, self.keep_last = learner, folder, every, keep_last
         self.last_step, self.last_path = -1, ""
         self.protected: set[str] = set()
+        self.warned = False  # stop_wait_warning said once
 
     def save_if_due(self, step: int, driver_state: dict) -> None:
         if self.every and step % self.every == 0:
@@ -40,10 +44,16 @@ class Checkpoints:
 
     def save(self, step: int, driver_state: dict, name: str | None = None) -> str:
         target = self.folder / (name or f"step-{step:06d}")
+        start = time.perf_counter()
         path = ray.get(self.learner.save_checkpoint.remote(str(target), self.keep_last, driver_state,
                                                            sorted(self.protected)))
+        seconds = time.perf_counter() - start
         self.last_step, self.last_path = step, path
-        log.info("checkpoint %s", path)
+        log.info("checkpoint %s (%.1f s)", path, seconds)
+        warning = stop_wait_warning(seconds)
+        if warning and not self.warned:
+            log.warning(warning)
+            self.warned = True
         return path
 
     def ensure(self, step: int, driver_state: dict) -> str:
@@ -51,6 +61,26 @@ class Checkpoints:
         if self.last_step == step:
             return self.last_path
         return self.save(step, driver_state)
+
+
+def stop_wait_seconds(checkpoint_s: float) -> int:
+    """How long `ray job stop` must wait before its SIGKILL for a stop to end cleanly: the learner step in
+    flight and the final checkpoint (each up to one checkpoint write, counted twice), plus 30 s of room."""
+    return math.ceil(2 * checkpoint_s + 30)
+
+
+def stop_wait_warning(checkpoint_s: float) -> str | None:
+    """Under `ray job submit` (the job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR in the driver's
+    environment, beside the job's env_vars): a warning when Ray's stop wait, RAY_JOB_STOP_WAIT_TIME_S
+    (default 3 s), would kill the final checkpoint mid-write; None otherwise."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return None
+    wait, need = float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", 3)), stop_wait_seconds(checkpoint_s)
+    if wait >= need:
+        return None
+    return (f"a checkpoint took {checkpoint_s:.0f} s, but `ray job stop` kills the job after "
+            f"RAY_JOB_STOP_WAIT_TIME_S={wait:g} s: set RAY_JOB_STOP_WAIT_TIME_S >= {need} in the job's runtime_env "
+            "env_vars (deploy/runtime_env.yaml) so that a stop can write its checkpoint")
 
 
 class BestCheckpoint:

@@ -64,6 +64,13 @@ def model_key(cfg) -> str:
     raise ValueError(f"model.path {cfg.model.path!r} names none of {[s['name'] for s in QWEN3VL.values()]}")
 
 
+def checkpoint_gb(cfg) -> float:
+    """A checkpoint's size (GB): float32 weights of the whole model + AdamW's two moments of the trained part."""
+    p = count_params(QWEN3VL[model_key(cfg)])
+    trainable = p["text"] if cfg.model.freeze_vision else p["total"]
+    return (4 * p["total"] + 8 * trainable) / GB
+
+
 def learner_budget(cfg) -> dict[str, float]:
     """Bytes per learner rank (GB) for a config; keys as in ``budget_comment``."""
     spec = QWEN3VL[model_key(cfg)]

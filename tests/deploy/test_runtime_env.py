@@ -49,3 +49,30 @@ def test_the_real_checkout_packages_small_with_configs_and_code(tmp_path):
             "learner/ray_learner.py"} <= names
     assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)
     assert (tmp_path / "pkg.zip").stat().st_size < 50 * 2**20  # far below Ray's ~500 MiB upload cap
+
+
+def test_the_stop_wait_covers_a_checkpoint_of_the_largest_config():
+    """RAY_JOB_STOP_WAIT_TIME_S in deploy/runtime_env.yaml (and the KubeRay jobs, which copy its env_vars):
+    the 8B configs' checkpoint size (memory.checkpoint_gb) at 250 MB/s to shared storage, through the
+    driver's own rule (run_control.stop_wait_seconds)."""
+    from coordexp_rl.driver.run_control import stop_wait_seconds
+    from coordexp_rl.modeling.memory import checkpoint_gb
+    from tests.deploy.packing import GPU_CONFIGS, config
+
+    wait = float(load_yaml(DEPLOY / "runtime_env.yaml")["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"])
+    largest = max(checkpoint_gb(config(name)) for name in GPU_CONFIGS)
+    assert 100 < largest < 102  # Qwen3-VL-8B: float32 weights + AdamW moments
+    need = stop_wait_seconds(largest * 1e9 / 250e6)
+    assert need == 836 and need <= wait < need + 100
+
+
+def test_the_driver_warns_when_the_stop_wait_is_shorter_than_its_checkpoints(monkeypatch):
+    from coordexp_rl.driver.run_control import stop_wait_warning
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert stop_wait_warning(400.0) is None  # not a submitted job: nothing to warn about
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # set by Ray's job supervisor
+    monkeypatch.delenv("RAY_JOB_STOP_WAIT_TIME_S", raising=False)
+    assert "RAY_JOB_STOP_WAIT_TIME_S=3 s: set RAY_JOB_STOP_WAIT_TIME_S >= 830" in stop_wait_warning(400.0)
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "900")
+    assert stop_wait_warning(400.0) is None and stop_wait_warning(450.0) is not None
