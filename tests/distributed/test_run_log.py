@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from coordexp_rl.driver.run_log import RunLog
+from coordexp_rl.driver.trackers import TensorBoard
 
 
 def test_resume_rewinds_metrics_and_keeps_earlier_evaluations(tmp_path):
-    first = RunLog(tmp_path, tensorboard=False)
+    first = RunLog(tmp_path)
     first.log("eval", 0, {"label": "initial", "eval/mean_iou": 0.1})
     for step in range(1, 6):
         first.log("stage1", step, {"loss/total": float(step)})
@@ -18,7 +19,7 @@ def test_resume_rewinds_metrics_and_keeps_earlier_evaluations(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"stage": "stage2", "step": 7, "lo')  # killed in the middle of a write
 
-    resumed = RunLog(tmp_path, tensorboard=False, resume_step=5)
+    resumed = RunLog(tmp_path, resume_step=5)
     assert resumed.evaluations() == {"initial": {"mean_iou": 0.1}, "stage1": {"mean_iou": 0.3}}
     resumed.log("stage2", 6, {"loss/total": 6.5})  # the step after the checkpoint runs again
     resumed.close()
@@ -31,11 +32,11 @@ def test_resume_rewinds_metrics_and_keeps_earlier_evaluations(tmp_path):
 def test_tensorboard_hides_events_after_the_resume_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    first = RunLog(tmp_path)
+    first = RunLog(tmp_path, trackers=[TensorBoard(tmp_path, None)])
     for step in range(1, 5):
         first.log("stage1", step, {"loss": float(step)})
     first.close()
-    resumed = RunLog(tmp_path, resume_step=2)
+    resumed = RunLog(tmp_path, resume_step=2, trackers=[TensorBoard(tmp_path, 2)])
     resumed.log("stage1", 3, {"loss": 30.0})
     resumed.close()
     acc = EventAccumulator(str(tmp_path / "tb"))
