@@ -50,12 +50,17 @@ def base_model(checkpoint: Path, base: Path | None = None) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Path, base: Path | None = None) -> Path:
     """Write ``checkpoint``'s weights with its base's config, tokenizer and processor into ``out``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from coordexp_rl.modeling.load import load_model_and_processor
 
     model, processor, _ = load_model_and_processor(base_model(checkpoint, base), "float32", "cpu")
-    load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as the learner saved
+    try:
+        load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as the learner saved
+    except (SafetensorError, RuntimeError) as exc:  # a torn file, or weights of another model than the base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{checkpoint}: its weights do not load into the base model ({first})") from None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

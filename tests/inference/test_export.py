@@ -79,6 +79,10 @@ def test_broken_checkpoints_and_lost_bases_are_refused_by_name(checkpoint, tiny_
     for folder, extra, message in cases:
         assert main(["export", "--checkpoint", str(folder), "--out", str(tmp_path / "o"), *extra]) == 2
         assert re.search(message, capsys.readouterr().err), message
+    torn = shutil.copytree(path, tmp_path / "torn")
+    (torn / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    assert main(["export", "--checkpoint", str(torn), "--out", str(tmp_path / "o")]) == 2
+    assert "its weights do not load into the base model" in capsys.readouterr().err
     # --base repairs a moved base
     assert main(["export", "--checkpoint", str(moved), "--out", str(tmp_path / "o"), "--base",
                  str(tiny_model_dir)]) == 0
