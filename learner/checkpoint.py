@@ -1,19 +1,26 @@
 """Save and resume a Learner bit for bit: weights, optimizer, scheduler, counters, RNG, data position.
 
-A checkpoint folder holds ``model.safetensors``, ``optim.pt`` (optimizer + scheduler), ``rng.pt``,
-``state.json`` and, written last, the completion marker ``COMPLETE``. It is written into a private
-temporary sibling and renamed, and readers ignore a folder without the marker: a kill at any moment of a
-save (even during the rename of an older folder) never leaves something that looks finished.
+Two layouts, named in ``state.json`` (``"layout"``):
 
-No pickle: ``optim.pt`` and ``rng.pt`` hold only tensors and plain data (dicts, lists, numbers, strings)
-and are read with ``torch.load(weights_only=True)``, so a checkpoint folder from someone else cannot run
-code; one that carries a pickled object is refused with ``CheckpointError``.
+- ``full`` (a learner whose ranks hold the whole model: one rank, or replicated ranks): ``model.safetensors``,
+  ``optim.pt`` (optimizer + scheduler), ``rng.pt``, written by rank 0 alone.
+- ``sharded`` (an FSDP learner): ``shards/``, a torch.distributed.checkpoint folder with the model and
+  optimizer state by parameter name, each rank writing only its own shard (learner/sharded_files.py), plus
+  ``scheduler.pt`` and one ``rng-<rank>.pt`` per rank. No rank ever holds the whole state.
 
-On W ranks rank 0 writes (every rank waits for it) and every rank reads, so the folder must be on a
-filesystem all learner ranks see. Replicated ranks hold the whole model: the files are the one-rank ones.
-An FSDP learner gathers full (unsharded) model and optimizer state to rank 0's CPU memory (a collective)
-and saves the optimizer by parameter name; on load every rank reads the full files and keeps its shard.
-``state.json`` says which (``"sharding"``), and loading refuses a mismatch.
+Either layout loads into any learner: a sharded checkpoint of N ranks resumes on M ranks (each reads the
+chunks its shard overlaps; one rank reads whole tensors), a full one into FSDP ranks through rank 0 alone
+(it reads the files and sends each rank its shard). A rank finds its own ``rng-<rank>.pt``, else rank 0's.
+
+Every checkpoint is written into a private temporary sibling and renamed, with the completion marker
+``COMPLETE`` written last; readers ignore a folder without it: a kill at any moment of a save (even during
+the rename of an older folder) never leaves something that looks finished. The folder must be on a
+filesystem all learner ranks see.
+
+No pickle: ``*.pt`` files hold only tensors and plain data (dicts, lists, numbers, strings) and are read
+with ``torch.load(weights_only=True)``, the sharded folder's metadata with an unpickler that builds only
+torch.distributed.checkpoint's own metadata classes; a checkpoint from someone else cannot run code, and
+one that carries a pickled object is refused with ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -31,15 +38,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from coordexp_rl.errors import UserError
+from learner import sharded_files
 
 if TYPE_CHECKING:
     from learner.learner import Learner
 
 FORMAT_VERSION = 2  # 2: no pickle (RNG states as tensors), completion marker
 MARKER = "COMPLETE"
+SHARDS = "shards"  # the sharded layout's torch.distributed.checkpoint folder
+LAYOUT_FILES = {"full": ("model.safetensors", "optim.pt", "rng.pt"),
+                "sharded": (f"{SHARDS}/{sharded_files.METADATA}", "scheduler.pt", "rng-0.pt")}
 log = logging.getLogger(__name__)
 
 
@@ -51,34 +62,49 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
+    """Write the learner's whole training state to ``path`` (a collective: every rank calls it)."""
+    d = learner.dist
     sharded = learner.sharded is not None
-    full = _full_state(learner) if sharded else None  # a collective: every rank takes part
-    if not learner.dist.is_main:
-        learner.dist.barrier()  # until rank 0 has written
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    if full is not None:
-        model_state, optim_state = full
-        save_file({k: v.contiguous().clone() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    else:
-        save_model(learner.model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        optim_state = learner.optimizer.state_dict()
-    torch.save({"optimizer": optim_state, "scheduler": learner.scheduler.state_dict()}, tmp / "optim.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    state = {"format": FORMAT_VERSION, "step": learner.step, "stage2_steps": learner.stage2_steps,
-             "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate",
-             "model_path": learner.model_path}  # the base folder: config and tokenizer for `coordexp-rl export`
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    _write_marker(tmp, learner.step)
-    _replace(tmp, path)
-    learner.dist.barrier()
+    # Rank 0 names the private folder; a sharded save has every rank write into it.
+    tmp = _temp_folder(path) if d.is_main else None
+    if sharded:
+        tmp = Path(d.broadcast(str(tmp)))
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        sharded_files.save({"model": get_model_state_dict(learner.model),
+                            "optim": get_optimizer_state_dict(learner.model, learner.optimizer)},
+                           tmp / SHARDS, d.cpu_group)
+        torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
+    d.barrier()  # every rank's files are in tmp
+    if d.is_main:
+        if sharded:
+            torch.save({"scheduler": learner.scheduler.state_dict()}, tmp / "scheduler.pt")
+        else:
+            save_model(learner.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            torch.save({"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict()},
+                       tmp / "optim.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+        state = {"format": FORMAT_VERSION, "step": learner.step, "stage2_steps": learner.stage2_steps,
+                 "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate",
+                 "layout": "sharded" if sharded else "full", "world_size": d.world_size,
+                 "model_path": learner.model_path}  # the base folder: config and tokenizer for `coordexp-rl export`
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        _write_marker(tmp, learner.step)
+        _replace(tmp, path)
+    d.barrier()
     return path
+
+
+def _temp_folder(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
 
 
 def _write_marker(folder: Path, step: int) -> None:
     """The marker goes last, after every other file has reached the disk."""
     for f in folder.iterdir():
+        if f.is_dir():  # shards/: torch.distributed.checkpoint synced its own files
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     with open(folder / MARKER, "w") as fh:
@@ -179,20 +205,33 @@ def prune_checkpoints(folder: Path, keep_last: int, protect=()) -> list[Path]:
     return old
 
 
-def _state_dict_options(**kw):
+def _full_model_state(file: Path) -> dict[str, torch.Tensor]:
+    """A full-layout weights file by parameter name, tied names included: ``save_model`` keeps one name
+    per shared tensor and records each dropped name in the file's metadata (dropped -> kept)."""
+    from safetensors import safe_open
+
+    state = load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:
+        aliases = f.metadata() or {}
+    state.update({dropped: state[kept] for dropped, kept in aliases.items() if kept in state})
+    return state
+
+
+def _by_name(optim: dict, learner: "Learner") -> dict:
+    """An optimizer state dict keyed by parameter index (``optimizer.state_dict()``, what a one-rank learner
+    saves) keyed by parameter name instead, as torch.distributed.checkpoint's state-dict functions want. The
+    index is the position in the learner's trainable parameters, in ``named_parameters`` order on any learner."""
+    if not optim or all(isinstance(k, str) for k in optim.get("state", {})):
+        return optim  # already by name (or rank > 0's empty dict)
+    names = [n for n, p in learner.model.named_parameters() if p.requires_grad]
+    return {"state": {names[i]: v for i, v in optim["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]}
+
+
+def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
-
-
-def _full_state(learner: "Learner") -> tuple[dict, dict]:
-    """Whole model and optimizer state (by parameter name) of a sharded learner, on rank 0's CPU (a
-    collective: every rank calls it; the others get empty dicts)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    opts = _state_dict_options(cpu_offload=True)
-    return (get_model_state_dict(learner.model, options=opts),
-            get_optimizer_state_dict(learner.model, learner.optimizer, options=opts))
 
 
 def read_state(path: Path) -> dict:
@@ -212,36 +251,69 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{state_file}: checkpoint format {found}, this code reads {FORMAT_VERSION}")
-    missing = [f for f in ("model.safetensors", "optim.pt", "rng.pt") if not (path / f).is_file()]
+    layout = state.get("layout", "full")  # checkpoints written before the sharded layout are full
+    if layout not in LAYOUT_FILES:
+        raise CheckpointError(f"{state_file}: unknown layout {layout!r} (this code reads {', '.join(LAYOUT_FILES)})")
+    missing = [f for f in LAYOUT_FILES[layout] if not (path / f).exists()]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint, {', '.join(missing)} missing")
     return state
 
 
 def load_checkpoint(learner: "Learner", path: Path) -> dict:
-    """Restore ``learner`` in place from ``path``; returns the saved data state."""
-    state_file = path / "state.json"
+    """Restore ``learner`` in place from ``path`` (a collective on W ranks); returns the saved data state."""
+    path = Path(path)
     state = read_state(path)
-    sharding = "fsdp" if learner.sharded is not None else "replicate"
-    if state.get("sharding", "replicate") != sharding:
-        raise CheckpointError(f"{state_file}: written by a {state.get('sharding')!r} learner, this one is "
-                              f"{sharding!r}; resume with the same learner sharding")
-    optim, rng = safe_load(path / "optim.pt"), safe_load(path / "rng.pt")  # both checked before any change
+    sharded = state.get("layout", "full") == "sharded"
+    own = path / f"rng-{learner.dist.rank}.pt"
+    rng = safe_load((own if own.is_file() else path / "rng-0.pt") if sharded else path / "rng.pt")
     try:
-        if learner.sharded is not None:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            set_model_state_dict(learner.model, load_file(str(path / "model.safetensors")),
-                                 options=_state_dict_options())
-            set_optimizer_state_dict(learner.model, learner.optimizer, optim["optimizer"],
-                                     options=_state_dict_options())
-        else:
-            load_model(learner.model, str(path / "model.safetensors"))
-            learner.optimizer.load_state_dict(optim["optimizer"])
-    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:  # torn file, another model's weights
+        scheduler = _load_sharded(learner, path) if sharded else _load_full(learner, path)
+    except (SafetensorError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+        # a torn file, another model's weights, a foreign object in the sharded metadata
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: its weights or optimizer state do not load into this model ({first})") from None
-    learner.scheduler.load_state_dict(optim["scheduler"])
+    learner.scheduler.load_state_dict(scheduler)
     set_rng_state(rng)
     learner.step, learner.stage2_steps, learner.version = state["step"], state["stage2_steps"], state["version"]
     return state["data"]
+
+
+def _load_sharded(learner: "Learner", path: Path) -> dict:
+    """Each rank reads the chunks of its own shard (whole tensors on a replicated rank); returns the
+    scheduler state."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    scheduler = safe_load(path / "scheduler.pt")["scheduler"]  # checked before any change
+    # Templates in this learner's own layout (an optimizer without state gets it from a zero step at lr 0).
+    state = {"model": get_model_state_dict(learner.model),
+             "optim": get_optimizer_state_dict(learner.model, learner.optimizer)}
+    sharded_files.load(state, path / SHARDS, learner.dist.cpu_group)
+    set_model_state_dict(learner.model, state["model"])
+    set_optimizer_state_dict(learner.model, learner.optimizer, state["optim"])
+    return scheduler
+
+
+def _load_full(learner: "Learner", path: Path) -> dict:
+    """Whole files; an FSDP learner has rank 0 read them and send each rank its shard. Returns the
+    scheduler state."""
+    d = learner.dist
+    if learner.sharded is None:
+        optim = safe_load(path / "optim.pt")  # checked before any change
+        load_model(learner.model, str(path / "model.safetensors"))
+        learner.optimizer.load_state_dict(optim["optimizer"])
+        return optim["scheduler"]
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    optim = safe_load(path / "optim.pt") if d.is_main else {}
+    model = _full_model_state(path / "model.safetensors") if d.is_main else {}
+    options = _full_options(broadcast_from_rank0=True)
+    set_model_state_dict(learner.model, model, options=options)
+    set_optimizer_state_dict(learner.model, learner.optimizer, _by_name(optim.get("optimizer", {}), learner),
+                             options=options)
+    return d.broadcast(optim.get("scheduler"))

@@ -4,9 +4,11 @@
 A checkpoint holds the weights and the training state, not the model's config, tokenizer or processor:
 those come from the base model the run trained from, the folder its ``state.json`` records as
 ``model_path``; ``--base`` names it when that folder has moved (or for checkpoints written before the
-record). The export loads the base on the CPU in float32 (the learner's master weights), puts the
-checkpoint's weights in, and writes both with ``save_pretrained``. `coordexp-rl infer --model CHECKPOINT`
-exports into a temporary folder this way first.
+record). The export loads the base on the CPU in its own dtype (its config.json's: what it is served in),
+puts the checkpoint's weights in (cast), and writes both with ``save_pretrained``. A sharded checkpoint (an
+FSDP learner's) is read a group of whole tensors at a time (learner/sharded_files.read_tensors), so the
+float32 master weights are never whole in memory. `coordexp-rl infer --model CHECKPOINT` exports into a
+temporary folder this way first.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class ExportError(UserError):
 
 
 def is_checkpoint(folder: Path) -> bool:
-    """A learner checkpoint (state.json beside model.safetensors), not a model folder (config.json)."""
+    """A learner checkpoint (state.json beside its weights), not a model folder (config.json)."""
     return (folder / "state.json").is_file() and not (folder / "config.json").is_file()
 
 
@@ -54,10 +56,15 @@ def export_checkpoint(checkpoint: Path, out: Path, base: Path | None = None) -> 
     from safetensors.torch import load_model
 
     from coordexp_rl.modeling.load import load_model_and_processor
+    from learner.checkpoint import SHARDS, read_state
 
-    model, processor, _ = load_model_and_processor(base_model(checkpoint, base), "float32", "cpu")
+    folder = base_model(checkpoint, base)
+    model, processor, _ = load_model_and_processor(folder, base_dtype(folder), "cpu")
     try:
-        load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as the learner saved
+        if read_state(checkpoint).get("layout") == "sharded":
+            fill_from_shards(model, checkpoint / SHARDS)
+        else:
+            load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as saved
     except (SafetensorError, RuntimeError) as exc:  # a torn file, or weights of another model than the base
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{checkpoint}: its weights do not load into the base model ({first})") from None
@@ -65,6 +72,31 @@ def export_checkpoint(checkpoint: Path, out: Path, base: Path | None = None) -> 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def base_dtype(folder: Path) -> str:
+    """The dtype a model folder's config.json names (float32 when it names none)."""
+    config = json.loads((folder / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def fill_from_shards(model, shards: Path, group_bytes: int = 1 << 30) -> None:
+    """Every weight of ``model`` from a sharded checkpoint's folder, about ``group_bytes`` read at a time."""
+    import torch
+
+    from learner import sharded_files
+
+    params = model.state_dict()  # tied names share one tensor: filled twice, the same values
+    missing = sorted(set(params) - set(sharded_files.tensor_specs(shards, "model.")))
+    if missing:
+        raise ExportError(f"{shards.parent}: its weights do not load into the base model (no {missing[0]}; "
+                          f"{len(missing)} weights missing)")
+    with torch.no_grad():
+        for name, tensor in sharded_files.read_tensors(shards, params, "model.", group_bytes):
+            if tensor.shape != params[name].shape:
+                raise ExportError(f"{shards.parent}: its weights do not load into the base model ({name}: shape "
+                                  f"{tuple(tensor.shape)} in the checkpoint, {tuple(params[name].shape)} in the base)")
+            params[name].copy_(tensor)
 
 
 @contextlib.contextmanager
