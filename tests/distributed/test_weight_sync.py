@@ -156,7 +156,8 @@ def peer(role: str, port: int, out_path: str, release) -> None:
     transport = BroadcastTransport(group, bucket_bytes=128)
     if role == "receiver":
         version, named, omitted = transport.receive()
-        torch.save({"version": version, "named": named, "omitted": omitted}, out_path)
+        torch.save({"version": version, "named": named, "omitted": omitted,
+                    "device_bytes": transport.peak_device_bytes, "wire_kept": transport.wire is not None}, out_path)
     elif role == "partial_sender":
         transport.send_bucket(5, 0, pack_buckets(sample_weights(), 128)[0])
     release.wait(60)  # idle until the parent is done with the group
@@ -182,6 +183,11 @@ def test_broadcast_two_processes_exact(tmp_path):
     assert received["version"] == 4 and received["omitted"] == ("frozen.w",)
     got = dict(received["named"])
     assert_same([(n, got[n]) for n, _ in weights], weights)
+    # The receiver held one bucket on its device at a time (the largest), not the sync: on a GPU engine
+    # the rest waits in host memory. Nothing stays on the device after the sync.
+    sizes = [b.nbytes for b in pack_buckets(weights, 128)]
+    assert len(sizes) >= 3 and received["device_bytes"] == max(sizes) < sum(sizes)
+    assert not received["wire_kept"]
 
 
 @pytest.mark.parametrize("role", ["idle_sender", "partial_sender"])

@@ -16,7 +16,8 @@ holds a model of the same architecture. Three ways to put the learner's tensors 
 copy). Times are medians of ``--repeats`` syncs after one warm-up. ``learner_extra_mb``: the largest rise
 of this process's private memory (RssAnon, sampled every millisecond) during a sync, against
 ``--bucket-mb``: streamed buckets keep it near one bucket (the object store's shared memory is counted
-apart, as the store's).
+apart, as the store's). ``receiver_device_mb``: the most the broadcast receiver held on the group's device
+at once (its one wire buffer; on a GPU engine the sync waits in host memory), against the model's bytes.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class Receiver:
         self.model.load_state_dict(dict(named), strict=False)
         return version
 
+    def broadcast_device_mb(self) -> float:
+        """The most the broadcast receiver held on its device at once (its wire buffer: one bucket)."""
+        return self.broadcast.peak_device_bytes / 2**20
+
     def checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.model.state_dict().values()))
 
@@ -197,6 +202,7 @@ def measure_size(size: str, args: argparse.Namespace, receiver_cls) -> dict:
     expected = float(sum(t.to(getattr(torch, sync_dtype)).double().sum() for _, t in named))
     got = ray.get(receiver.checksum.remote())
     assert abs(got - expected) <= 1e-6 * max(1.0, abs(expected)), f"receiver weights differ: {got} vs {expected}"
+    device_mb = ray.get(receiver.broadcast_device_mb.remote())
     ray.kill(receiver)
     med = {k: statistics.median(v) for k, v in times.items()}
     del model, named
@@ -205,7 +211,8 @@ def measure_size(size: str, args: argparse.Namespace, receiver_cls) -> dict:
             "times_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
             "bandwidth_ratio": {k: round(med["floor"] / med[k], 4) for k in ("object_store", "broadcast")},
             "gb_per_s": {k: round(nbytes / med[k] / 1e9, 3) for k in med},
-            "learner_extra_mb": {k: round(max(v), 1) for k, v in extra.items()}}
+            "learner_extra_mb": {k: round(max(v), 1) for k, v in extra.items()},
+            "receiver_device_mb": {"broadcast": round(device_mb, 1)}}
 
 
 def _params(size: str) -> int:
@@ -237,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         "method": "median seconds per sync after 1 warm-up; object_store = pack and ray.put bucket by bucket + one "
                   "call (get zero-copy, load_state_dict); broadcast = one call (receive every bucket over gloo, "
                   "load_state_dict) while this process packs and sends; floor = load_state_dict of tensors already "
-                  "in the receiver; learner_extra_mb = peak RssAnon rise of this process during a sync",
+                  "in the receiver; learner_extra_mb = peak RssAnon rise of this process during a sync; "
+                  "receiver_device_mb = the broadcast receiver's largest wire buffer on the group's device",
         "sizes": results}, indent=2))
     return 0
