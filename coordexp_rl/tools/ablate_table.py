@@ -26,6 +26,7 @@ COMPARED = ("AP50", "recall 6+", "duplicates / image", "mean IoU", CURVE[0])
 # What each arm's Stage-2 cost, from its run folder's metrics.jsonl (stage_costs).
 COSTS = ("Stage-2 compute (units)", "Stage-2 wall s")
 EQUAL_COMPUTE_ARM = "stage2_sft_compute"  # its stage2.steps come from the default run's logged compute
+BUDGET_ARMS = ("stage2_long",)  # arms whose question is the step budget itself; every other arm keeps the default's
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -234,3 +235,43 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
     # a seed does not change greedy decoding
     rollout = dataclasses.replace(SamplingConfig.from_config(cfg.rollout), seed=None)
     assert rollout == evaluation_sampling(cfg.rollout.max_new_tokens)
+
+
+# What a GPU config's comments may state outside its two derived blocks: facts of the hardware, the data
+# and the method, not counts of its settings.
+COMMENT_FACTS = re.compile(r"Qwen3-VL-\d+B|\b[28]B\b|A100/H100 80 GB|p4de\.24xlarge|(train|val)2017|METHOD \d+(\.\d+)?"
+                           r"|640 px|FSDP2|one node with 8 GPUs|two nodes x 8 GPUs = 16 GPUs|\w+\.yaml|float32|bfloat16|bf16|fp32|Stage-[12]|max_staleness \+ 1|L1")
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_every_count_in_a_gpu_config_comment_is_derived(name):
+    """The schedule block is what plan.schedule_comment derives (the memory block: test_memory_budget.py);
+    any other comment carries no count of its own, so none can go stale when a setting changes."""
+    from coordexp_rl.driver.plan import schedule_comment
+    from coordexp_rl.modeling.memory import budget_comment
+
+    cfg, text = config(name), (CONFIGS / name).read_text()
+    block = schedule_comment(cfg)
+    assert block in text
+    rest = text.replace(block, "").replace(budget_comment(cfg), "")
+    for line in rest.splitlines():
+        comment = line.split("#", 1)[1] if "#" in line else ""
+        if line.lstrip().startswith("min_pixels:"):  # an image side: N x N = the setting
+            side = int(re.search(r"(\d+)x\1 px", comment).group(1))
+            assert side * side == cfg.data.min_pixels
+            comment = comment.replace(f"{side}x{side} px", "")
+        assert not re.search(r"\d", COMMENT_FACTS.sub("", comment)), f"{name}: a count not derived: {line.strip()}"
+
+
+def test_the_schedule_block_derives_from_the_settings():
+    """Hand-worked for the 2B config: 15,000 x 8 samples over 118,287 images, 3,000 / 10 syncs."""
+    from coordexp_rl.driver.plan import schedule_comment
+
+    block = schedule_comment(config("qwen3vl_2b_1node.yaml"))
+    assert "15,000 steps x 8 = 120,000 samples = 1.01 epochs of COCO train2017 (118,287 images)" in block
+    assert "300 weight syncs" in block and "buffer.capacity 160 = 80 x (max_staleness 1 + 1)" in block
+    assert "400 image tokens + ~40 prompt + 1,024 new = ~1,464 <= max_model_len 2,048" in block
+    assert "87 objects" in block  # (1,024 - 1) // 11.75
+    changed = schedule_comment(config("qwen3vl_2b_1node.yaml").model_copy(
+        update={"stage2": config("qwen3vl_2b_1node.yaml").stage2.model_copy(update={"sync_every": 20})}))
+    assert "150 weight syncs" in changed and "160 rows per weight version" in changed
