@@ -287,6 +287,7 @@ class AsyncRolloutBuffer:
         self._restored = not _restarted_actor()
         self._members: set[str] | None = None if self._restored else set()  # registered since the restore
         self.incarnation = uuid.uuid4().hex[:12]  # changes when Ray restarts the buffer
+        self._restores = 0  # a get waiting from before a restore returns None (its learner may be dead)
 
     async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
         """Add a batch, waiting while the buffer is full; False if still full after ``timeout_s``."""
@@ -319,11 +320,13 @@ class AsyncRolloutBuffer:
             await self.restore(consumed, max(version, self.core.version))
             log.warning("restarted rollout buffer restored from the learner's row ids %s, version %d", consumed,
                         self.core.version)
+        restores = self._restores
         async with self._changed:
-            ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken, timeout_s)
+            ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken
+                                  or self._restores != restores, timeout_s)
             self.core.counters.get_wait_s += time.monotonic() - start
             self._woken = False
-            if not ok or self._interrupted or self.core.size < need:
+            if not ok or self._interrupted or self.core.size < need or self._restores != restores:
                 return None
             out = self.core.take(n)
             self._changed.notify_all()
@@ -366,6 +369,7 @@ class AsyncRolloutBuffer:
         async with self._changed:
             dropped = self.core.restore(next_seq, version, floor)
             self._restored, self._members = True, set()
+            self._restores += 1
             self._changed.notify_all()
             return dropped
 

@@ -460,9 +460,9 @@ def _check_fault_points(cfg: Config, source: str) -> None:
     for spec in cfg.run.fail_at:
         point = parse_fault_point(spec)
         steps = getattr(cfg, point.stage).steps
-        if point.step > steps:
-            raise ConfigError(f"{source}: run.fail_at={spec}: {point.stage} has only {point.stage}.steps={steps} "
-                              "steps; pick a step inside it")
+        if point.step > steps or (point.role == "learner" and point.step == steps):
+            raise ConfigError(f"{source}: run.fail_at={spec}: {point.stage} has {point.stage}.steps={steps} steps; "
+                              f"pick a step inside it{' before its last' if point.role == 'learner' else ''}")
         if point.stage == "stage2" and point.role != "learner" and cfg.stage2.method != "em":
             raise ConfigError(f"{source}: run.fail_at={spec}: stage2.method={cfg.stage2.method} uses no "
                               f"{point.role} in Stage-2; fail the learner instead")
