@@ -28,6 +28,8 @@ import time
 import ray
 from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
 
+from learner.ray_learner import BufferGone
+
 log = logging.getLogger(__name__)
 
 # RayActorError covers ActorDiedError; OutOfMemoryError: Ray's memory monitor killed the actor's process
@@ -88,7 +90,11 @@ class RolloutSupervisor:
 
     def _check_buffer(self) -> None:
         """A restarted buffer lost the weights kept for restarted actors: leave them there again."""
-        incarnation = call_restarting(self.buffer.get_incarnation.remote)
+        try:
+            incarnation = call_restarting(self.buffer.get_incarnation.remote)
+        except RayActorError as exc:  # ActorDiedError: buffer.max_restarts used up
+            raise BufferGone(f"the rollout buffer died and is not restarted (buffer.max_restarts used up): "
+                             f"{type(exc).__name__}") from None
         if self.buffer_incarnation in (None, incarnation):
             self.buffer_incarnation = incarnation
             return
