@@ -25,6 +25,13 @@ remembers, per actor, the next row sequence number (rows carry the id ``(actor_i
 newest weights the driver left there (an object-store ref), which a restarted actor loads before it generates.
 ``interrupt()`` wakes a waiting ``get`` with None, so a learner blocked on a buffer that no actor fills
 any more can be stopped; ``wake()`` does it once, so the driver can use the learner and then go on.
+
+A dead buffer (``buffer.max_restarts``): Ray restarts it empty, and it serves nobody until it is restored
+from the learner's consumed row ids, which the learner's next ``get`` brings. ``restore`` drops whatever is
+held, voids every permit and sets each actor's next seq to the learner's: actors register again (a put or
+an acquire of an actor that has not is refused) and generate the lost rows again, with the same ids, so the
+learner sees every id once. The driver calls it too after a learner restart, with a version floor: rows of
+weights the lost learner published are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
+import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -59,6 +68,10 @@ class BufferCounters:
     permits_granted: int = 0
     spilled_rows: int = 0
     spill_files: int = 0
+    restores: int = 0  # restore() calls (a restarted buffer, a restarted learner)
+    restore_dropped: int = 0  # rows held when restored (dropped: generated again)
+    regenerated_rows: int = 0  # rows the actors had generated past the restored ids (generated again)
+    refused_rows: int = 0  # rows put by an actor that had not registered since the restore
 
 
 class BufferCore:
@@ -92,6 +105,7 @@ class BufferCore:
         self._permits: dict[str, int] = {}  # per actor: permits granted whose rows have not been put yet
         self._next_seq: dict[str, int] = dict(next_seq or {})  # per actor: the seq its next row gets
         self._taken_at_version = 0  # rows handed out since the last set_version
+        self._floor = 0  # rows of older weights are refused whatever the staleness (restore(floor=True))
         self._spill = SpillWriter(spill_dir, spill_rows_per_file) if spill_dir else None
 
     @property
@@ -101,7 +115,7 @@ class BufferCore:
     @property
     def min_version(self) -> int:
         """Oldest weight version whose rows the learner may still use."""
-        return self.version - self.max_staleness
+        return max(self.version - self.max_staleness, self._floor)
 
     def fresh_rows(self, batch: pa.RecordBatch) -> int:
         return batch.num_rows - self._stale_count(batch)
@@ -203,10 +217,35 @@ class BufferCore:
         """Return permits that were not used (generation failed or was cut short)."""
         self._permits[actor_id] = max(0, self._permits.get(actor_id, 0) - n)
 
-    def register(self, actor_id: str) -> int:
-        """A rollout actor (re)starts: its earlier permits are void; returns the seq of its next row."""
+    def register(self, actor_id: str, actor_seq: int = 0) -> int:
+        """A rollout actor (re)starts: its earlier permits are void; returns the seq of its next row.
+        ``actor_seq``: the actor's own next seq; past the returned one, its rows are generated again."""
         self._permits.pop(actor_id, None)
-        return self._next_seq.get(actor_id, 0)
+        seq = self._next_seq.get(actor_id, 0)
+        self.counters.regenerated_rows += max(0, actor_seq - seq)
+        return seq
+
+    def restore(self, next_seq: dict[str, int], version: int, floor: bool = False) -> int:
+        """Start over from the learner's row ids ``next_seq`` (per actor, the seq of the next row it expects):
+        drop the rows held and void every permit (those rows are generated again, with the same ids); the
+        learner holds ``version``; ``floor``: refuse rows of older weights from now on. Returns rows dropped.
+
+        >>> from coordexp_rl.rollout.schema import RolloutRow, rows_to_batch
+        >>> core = BufferCore(capacity=4)
+        >>> core.offer(rows_to_batch([RolloutRow("a", actor_id="x", seq=s) for s in (3, 4)]))
+        True
+        >>> core.restore({"x": 3}, version=0), core.size, core.register("x", actor_seq=5)
+        (2, 0, 3)
+        """
+        dropped = self._size
+        self._queue, self._size, self._permits = deque(), 0, {}
+        self._next_seq = dict(next_seq)
+        self.version, self._taken_at_version = version, 0
+        if floor:
+            self._floor = version
+        self.counters.restores += 1
+        self.counters.restore_dropped += dropped
+        return dropped
 
     def _count_put(self, rows: int, batch: pa.RecordBatch) -> None:
         """A put uses up its actor's permits and moves that actor's next seq past the batch."""
@@ -244,11 +283,19 @@ class AsyncRolloutBuffer:
         self._interrupted = False
         self._woken = False  # wake(): the waiting (or next) get returns at once
         self._weights: tuple[int, list] = (0, [])  # the newest kept (version, [object ref]); [] = none
+        # A restarted process serves nobody until restored (the learner's next get brings its row ids).
+        self._restored = not _restarted_actor()
+        self._members: set[str] | None = None if self._restored else set()  # registered since the restore
+        self.incarnation = uuid.uuid4().hex[:12]  # changes when Ray restarts the buffer
+        self._restores = 0  # a get waiting from before a restore returns None (its learner may be dead)
 
     async def put(self, batch: pa.RecordBatch, timeout_s: float | None = None) -> bool:
         """Add a batch, waiting while the buffer is full; False if still full after ``timeout_s``."""
         check_schema(batch.schema, where="batch put into the rollout buffer")
         start = time.monotonic()
+        if not self._member(set(batch.column("actor_id").to_pylist())):
+            self.core.counters.refused_rows += batch.num_rows  # its ids are the restore's to hand out now
+            return False
         async with self._changed:
             ok = await self._wait(lambda: self.core.can_put(batch), timeout_s)
             self.core.counters.blocked_s += time.monotonic() - start
@@ -259,19 +306,27 @@ class AsyncRolloutBuffer:
             self._changed.notify_all()
             return True
 
-    async def get(self, n: int, timeout_s: float | None = None,
-                  min_rows: int | None = None) -> pa.RecordBatch | None:
+    async def get(self, n: int, timeout_s: float | None = None, min_rows: int | None = None,
+                  consumed: dict[str, int] | None = None, version: int = 0) -> pa.RecordBatch | None:
         """Up to ``n`` rows once at least ``min_rows`` (default ``n``) are there; None after ``timeout_s``.
 
-        Every row is handed out exactly once. None means nothing was taken.
+        Every row is handed out exactly once. None means nothing was taken. ``consumed`` / ``version``: the
+        learner's row ids (per actor, the next seq it expects) and weight version, which restore a
+        restarted buffer.
         """
         need = n if min_rows is None else max(1, min(min_rows, n))
         start = time.monotonic()
+        if not self._restored and consumed is not None:
+            await self.restore(consumed, max(version, self.core.version))
+            log.warning("restarted rollout buffer restored from the learner's row ids %s, version %d", consumed,
+                        self.core.version)
+        restores = self._restores
         async with self._changed:
-            ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken, timeout_s)
+            ok = await self._wait(lambda: self.core.size >= need or self._interrupted or self._woken
+                                  or self._restores != restores, timeout_s)
             self.core.counters.get_wait_s += time.monotonic() - start
             self._woken = False
-            if not ok or self._interrupted or self.core.size < need:
+            if not ok or self._interrupted or self.core.size < need or self._restores != restores:
                 return None
             out = self.core.take(n)
             self._changed.notify_all()
@@ -283,6 +338,8 @@ class AsyncRolloutBuffer:
         0 means: not now (buffer full, or the learner cannot use more rows of this version) or, when
         ``actor_version < version() - max_staleness``, sync weights first.
         """
+        if not self._member({actor_id}):
+            return 0  # the actor registers again first (its permits and ids are void since the restore)
         async with self._changed:
             # A stale engine stops waiting at once: only a weight sync helps it.
             await self._wait(lambda: self.core.budget(actor_version) > 0
@@ -294,12 +351,39 @@ class AsyncRolloutBuffer:
             self.core.release(n, actor_id)
             self._changed.notify_all()
 
-    async def register(self, actor_id: str) -> dict:
-        """A (re)started actor: its next seq and the newest kept weights ``(version, [ref])``."""
+    async def register(self, actor_id: str, actor_seq: int = 0, timeout_s: float = 1.0) -> dict:
+        """A (re)started actor: its next seq and the newest kept weights ``(version, [ref])``; next seq None
+        while a restarted buffer waits ``timeout_s`` for its restore (the actor asks again later).
+        ``actor_seq``: the actor's own next seq (rows past the buffer's are counted as generated again)."""
         async with self._changed:
-            seq = self.core.register(actor_id)
+            if not await self._wait(lambda: self._restored, timeout_s):
+                return {"next_seq": None, "weights": self._weights}
+            seq = self.core.register(actor_id, actor_seq)
+            if self._members is not None:
+                self._members.add(actor_id)
             self._changed.notify_all()
             return {"next_seq": seq, "weights": self._weights}
+
+    async def restore(self, next_seq: dict[str, int], version: int, floor: bool = False) -> int:
+        """``BufferCore.restore``; every actor must register again. Returns the rows dropped."""
+        async with self._changed:
+            dropped = self.core.restore(next_seq, version, floor)
+            self._restored, self._members = True, set()
+            self._restores += 1
+            self._changed.notify_all()
+            return dropped
+
+    async def get_incarnation(self) -> str:
+        """An id of this process: another one means Ray restarted the buffer."""
+        return self.incarnation
+
+    async def fail_now(self) -> None:
+        """run.fail_at: this process dies at once, as in a crash (the driver decides when)."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _member(self, actor_ids: set[str]) -> bool:
+        """Whether the actors have registered since the last restore (always, when there was none)."""
+        return self._members is None or actor_ids <= self._members
 
     async def keep_weights(self, version: int, refs: list) -> None:
         """Keep the newest weights (a list holding one object ref, so Ray passes the ref, not the value)."""
@@ -346,6 +430,13 @@ class AsyncRolloutBuffer:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+def _restarted_actor() -> bool:
+    """Whether this is a Ray actor's process that Ray restarted (False outside Ray)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 # The Ray actor. num_cpus=0: it only moves batches, so it must not take a CPU slot from engines.

@@ -13,12 +13,16 @@ counter, whose item is ``shard[(seq // per_image) % len(shard)]``.
 Faults: the actor is restarted by Ray when its process dies (``max_restarts``). Before it generates
 again (first ``step`` or ``predict`` of each life) it registers with the buffer, which voids the permits
 of its earlier life and tells it the seq after the last row it put (rows generated but never put are
-simply generated again, with the same ids), and it loads the newest weights the learner published.
+simply generated again, with the same ids), and it loads the newest weights the learner published. When
+the buffer itself dies, a call to it fails (Ray is restarting it): the step's rows are lost, and the
+actor registers again with the restored buffer, which tells it where the row ids go on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -26,6 +30,7 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from actors.engines import make_engine
 from coordexp_rl.data.loader import load_rgb
@@ -153,7 +158,19 @@ class RolloutWorker:
         """Ask the buffer for permits, generate that many rows, put them; returns rows put (0 = not now)."""
         if self.buffer is None:
             raise RuntimeError(f"actor {self.actor_id}: no buffer given; use generate_batch() instead")
-        self.register()
+        start = self._seq
+        try:
+            return self._step(permit_timeout_s)
+        except RayActorError as exc:  # the buffer's process died (ActorUnavailableError while Ray restarts it)
+            log.warning("actor %s: the rollout buffer is gone (%s); registering again once it is back",
+                        self.actor_id, type(exc).__name__)
+            self._seq, self._registered = start, False
+            time.sleep(permit_timeout_s)  # the supervisor calls again at once
+            return 0
+
+    def _step(self, permit_timeout_s: float) -> int:
+        if self.register() is None:
+            return 0  # a restarted buffer not restored yet
         granted = ray.get(self.buffer.acquire.remote(self.batch_size, self.weight_version(), permit_timeout_s,
                                                      self.actor_id))
         if granted == 0:
@@ -164,11 +181,14 @@ class RolloutWorker:
         except Exception:
             ray.get(self.buffer.release.remote(granted, self.actor_id))
             raise
+        t0 = time.monotonic()
         if not ray.get(self.buffer.put.remote(batch, self.put_timeout_s)):
             ray.get(self.buffer.release.remote(granted, self.actor_id))
             self._seq -= batch.num_rows  # never put: these ids are generated again
-            log.warning("actor %s: buffer stayed full for %.0f s; %d rows dropped", self.actor_id,
-                        self.put_timeout_s, batch.num_rows)
+            self._registered = False  # a restored buffer refuses rows until the actor registers again
+            why = (f"buffer stayed full for {self.put_timeout_s:.0f} s" if time.monotonic() - t0 >= self.put_timeout_s
+                   else "buffer restored since this actor registered")
+            log.warning("actor %s: %s; %d rows dropped", self.actor_id, why, batch.num_rows)
             return 0
         return batch.num_rows
 
@@ -179,11 +199,14 @@ class RolloutWorker:
             done += self.step(permit_timeout_s)
         return done
 
-    def register(self) -> int:
-        """Once per life: void earlier permits, continue the row ids, load the newest kept weights."""
+    def register(self) -> int | None:
+        """Once per life (and after a buffer restore): void earlier permits, continue the row ids, load the
+        newest kept weights. None: a restarted buffer is not restored yet."""
         if self._registered:
             return self._seq
-        info = ray.get(self.buffer.register.remote(self.actor_id))
+        info = ray.get(self.buffer.register.remote(self.actor_id, self._seq))
+        if info["next_seq"] is None:
+            return None
         self._seq = info["next_seq"]
         version, refs = info["weights"]
         if refs and version > self.weight_version():
@@ -271,6 +294,10 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.engine.close()
+
+    def fail_now(self) -> None:
+        """run.fail_at: this process dies at once, as in a crash (the driver decides when)."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _get_all(items: list) -> list:

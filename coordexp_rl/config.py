@@ -14,6 +14,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from coordexp_rl.errors import UserError
+from coordexp_rl.fault_points import FORMAT as FAULT_FORMAT
+from coordexp_rl.fault_points import parse_fault_point
 
 DEFAULT_PROMPT = "Detect all objects. For each, write its description and box."
 
@@ -218,6 +220,7 @@ class BufferConfig(_Section):
     capacity: Count = 64  # rows; producers block when full
     max_staleness: NonNegativeInt = 1  # weight versions; 0 = on-policy
     spill_dir: str = ""  # "" = no Parquet spill; relative paths live in the run folder
+    max_restarts: NonNegativeInt = 3  # Ray restarts a dead buffer this often; the rows it held are generated again
 
 
 class WeightSyncConfig(_Section):
@@ -236,6 +239,10 @@ class LearnerConfig(_Section):
     # A custom Ray resource each learner rank's bundle asks 1 of (e.g. coordexp_learner on on-demand nodes,
     # so that the optimizer state never sits on spot capacity). "" = any node.
     node_resource: ResourceName = ""
+    # A dead learner rank (an OOM kill, an NCCL error): the driver re-forms the group from the newest complete
+    # checkpoint this often per run, within the job; then (or with no checkpoint yet) the job ends with its
+    # resume command.
+    max_restarts: NonNegativeInt = 2
 
 
 class EvalConfig(_Section):
@@ -273,6 +280,18 @@ class RunConfig(_Section):
     # Where metrics go besides metrics.jsonl (always written: resume and the reports read it): tensorboard,
     # wandb, mlflow (coordexp_rl/driver/trackers.py; e.g. 'run.loggers=[jsonl,wandb,mlflow]').
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = ["jsonl", "tensorboard"]
+    # Fault injection, to rehearse recovery: ROLE@STAGE:STEP points (one, or a list), e.g. learner@stage2:120,
+    # buffer@stage2:50, rollout@stage2:30: that process SIGKILLs itself after that step of the stage, once
+    # per run (coordexp_rl/fault_points.py). [] = none.
+    fail_at: list[str] = []
+
+    @field_validator("fail_at", mode="before")
+    @classmethod
+    def _fault_points(cls, v: Any) -> list[str]:
+        points = [v] if isinstance(v, str) else v
+        if not isinstance(points, list):
+            raise ValueError(f"expected a point ({FAULT_FORMAT}) or a list of them, got {v!r}")
+        return [parse_fault_point(str(p)).spec for p in points if str(p).strip()]
 
     @field_validator("loggers")
     @classmethod
@@ -316,6 +335,7 @@ STAGE2_ONLY_KEYS = (
     "rollout.top_k", "rollout.repetition_penalty", "rollout.seed", "rollout.per_image",
     "run.out_dir", "run.log_every", "run.keep_last", "run.overwrite", "run.placement_timeout_s", "run.loggers",
     "rollout.node_resource", "learner.node_resource",  # where the processes run, not what they compute
+    "run.fail_at", "learner.max_restarts",  # faults and their recovery: Stage-1 after a restart is the same
 )
 
 
@@ -388,6 +408,7 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
         raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
                           f"model, but model.path={cfg.model.path} names a real one; set one of them")
     _check_pairs(cfg, source)
+    _check_fault_points(cfg, source)
     if stage2_lr(cfg) > cfg.optim.lr and not cfg.stage2.allow_lr_above_stage1:
         raise ConfigError(f"{source}: stage2.lr={cfg.stage2.lr} is above Stage-1's peak optim.lr={cfg.optim.lr}; "
                           "leave stage2.lr unset (stage2.lr_ratio x optim.lr, by default where Stage-1's cosine "
@@ -432,6 +453,19 @@ def _check_pairs(cfg: Config, source: str) -> None:
         # the learner takes optim.batch_size rows per Stage-2 step: a smaller buffer never fills
         raise ConfigError(f"{source}: buffer.capacity={cfg.buffer.capacity} < optim.batch_size="
                           f"{cfg.optim.batch_size}: a Stage-2 step takes optim.batch_size rows from the buffer")
+
+
+def _check_fault_points(cfg: Config, source: str) -> None:
+    """A run.fail_at point the run never reaches would silently rehearse nothing."""
+    for spec in cfg.run.fail_at:
+        point = parse_fault_point(spec)
+        steps = getattr(cfg, point.stage).steps
+        if point.step > steps or (point.role == "learner" and point.step == steps):
+            raise ConfigError(f"{source}: run.fail_at={spec}: {point.stage} has {point.stage}.steps={steps} steps; "
+                              f"pick a step inside it{' before its last' if point.role == 'learner' else ''}")
+        if point.stage == "stage2" and point.role != "learner" and cfg.stage2.method != "em":
+            raise ConfigError(f"{source}: run.fail_at={spec}: stage2.method={cfg.stage2.method} uses no "
+                              f"{point.role} in Stage-2; fail the learner instead")
 
 
 def _check_reproducible(cfg: Config, source: str) -> None:

@@ -86,6 +86,18 @@ class LearnerGroup:
         if placement_group is not None and (bundle_indices is None or len(bundle_indices) != world_size):
             raise ValueError(f"give one placement-group bundle index per learner rank: world_size {world_size}, "
                              f"bundle_indices {bundle_indices}")
+        self.world_size = world_size
+        # Kept for restart(): a re-formed group starts from the same arguments.
+        self._args = (cfg_dict, model_path, train_path, image_root)
+        self._options = dict(placement_group=placement_group, bundle_indices=bundle_indices, num_cpus=num_cpus,
+                             num_gpus=num_gpus, plan=plan, dist_timeout_s=dist_timeout_s,
+                             actor_options=actor_options)
+        self.workers = self._start_workers(*self._args, **self._options)
+
+    def _start_workers(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None, *,
+                       placement_group, bundle_indices, num_cpus: float, num_gpus: float, plan: dict | None,
+                       dist_timeout_s: float, actor_options: dict | None) -> list:
+        world_size = self.world_size
 
         def where(rank: int) -> dict:
             if placement_group is None:
@@ -100,14 +112,14 @@ class LearnerGroup:
             if num_gpus:  # ranks on one node see all of its learner GPUs, each picks its own
                 devices = share_node_gpus(ray.get([_node_and_gpus.options(num_gpus=num_gpus, **where(r)).remote()
                                                    for r in range(world_size)]))
-        self.world_size = world_size
-        self.workers = [
+        workers = [
             LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank), **(actor_options or {})).remote(
                 cfg_dict, model_path, train_path, image_root, rank=rank, world_size=world_size,
                 master_addr=addr, master_port=port, plan=plan, dist_timeout_s=dist_timeout_s,
                 devices=devices[rank])
             for rank in range(world_size)]
         log.info("learner group: %d ranks, rendezvous %s:%d", world_size, addr, port)
+        return workers
 
     def __getattr__(self, name: str) -> _FanOut:  # only for names that are not attributes of the group
         if name.startswith("_") or name in ("workers", "world_size"):
@@ -117,3 +129,14 @@ class LearnerGroup:
     def kill(self) -> None:
         for w in self.workers:
             ray.kill(w)
+
+    def restart(self) -> None:
+        """A rank died: end every rank (the survivors may wait in a collective) and start the group again
+        in the same bundles, untrained (load a checkpoint next). Every holder of this group sees the new ranks."""
+        self.kill()
+        self.workers = self._start_workers(*self._args, **self._options)
+
+    def owns(self, exc: BaseException) -> bool:
+        """Whether the actor error ``exc`` (a RayActorError) is about one of this group's ranks."""
+        actor_id = getattr(exc, "actor_id", None)
+        return actor_id is not None and actor_id in {w._actor_id.hex() for w in self.workers}

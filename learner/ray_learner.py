@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from coordexp_rl.config import Config
 from coordexp_rl.runtime import prepare_runtime
 
 log = logging.getLogger(__name__)
+
+
+class BufferGone(RuntimeError):
+    """The rollout buffer's process died and Ray does not restart it (buffer.max_restarts used up)."""
 
 
 def node_address() -> tuple[str, int]:
@@ -101,7 +107,7 @@ class LearnerWorker:
         dist = self.learner.dist
         rows = None
         if dist.is_main:
-            batch = ray.get(buffer.get.remote(n, timeout_s, n))
+            batch = self._get_rows(buffer, n, timeout_s)
             rows = None if batch is None else batch_to_rows(batch)
         rows = dist.broadcast(rows)  # the whole global batch; each rank trains on its share
         if rows is None:
@@ -113,6 +119,23 @@ class LearnerWorker:
         metrics = self.learner.stage2_step(rows, self.samples)
         metrics.update(buffer_wait_s=wait_s, **ids)
         return metrics
+
+    def _get_rows(self, buffer, n: int, timeout_s: float):
+        """``n`` rows from the buffer (None after ``timeout_s``). A buffer that Ray is restarting is waited
+        for, and restored by this get from the learner's row ids; one dead for good raises BufferGone."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(buffer.get.remote(n, max(0.0, deadline - time.monotonic()), n, self.consumed,
+                                                 self.learner.version))
+            except ActorUnavailableError:  # restarting: calls fail fast until it is back
+                if time.monotonic() > deadline:
+                    return None
+                log.warning("the rollout buffer is restarting; the learner waits for it")
+                time.sleep(1.0)
+            except RayActorError as exc:
+                raise BufferGone(f"the rollout buffer died and is not restarted (buffer.max_restarts used up): "
+                                 f"{type(exc).__name__}") from None
 
     def _check_on_policy(self, rows, ids: dict) -> None:
         """stage2.reproducible promises that every batch is the actor's next rows, generated with the learner's
@@ -237,6 +260,16 @@ class LearnerWorker:
 
     def export(self, path: str) -> str:
         return str(self.learner.export_pretrained(Path(path)))
+
+    def continue_versions(self, version: int) -> int:
+        """After a restart from a checkpoint: the next published version follows ``version`` (the newest
+        the lost learner published), so weight versions only grow and rows of lost weights stay apart."""
+        self.learner.version = max(self.learner.version, version)
+        return self.learner.version
+
+    def fail_now(self) -> None:
+        """run.fail_at: this process dies at once, as in a crash (the driver decides when)."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 LearnerActor = ray.remote(LearnerWorker)

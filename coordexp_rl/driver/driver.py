@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from coordexp_rl.config import Config, ConfigError, dump_config, flat_settings, load_config
@@ -33,6 +34,7 @@ from coordexp_rl.driver.evaluations import (
     exposure_report,
     results_table,
 )
+from coordexp_rl.driver.faults import FaultInjector
 from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
@@ -46,14 +48,16 @@ from coordexp_rl.driver.run_control import (
 )
 from coordexp_rl.driver.run_folder import claim_run_folder, probe_writable
 from coordexp_rl.driver.run_log import RunLog
-from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, rollout_stats
+from coordexp_rl.driver.supervisor import ActorsGone, RolloutSupervisor, call_restarting, rollout_stats
 from coordexp_rl.driver.trackers import check_installed, open_trackers
 from coordexp_rl.driver.weight_sync import WeightSyncer
 from coordexp_rl.errors import report_user_error
 from coordexp_rl.evaluation.plots import plot_training_curves
 from coordexp_rl.method.coords import CoordVocab
 from coordexp_rl.modeling.load import load_processor
+from learner.checkpoint import latest_checkpoint
 from learner.group import LearnerGroup
+from learner.ray_learner import BufferGone
 
 log = logging.getLogger("coordexp_rl.launch")
 
@@ -71,7 +75,9 @@ class Driver:
         self.step = 0  # the learner's step as the driver last saw it
         self.last_sync_step = -1  # learner step of the last weight sync (-1: none yet)
         self.stop_signal = 0  # set by the SIGINT/SIGTERM handler; the loops stop at the next step
+        self.learner_restarts = 0  # learner groups re-formed from a checkpoint in this job (learner.max_restarts)
         # Made by run(), in this order (None until then):
+        self.faults: FaultInjector | None = None  # run.fail_at (faults.json: the points fired)
         self.assets: Assets | None = None  # model and data paths (built into the cache for the default)
         self.val_samples: list = []  # the checked validation samples
         self.learner = None  # learner.group.LearnerGroup
@@ -120,6 +126,7 @@ class Driver:
     def prepare(self) -> None:
         claim_run_folder(self.cfg)  # a folder holding another run is refused (or emptied: run.overwrite)
         probe_writable(self.out)
+        self.faults = FaultInjector(self.cfg.run.fail_at, self.out)  # after the claim: run.overwrite forgets them
         if self.console is not None:
             self.actor_options = self.console.route(self.out, self.verbose)
         check_installed(self.cfg.run.loggers)  # a missing W&B / MLflow library: now, not after Stage-1 has started
@@ -191,24 +198,31 @@ class Driver:
 
     def stage1(self, steps: int | None = None, label: str = "stage1") -> None:
         """SFT steps on the canonical GT until the learner has taken ``steps`` (default: Stage-1's)."""
-        done = self.step
         steps, chunk = steps or self.cfg.stage1.steps, max(1, self.cfg.run.log_every)
         m = {"loss/total": float("nan")}  # stays so when resuming past Stage-1
         every = self.cfg.eval.every  # learning-curve points (also in the SFT control's Stage-2)
-        with tqdm(total=steps, initial=min(done, steps), desc=label, unit="step", file=sys.stderr) as bar:
-            while done < steps:
+        offset = self.cfg.stage1.steps if label == "stage2" else 0  # run.fail_at counts from the stage's start
+        with tqdm(total=steps, initial=min(self.step, steps), desc=label, unit="step", file=sys.stderr) as bar:
+            while self.step < steps:
                 self.check_stop()
                 self.rollout.raise_start_failure()
                 self.evals.raise_failure()
+                done = self.step
                 n = min(chunk, steps - done, every - done % every if every else chunk)
-                for m in ray.get(self.learner.stage1_steps.remote(n)):
-                    self.run_log.log(label, m["step"], m)
-                done = self.step = self.step + n
-                bar.update(n)
+                try:
+                    for m in ray.get(self.learner.stage1_steps.remote(n)):
+                        self.run_log.log(label, m["step"], m)
+                    self.step = done + n
+                    self.save_checkpoint_if_due()
+                    if every and self.step % every == 0 and self.step < steps:
+                        self.evaluate_beside_training()
+                    self.faults.fire_due(label, self.step - offset, self.fault_targets())
+                except RayActorError as exc:
+                    if not self.learner.owns(exc):
+                        raise
+                    self.restart_learner(exc)
+                bar.n = min(self.step, steps)
                 bar.set_postfix(loss=f"{m['loss/total']:.3f}")
-                self.save_checkpoint_if_due()
-                if every and done % every == 0 and done < steps:
-                    self.evaluate_beside_training()
         log.info("%s done: %d steps, loss %.4f", label, steps, m["loss/total"])
 
     def evaluate_beside_training(self) -> None:
@@ -247,24 +261,36 @@ class Driver:
                                             max_restarts=self.cfg.rollout.max_restarts)
         self.supervisor.start()
         with tqdm(total=total, initial=start, desc="stage-2", unit="step", file=sys.stderr) as bar:
-            for k in range(start, total):
+            while self.step < s1 + total:
                 self.check_stop()
                 try:
-                    metrics = self.supervisor.learner_step(self.learner)
-                except ActorsGone as e:
+                    self.stage2_step(bar)
+                except (ActorsGone, BufferGone) as e:
                     raise self.stopped(str(e), exit_code=4) from None
-                self.step = s1 + k + 1
-                self.run_log.log("stage2", metrics["step"], metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", iou=f"{metrics['match/mean_iou']:.3f}")
-                if (k + 1) % self.cfg.stage2.sync_every == 0:
-                    self.sync_weights()
-                self.save_checkpoint_if_due()
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and k + 1 < total:
-                    self.evaluate_in_stage2()
+                except RayActorError as exc:
+                    if not self.learner.owns(exc):
+                        raise
+                    self.restart_learner(exc)
+                    bar.n = self.step - s1
         self.supervisor.drain()
         self.log_rollout_stats()
         log.info("stage-2 done; %s", self.supervisor.stats())
+
+    def stage2_step(self, bar) -> None:
+        """One EM step under the supervisor's watch, then what falls due at it: sync, checkpoint, curve point,
+        an injected fault."""
+        k = self.step - self.cfg.stage1.steps  # Stage-2 steps taken
+        metrics = self.supervisor.learner_step(self.learner)
+        self.step += 1
+        self.run_log.log("stage2", metrics["step"], metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", iou=f"{metrics['match/mean_iou']:.3f}")
+        if (k + 1) % self.cfg.stage2.sync_every == 0:
+            self.sync_weights()
+        self.save_checkpoint_if_due()
+        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and k + 1 < self.cfg.stage2.steps:
+            self.evaluate_in_stage2()
+        self.faults.fire_due("stage2", k + 1, self.fault_targets())
 
     def evaluate_in_stage2(self) -> None:
         """A curve point in the EM loop (eval.every): the actors score it after the rollout step each has
@@ -338,6 +364,51 @@ class Driver:
     def driver_state(self) -> dict:
         return {"last_sync_step": self.last_sync_step}
 
+    def fault_targets(self) -> dict:
+        """What run.fail_at can kill: learner rank 0, the buffer, rollout-0."""
+        return {"learner": self.learner.workers[0], "buffer": self.rollout.buffer, "rollout": self.rollout.actors[0]}
+
+    def restart_learner(self, exc: RayActorError) -> None:
+        """A learner rank died: the group again, from the newest complete checkpoint (learner.max_restarts
+        times per run). In the EM loop the buffer drops what it holds and refuses rows of the lost weights, the
+        actors generate again from the checkpoint's row ids with the restored weights. RunStopped (exit 5) when
+        it cannot be re-formed."""
+        lost_at, newest = self.step, latest_checkpoint(self.out / "checkpoints")
+        why = f"learner rank died after step {lost_at} ({type(exc).__name__})"
+        limit = self.cfg.learner.max_restarts
+        if newest is None or self.learner_restarts >= limit:
+            reason = ("no complete checkpoint to re-form the learner from yet (run.checkpoint_every)" if newest is None
+                      else f"learner.max_restarts={limit} restarts used up")
+            self.close_rollout()
+            self.run_log.close()
+            raise RunStopped(f"{why}; {reason}", str(newest or ""), exit_code=5)
+        self.learner_restarts += 1
+        log.warning("%s; re-forming the learner group from %s (restart %d of learner.max_restarts=%d)", why, newest,
+                    self.learner_restarts, limit)
+        self.learner.restart()
+        resumed = load_resume_point(self.learner, str(newest), self.out / "checkpoints")
+        self.step = self.checkpoints.last_step = resumed["step"]
+        self.checkpoints.last_path = resumed["path"]
+        self.last_sync_step = resumed["driver"].get("last_sync_step", -1)
+        self.run_log.rewind(self.step)  # the steps after the checkpoint are taken again
+        version = ray.get(self.learner.continue_versions.remote(self.syncer.version))
+        self.syncer.members = None  # a broadcast group held the dead rank 0
+        if self.supervisor is not None:  # the EM loop: rows and weights after the checkpoint are lost
+            dropped = call_restarting(lambda: self.rollout.buffer.restore.remote(resumed["consumed"], version + 1,
+                                                                                 True))
+            log.warning("buffer restored to the checkpoint's row ids (%d rows dropped, generated again)", dropped)
+            self.sync_weights(label="restart")
+        self.run_log.log("fault", self.step, {"learner_restarts": self.learner_restarts, "lost_at_step": lost_at,
+                                              "steps_lost": lost_at - self.step})
+        log.warning("learner group re-formed at step %d: %d steps are taken again", self.step, lost_at - self.step)
+
+    def close_rollout(self) -> None:
+        """Close the buffer (its spill flushed) unless its process is gone for good."""
+        try:
+            call_restarting(self.rollout.buffer.close.remote)
+        except RayActorError as exc:
+            log.warning("the rollout buffer could not be closed (%s); its unflushed spill is lost", type(exc).__name__)
+
     def check_stop(self) -> None:
         if self.stop_signal:
             raise self.stopped(f"stopped by {signal.Signals(self.stop_signal).name}", 128 + self.stop_signal)
@@ -345,7 +416,7 @@ class Driver:
     def stopped(self, why: str, exit_code: int) -> RunStopped:
         """A final checkpoint, the buffer closed (spilled), the log closed: the error to raise."""
         path = self.checkpoints.ensure(self.step, self.driver_state())
-        ray.get(self.rollout.buffer.close.remote())
+        self.close_rollout()
         self.run_log.close()
         return RunStopped(why, path, exit_code)
 
@@ -400,9 +471,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print(f"resource error: {e}", file=sys.stderr)
         return 3
     except RunStopped as e:
-        print(f"run stopped: {e.why}.\nCheckpoint: {e.checkpoint}\nResume with: python -m coordexp_rl.launch "
-              f"{''.join(f'--config {c} ' for c in _configs(args))}{' '.join(args.overrides)} "
-              f"run.resume={e.checkpoint}", file=sys.stderr)
+        print(f"run stopped: {e.why}.\nCheckpoint: {e.checkpoint or 'none (the run starts again)'}\nResume with: "
+              f"python -m coordexp_rl.launch {''.join(f'--config {c} ' for c in _configs(args))}"
+              f"{' '.join(args.overrides)} run.resume={e.checkpoint or 'auto'}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a data file the driver's checks refuse (DataError), also from a Ray task
         code = report_user_error(e, debug)

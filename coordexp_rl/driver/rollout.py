@@ -47,9 +47,10 @@ def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, 
     every actor gets (Driver.actor_options)."""
     r, options = cfg.rollout, actor_options or {}
     spill = str(out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-    buffer = RolloutBuffer.options(**options).remote(cfg.buffer.capacity, cfg.buffer.max_staleness,
-                                  rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
-                                  spill_dir=spill, version=resumed.get("version", 0), next_seq=resumed.get("consumed"))
+    # Restarted empty when its process dies; the learner's next get restores it (actors/buffer.py).
+    buffer = RolloutBuffer.options(max_restarts=cfg.buffer.max_restarts, **options).remote(
+        cfg.buffer.capacity, cfg.buffer.max_staleness, rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
+        spill_dir=spill, version=resumed.get("version", 0), next_seq=resumed.get("consumed"))
     work_list = ray.put([(s.sample_id, str(s.image_path), s.image_rel) for s in train])
     engine = EngineConfig.from_config(cfg, model_path)  # `coordexp-rl infer --config` uses it too
     sampling = SamplingConfig.from_config(r)

@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 # What a launch writes into its folder (TensorBoard included); what overwrite removes. A Parquet spill
 # folder (buffer.spill_dir) is not in the list: it is an audit trail, kept.
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "tb", "plots", "final_model", "report.md",
-               "results.json", "trackers.json", "wandb", "mlflow.db", "mlartifacts", "logs")
+               "results.json", "trackers.json", "wandb", "mlflow.db", "mlartifacts", "logs", "faults.json")
 # Keys a resume may change without a word: how long, how it is run and observed, not what was trained.
 RESUME_FREE = ("run.", "eval.", "stage1.steps", "stage2.steps", "data.check_images", "rollout.num_actors",
                "rollout.cpus_per_actor", "rollout.gpus_per_actor", "rollout.node_resource", "rollout.max_restarts",
-               "rollout.gone_timeout_s", "learner.", "weight_sync.", "buffer.spill_dir")
+               "rollout.gone_timeout_s", "learner.", "weight_sync.", "buffer.spill_dir", "buffer.max_restarts")
 
 
 class RunFolderError(UserError):

@@ -45,6 +45,14 @@ class RunLog:
         os.replace(tmp, self.path)
         return kept
 
+    def rewind(self, step: int) -> None:
+        """Within a run (the learner re-formed from the checkpoint of ``step``): keep the records up to it,
+        as a resume does. The trackers keep theirs and get the steps taken again as new points."""
+        with self._lock:
+            self._file.close()
+            self._rewind(step)
+            self._file = self.path.open("a")
+
     def evaluations(self) -> dict[str, dict]:
         """The evaluations kept from before a resume: label -> headline metrics (``eval/`` prefix removed)."""
         return {r["label"]: {k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")}

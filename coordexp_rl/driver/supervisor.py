@@ -11,7 +11,9 @@ An actor that raises from its own code (a bug, a bad row) is not a death: that e
 learner's current weights in the buffer for the restarted actor (``WeightSyncer.keep_weights_for_restarts``);
 a learner blocked on rows that only the dead actor could bring is woken first, and its step runs again;
 when every actor has been down for more than ``gone_timeout_s`` it raises ``ActorsGone`` (then nobody
-fills the buffer: stop, do not hang). Deaths a weight sync saw reach it through ``record_sync``.
+fills the buffer: stop, do not hang). Deaths a weight sync saw reach it through ``record_sync``. A buffer
+that Ray restarted (the learner's get restored it, actors/buffer.py) is seen after the step: the weights
+for restarted actors are left in it again.
 ``predict_all`` is the evaluation's counterpart (a dead actor's share runs again).
 
 >>> sup = RolloutSupervisor(actors, gone_timeout_s=300, buffer=buffer, syncer=syncer)  # doctest: +SKIP
@@ -25,6 +27,8 @@ import time
 
 import ray
 from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
+
+from learner.ray_learner import BufferGone
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class RolloutSupervisor:
         self.learner_woken = False  # the learner's wait for rows was cut short to answer a death
         self.recoveries = 0  # actors that came back after being down
         self.rows = 0  # rows put by all actors' steps
+        self.buffer_restarts = 0  # times the buffer's process was seen restarted
+        self.buffer_incarnation = None  # the buffer process's id when last seen (after the first step)
 
     def start(self) -> None:
         for i in range(len(self.actors)):
@@ -74,12 +80,29 @@ class RolloutSupervisor:
             if self.failed_calls > self.failed_calls_answered:  # a death, or a restart still under way
                 self.failed_calls_answered = self.failed_calls
                 self.syncer.keep_weights_for_restarts()
+            self._check_buffer()
             if metrics is not None:
                 return metrics
             if not self.learner_woken:
                 raise RuntimeError(f"stage-2: no rollouts arrived within {timeout_s:g} s; actor stats "
                                    f"{rollout_stats(self.actors, self.buffer)['actors']}")
             self.learner_woken = False  # woken by _wake_learner: the step again, now that the weights are there
+
+    def _check_buffer(self) -> None:
+        """A restarted buffer lost the weights kept for restarted actors: leave them there again."""
+        try:
+            incarnation = call_restarting(self.buffer.get_incarnation.remote)
+        except RayActorError as exc:  # ActorDiedError: buffer.max_restarts used up
+            raise BufferGone(f"the rollout buffer died and is not restarted (buffer.max_restarts used up): "
+                             f"{type(exc).__name__}") from None
+        if self.buffer_incarnation in (None, incarnation):
+            self.buffer_incarnation = incarnation
+            return
+        self.buffer_incarnation = incarnation
+        self.buffer_restarts += 1
+        log.warning("the rollout buffer was restarted (its process died); the rows it held are generated again "
+                    "with the same ids")
+        self.syncer.buffer_restarted()
 
     def wait_for(self, ref: ray.ObjectRef, poll_s: float = 1.0) -> bool:
         """Until ``ref`` is ready (True), keeping actors busy; False when every actor is gone too long."""
@@ -160,11 +183,23 @@ class RolloutSupervisor:
 
     def stats(self) -> dict:
         return {"actor_deaths": self.deaths, "failed_calls": self.failed_calls, "actor_recoveries": self.recoveries,
-                "actors_down": len(self.down)}
+                "actors_down": len(self.down), "buffer_restarts": self.buffer_restarts}
 
     def gone_message(self) -> str:
         return (f"every rollout actor has been gone for more than rollout.gone_timeout_s={self.gone_timeout_s:g} s "
                 f"(restarts used up: rollout.max_restarts={self.max_restarts})")
+
+
+def call_restarting(call, timeout_s: float = 120.0):
+    """``ray.get(call())``, called again while Ray restarts the actor (its calls fail fast meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call())
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def predict_all(actors: list, shards: list[list], on_gone=lambda: None, retry_s: float = 1.0) -> list[dict]:
@@ -208,7 +243,7 @@ def rollout_stats(actors: list, buffer, supervisor: RolloutSupervisor | None = N
             stats.append(ray.get(a.stats.remote(), timeout=30))
         except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
             stats.append({"gone": 1})
-    out = {"buffer": ray.get(buffer.stats.remote()), "actors": stats}
+    out = {"buffer": call_restarting(buffer.stats.remote), "actors": stats}
     if supervisor is not None:
         out["supervisor"] = supervisor.stats()
     return out

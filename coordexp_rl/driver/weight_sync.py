@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from coordexp_rl.driver.supervisor import ACTOR_GONE
+from coordexp_rl.driver.supervisor import ACTOR_GONE, call_restarting
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class WeightSyncer:
             res, laggards = SyncResult(-1), list(range(len(self.actors)))
         if laggards:
             self._object_store(res, bump and res.version < 0, laggards)
-        ray.get(self.buffer.set_version.remote(res.version))
+        call_restarting(lambda: self.buffer.set_version.remote(res.version))
         self.version = res.version
         return res
 
@@ -141,7 +141,7 @@ class WeightSyncer:
         (version, [payload ref] + [frozen-parameter ref, if the model has frozen parameters])."""
         version, payload_ref, frozen_ref = ray.get(self.learner.put_weights.remote(self.bucket_mb, bump))
         refs = [payload_ref] + ([frozen_ref] if frozen_ref is not None else [])
-        ray.get(self.buffer.keep_weights.remote(version, refs))
+        call_restarting(lambda: self.buffer.keep_weights.remote(version, refs))
         self.kept_version = version
         return version, refs
 
@@ -167,6 +167,13 @@ class WeightSyncer:
     def restarts_lack_weights(self) -> bool:
         """Whether a restarted actor would find older weights in the buffer than the last sync's."""
         return self.kept_version < self.version
+
+    def buffer_restarted(self) -> None:
+        """The buffer's process was restarted, empty: the weights for restarted actors go there again."""
+        self.kept_version = 0
+        if self.version:
+            version, _ = self._put_weights(False)
+            log.info("weights v%d left in the restarted buffer for restarted rollout actors", version)
 
     def keep_weights_for_restarts(self) -> None:
         """An actor died: leave the learner's current weights in the buffer, where the restarted actor

@@ -40,7 +40,12 @@ class FakeBuffer:
             def remote():
                 buffer.wakes += 1
 
-        self.wake = Wake
+        class Incarnation:  # the same process throughout
+            @staticmethod
+            def remote():
+                return "incarnation"
+
+        self.wake, self.get_incarnation = Wake, Incarnation
 
 
 @pytest.mark.parametrize("death", [OutOfMemoryError("killed by Ray's memory monitor"), ActorDiedError()],
@@ -68,7 +73,8 @@ def test_a_call_cut_by_a_death_marks_the_actor_down_then_up(monkeypatch, death):
     retried = next(ref for ref, i in sup.pending.items() if i == 1)
     sup._collect(retried)
     assert sup.recoveries == 1 and not sup.down and sup.rows == 4 and actors[1].calls == 4
-    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0}
+    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0,
+                           "buffer_restarts": 0}
 
 
 def test_a_death_seen_by_a_weight_sync_counts_once_and_ends_at_a_step_of_the_new_process(monkeypatch):
@@ -98,7 +104,8 @@ def test_a_death_seen_by_a_weight_sync_counts_once_and_ends_at_a_step_of_the_new
     sup._retry_down()
     sup._collect(next(ref for ref, i in sup.pending.items() if i == 1))  # the new process's first step
     assert buffer.wakes == 1 and sup.learner_woken and not sup.down and sup.recoveries == 1 and sup.rows == 8
-    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0}
+    assert sup.stats() == {"actor_deaths": 1, "failed_calls": 2, "actor_recoveries": 1, "actors_down": 0,
+                           "buffer_restarts": 0}
 
 
 def test_an_evaluation_waits_for_an_actor_the_memory_monitor_killed(monkeypatch):
