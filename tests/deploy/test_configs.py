@@ -239,8 +239,10 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
 
 # What a GPU config's comments may state outside its two derived blocks: facts of the hardware, the data
 # and the method, not counts of its settings.
-COMMENT_FACTS = re.compile(r"Qwen3-VL-\d+B|\b[28]B\b|A100/H100 80 GB|p4de\.24xlarge|(train|val)2017|METHOD \d+(\.\d+)?"
-                           r"|640 px|FSDP2|one node with 8 GPUs|two nodes x 8 GPUs = 16 GPUs|\w+\.yaml|float32|bfloat16|bf16|fp32|Stage-[12]|max_staleness \+ 1|L1")
+COMMENT_FACTS = re.compile("|".join([
+    r"Qwen3-VL-\d+B", r"\b[28]B\b", r"A100/H100 80 GB", r"p4de\.24xlarge", r"(train|val)2017", r"METHOD \d+(\.\d+)?",
+    r"640 px", r"FSDP2", r"one node with 8 GPUs", r"two nodes x 8 GPUs = 16 GPUs", r"\w+\.yaml",
+    r"float32|bfloat16|bf16|fp32", r"Stage-[12]", r"max_staleness \+ 1", r"L1"]))
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
