@@ -140,7 +140,7 @@ def test_the_scan_sees_the_library():
 def test_checker_finds_unknown_keys(tmp_path):
     assert bad_keys("raise data.max_target_tokens, or set data.too_many_objects=truncate") == []
     assert bad_keys("set data.no_such_key: true") == ["data.no_such_key"]
-    assert bad_keys("see optim.batch_size and learner.max_restarts") == ["learner.max_restarts"]
+    assert bad_keys("see optim.batch_size and learner.max_retries") == ["learner.max_retries"]
     assert bad_keys("rollout.max_restarts=3; model.tiny_size.hidden=64; model.tiny_size.a.b") == [
         "model.tiny_size.a.b"]
     assert bad_keys("expects data.skip_bbox_norm.extra") == ["data.skip_bbox_norm.extra"]
