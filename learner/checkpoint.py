@@ -1,6 +1,7 @@
 """Save and resume a Learner bit for bit: weights, optimizer, scheduler, counters, RNG, data position.
 
-A checkpoint folder holds ``model.safetensors``, ``optim.pt`` (optimizer + scheduler), ``rng.pt``,
+A checkpoint folder holds ``model.safetensors`` (LoRA: ``adapter.safetensors``, the trained tensors only,
+learner/lora.py), ``optim.pt`` (optimizer + scheduler), ``rng.pt``,
 ``state.json`` and, written last, the completion marker ``COMPLETE``. It is written into a private
 temporary sibling and renamed, and readers ignore a folder without the marker: a kill at any moment of a
 save (even during the rename of an older folder) never leaves something that looks finished.
@@ -34,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from coordexp_rl.errors import UserError
+from learner import lora
 
 if TYPE_CHECKING:
     from learner.learner import Learner
@@ -61,6 +63,9 @@ def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
     if full is not None:
         model_state, optim_state = full
         save_file({k: v.contiguous().clone() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    elif learner.cfg.model.lora.rank:  # the trained tensors only: the frozen base is model_path
+        save_file(lora.trainable_state(learner.model), str(tmp / lora.ADAPTER_FILE))
+        optim_state = learner.optimizer.state_dict()
     else:
         save_model(learner.model, str(tmp / "model.safetensors"))  # handles tied embeddings
         optim_state = learner.optimizer.state_dict()
@@ -68,7 +73,8 @@ def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
     torch.save(rng_state(), tmp / "rng.pt")
     state = {"format": FORMAT_VERSION, "step": learner.step, "stage2_steps": learner.stage2_steps,
              "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate",
-             "model_path": learner.model_path}  # the base folder: config and tokenizer for `coordexp-rl export`
+             "model_path": learner.model_path,  # the base folder: config and tokenizer for `coordexp-rl export`
+             "lora": lora.checkpoint_record(learner.cfg.model)}  # None: a full fine-tune
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _write_marker(tmp, learner.step)
     _replace(tmp, path)
@@ -212,7 +218,8 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{state_file}: checkpoint format {found}, this code reads {FORMAT_VERSION}")
-    missing = [f for f in ("model.safetensors", "optim.pt", "rng.pt") if not (path / f).is_file()]
+    weights = lora.ADAPTER_FILE if state.get("lora") else "model.safetensors"
+    missing = [f for f in (weights, "optim.pt", "rng.pt") if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint, {', '.join(missing)} missing")
     return state
@@ -226,6 +233,9 @@ def load_checkpoint(learner: "Learner", path: Path) -> dict:
     if state.get("sharding", "replicate") != sharding:
         raise CheckpointError(f"{state_file}: written by a {state.get('sharding')!r} learner, this one is "
                               f"{sharding!r}; resume with the same learner sharding")
+    mismatch = lora.record_mismatch(state.get("lora"), learner.cfg.model)
+    if mismatch:
+        raise CheckpointError(f"{state_file}: {mismatch}")
     optim, rng = safe_load(path / "optim.pt"), safe_load(path / "rng.pt")  # both checked before any change
     try:
         if learner.sharded is not None:
@@ -235,6 +245,9 @@ def load_checkpoint(learner: "Learner", path: Path) -> dict:
                                  options=_state_dict_options())
             set_optimizer_state_dict(learner.model, learner.optimizer, optim["optimizer"],
                                      options=_state_dict_options())
+        elif state.get("lora"):
+            lora.load_trainable_state(learner.model, load_file(str(path / lora.ADAPTER_FILE)))
+            learner.optimizer.load_state_dict(optim["optimizer"])
         else:
             load_model(learner.model, str(path / "model.safetensors"))
             learner.optimizer.load_state_dict(optim["optimizer"])

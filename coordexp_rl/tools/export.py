@@ -5,7 +5,8 @@ A checkpoint holds the weights and the training state, not the model's config, t
 those come from the base model the run trained from, the folder its ``state.json`` records as
 ``model_path``; ``--base`` names it when that folder has moved (or for checkpoints written before the
 record). The export loads the base on the CPU in float32 (the learner's master weights), puts the
-checkpoint's weights in, and writes both with ``save_pretrained``. `coordexp-rl infer --model CHECKPOINT`
+checkpoint's weights in (a LoRA checkpoint: its adapters merged into the base), and writes both with
+``save_pretrained``. `coordexp-rl infer --model CHECKPOINT`
 exports into a temporary folder this way first.
 """
 
@@ -54,15 +55,24 @@ def export_checkpoint(checkpoint: Path, out: Path, base: Path | None = None) -> 
     from safetensors.torch import load_model
 
     from coordexp_rl.modeling.load import load_model_and_processor
+    from learner.checkpoint import read_state
 
-    model, processor, _ = load_model_and_processor(base_model(checkpoint, base), "float32", "cpu")
+    model, processor, vocab = load_model_and_processor(base_model(checkpoint, base), "float32", "cpu")
+    record, merged = read_state(checkpoint).get("lora"), None
     try:
-        load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as the learner saved
-    except (SafetensorError, RuntimeError) as exc:  # a torn file, or weights of another model than the base
+        if record:  # LoRA: the base with the checkpoint's adapters merged in (learner/lora.py)
+            from safetensors.torch import load_file
+
+            from learner.lora import ADAPTER_FILE, merged_state_from_checkpoint
+
+            merged = merged_state_from_checkpoint(model, record, load_file(str(checkpoint / ADAPTER_FILE)), vocab)
+        else:
+            load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as saved
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:  # torn, or another model's weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{checkpoint}: its weights do not load into the base model ({first})") from None
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=merged)
     processor.save_pretrained(out)
     return out
 
