@@ -119,10 +119,11 @@ def test_checkpoint_holds_the_trained_tensors_and_resumes_exactly(tiny_model_dir
     with pytest.raises(CheckpointError, match="a full fine-tune checkpoint, this learner trains LoRA"):
         resumed.load(full)
 
-    # export merges: a plain model folder whose weights are the learner's merged ones
-    out = export_checkpoint(path, tmp_path / "exported")
-    model, _, _ = load_model_and_processor(out)
+    # export merges: plain model folders (`coordexp-rl export` of the checkpoint, the run's final_model) whose
+    # weights are the learner's merged ones
     resumed.load(path)
     want = dict(resumed.named_weights())
-    for n, t in model.state_dict().items():
-        assert torch.equal(t, want[n]), n
+    for out in (export_checkpoint(path, tmp_path / "exported"), resumed.export_pretrained(tmp_path / "final")):
+        model, _, _ = load_model_and_processor(out)
+        for n, t in model.state_dict().items():
+            assert torch.equal(t, want[n]), n
