@@ -100,16 +100,18 @@ def merged_weights(model: torch.nn.Module, frozen: bool | None = None) -> Iterat
     from peft.tuners.lora import LoraLayer
 
     state = model.state_dict()
-    with torch.no_grad():
-        for name, key, owner, changes in _weights(model):
-            if frozen is not None and frozen == changes:
-                continue
+    for name, key, owner, changes in _weights(model):
+        if frozen is not None and frozen == changes:
+            continue
+        # no_grad around the computation only: a generator that yields inside it would leave grad mode off
+        # in its consumer (and for good, if it is never run to the end)
+        with torch.no_grad():
             tensor = state[key].detach()
             if isinstance(owner, LoraLayer):
                 tensor = tensor + owner.get_delta_weight(ADAPTER).to(tensor.dtype)  # W + (alpha / r) B A
             elif owner is not None:  # the base rows, the trained token rows copied in
-                tensor = owner.token_adapter.get_merged_weights([ADAPTER]).detach()
-            yield name, tensor
+                tensor = owner.token_adapter.get_merged_weights([ADAPTER])
+        yield name, tensor
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -109,6 +109,7 @@ def test_checkpoint_holds_the_trained_tensors_and_resumes_exactly(tiny_model_dir
     assert a["loss/total"] == b["loss/total"]
     for (n, x), (_, y) in zip(learner.named_weights(), resumed.named_weights()):
         assert torch.equal(x, y), n
+    assert torch.is_grad_enabled()  # a weights generator left unfinished (zip) must not leave grad mode off
 
     # A LoRA checkpoint into a full fine-tune, a full one into LoRA, other LoRA settings: refused by name.
     with pytest.raises(CheckpointError, match="a LoRA checkpoint .*this learner trains the full model"):
