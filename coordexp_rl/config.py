@@ -43,6 +43,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    # LoRA adapters instead of a full fine-tune (learner/lora.py, via peft): the base stays frozen, the coord
+    # and structure token rows of the embeddings and LM head train, the vision tower per model.freeze_vision
+    # (false: trained in full). The rollout engines get the merged weights. 0 = off (full fine-tune).
+    rank: NonNegativeInt = 0
+    alpha: Positive = 16.0  # the adapters' update is scaled by alpha / rank
+    dropout: Fraction = 0.0  # on the adapters' input, training only
+    # Linear layers to adapt, by their last name; the default is every projection of the text model's
+    # decoder layers (the vision tower's are named qkv, proj, linear_fc1, linear_fc2).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], min_length=1)
+
+
 class ModelConfig(_Section):
     path: str = ""  # a Qwen3-VL folder with coord tokens; "" = the tiny model, built on first use
     tiny_seed: int = 0  # seed of the tiny model built when path is ""
@@ -55,6 +68,7 @@ class ModelConfig(_Section):
     tiny_pretrain_steps: NonNegativeInt = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
     freeze_vision: bool = False  # keep the vision tower fixed (saves memory on real models)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class DataConfig(_Section):
@@ -404,6 +418,10 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
                           f"learner.world_size x learner.accum_steps = {ranks}")
     _check_token_budget(cfg, source)
     _check_reproducible(cfg, source)
+    if cfg.model.lora.rank and cfg.learner.sharding == "fsdp":
+        raise ConfigError(f"{source}: model.lora.rank={cfg.model.lora.rank} with learner.sharding=fsdp is not "
+                          "supported; LoRA's frozen base fits replicated (learner.sharding=replicate; --dry-run "
+                          "shows the memory per device)")
     if cfg.model.path and cfg.model.tiny_pretrain_steps:
         raise ConfigError(f"{source}: model.tiny_pretrain_steps={cfg.model.tiny_pretrain_steps} pretrains the tiny "
                           f"model, but model.path={cfg.model.path} names a real one; set one of them")

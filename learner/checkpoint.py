@@ -2,8 +2,9 @@
 
 Two layouts, named in ``state.json`` (``"layout"``):
 
-- ``full`` (a learner whose ranks hold the whole model: one rank, or replicated ranks): ``model.safetensors``,
-  ``optim.pt`` (optimizer + scheduler), ``rng.pt``, written by rank 0 alone.
+- ``full`` (a learner whose ranks hold the whole model: one rank, or replicated ranks): ``model.safetensors``
+  (LoRA: ``adapter.safetensors``, the trained tensors only, learner/lora.py), ``optim.pt`` (optimizer +
+  scheduler), ``rng.pt``, written by rank 0 alone.
 - ``sharded`` (an FSDP learner): ``shards/``, a torch.distributed.checkpoint folder with the model and
   optimizer state by parameter name, each rank writing only its own shard (learner/sharded_files.py), plus
   ``scheduler.pt`` and one ``rng-<rank>.pt`` per rank. No rank ever holds the whole state.
@@ -38,10 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from coordexp_rl.errors import UserError
-from learner import sharded_files
+from learner import lora, sharded_files
 
 if TYPE_CHECKING:
     from learner.learner import Learner
@@ -80,14 +81,18 @@ def save_checkpoint(learner: "Learner", path: Path, data_state: dict) -> Path:
         if sharded:
             torch.save({"scheduler": learner.scheduler.state_dict()}, tmp / "scheduler.pt")
         else:
-            save_model(learner.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            if learner.cfg.model.lora.rank:  # the trained tensors only: the frozen base is model_path
+                save_file(lora.trainable_state(learner.model), str(tmp / lora.ADAPTER_FILE))
+            else:
+                save_model(learner.model, str(tmp / "model.safetensors"))  # handles tied embeddings
             torch.save({"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict()},
                        tmp / "optim.pt")
             torch.save(rng_state(), tmp / "rng.pt")
         state = {"format": FORMAT_VERSION, "step": learner.step, "stage2_steps": learner.stage2_steps,
                  "version": learner.version, "data": data_state, "sharding": "fsdp" if sharded else "replicate",
                  "layout": "sharded" if sharded else "full", "world_size": d.world_size,
-                 "model_path": learner.model_path}  # the base folder: config and tokenizer for `coordexp-rl export`
+                 "model_path": learner.model_path,  # the base folder: config and tokenizer for `coordexp-rl export`
+                 "lora": lora.checkpoint_record(learner.cfg.model)}  # None: a full fine-tune
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         _write_marker(tmp, learner.step)
         _replace(tmp, path)
@@ -254,7 +259,10 @@ def read_state(path: Path) -> dict:
     layout = state.get("layout", "full")  # checkpoints written before the sharded layout are full
     if layout not in LAYOUT_FILES:
         raise CheckpointError(f"{state_file}: unknown layout {layout!r} (this code reads {', '.join(LAYOUT_FILES)})")
-    missing = [f for f in LAYOUT_FILES[layout] if not (path / f).exists()]
+    files = LAYOUT_FILES[layout]
+    if state.get("lora"):  # the adapter instead of the whole model
+        files = tuple(lora.ADAPTER_FILE if f == "model.safetensors" else f for f in files)
+    missing = [f for f in files if not (path / f).exists()]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint, {', '.join(missing)} missing")
     return state
@@ -264,11 +272,14 @@ def load_checkpoint(learner: "Learner", path: Path) -> dict:
     """Restore ``learner`` in place from ``path`` (a collective on W ranks); returns the saved data state."""
     path = Path(path)
     state = read_state(path)
+    mismatch = lora.record_mismatch(state.get("lora"), learner.cfg.model)
+    if mismatch:
+        raise CheckpointError(f"{path / 'state.json'}: {mismatch}")
     sharded = state.get("layout", "full") == "sharded"
     own = path / f"rng-{learner.dist.rank}.pt"
     rng = safe_load((own if own.is_file() else path / "rng-0.pt") if sharded else path / "rng.pt")
     try:
-        scheduler = _load_sharded(learner, path) if sharded else _load_full(learner, path)
+        scheduler = _load_sharded(learner, path) if sharded else _load_full(learner, path, bool(state.get("lora")))
     except (SafetensorError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as exc:
         # a torn file, another model's weights, a foreign object in the sharded metadata
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -299,13 +310,17 @@ def _load_sharded(learner: "Learner", path: Path) -> dict:
     return scheduler
 
 
-def _load_full(learner: "Learner", path: Path) -> dict:
-    """Whole files; an FSDP learner has rank 0 read them and send each rank its shard. Returns the
-    scheduler state."""
+def _load_full(learner: "Learner", path: Path, adapter: bool = False) -> dict:
+    """Whole files; an FSDP learner has rank 0 read them and send each rank its shard. ``adapter``: a LoRA
+    checkpoint (replicated learners only: LoRA with FSDP is refused by the config). Returns the scheduler
+    state."""
     d = learner.dist
     if learner.sharded is None:
         optim = safe_load(path / "optim.pt")  # checked before any change
-        load_model(learner.model, str(path / "model.safetensors"))
+        if adapter:
+            lora.load_trainable_state(learner.model, load_file(str(path / lora.ADAPTER_FILE)))
+        else:
+            load_model(learner.model, str(path / "model.safetensors"))
         learner.optimizer.load_state_dict(optim["optimizer"])
         return optim["scheduler"]
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict

@@ -34,6 +34,7 @@ from coordexp_rl.method.protocol import canonical_order
 from coordexp_rl.modeling.inputs import collate
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.rollout.schema import RolloutRow
+from learner import lora
 from learner.batching import gather_supervision
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
@@ -60,6 +61,8 @@ class Learner:
         self.tokenizer = self.processor.tokenizer
         if self.plan.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora.rank:  # adapters + coord rows train; the vision tower per freeze_vision
+            self.model = lora.apply_lora(self.model, cfg.model.lora, self.vocab, cfg.model.freeze_vision)
         self.model.train()
         if cfg.model.freeze_vision:
             for p in self.model.model.visual.parameters():
@@ -320,6 +323,10 @@ class Learner:
         Sharded: each tensor is gathered whole in turn (a collective: every rank must run this generator to
         the end), and only rank 0 yields; a consumer that packs as it goes holds one tensor + one bucket.
         """
+        if self.cfg.model.lora.rank:  # the merged model, in the base model's names (learner/lora.py); not sharded
+            if self.dist.is_main:
+                yield from lora.merged_weights(self.model, frozen)
+            return
         skip = set() if frozen is None else set(self.frozen_names())
         for name, tensor in self.model.state_dict().items():
             if frozen is not None and (name in skip) != frozen:
@@ -330,6 +337,8 @@ class Learner:
 
     def frozen_names(self) -> list[str]:
         """State-dict names of the parameters that never train (they need sending once per engine life)."""
+        if self.cfg.model.lora.rank:  # all but the adapted layers, the coord rows' matrices, a trained tower
+            return lora.frozen_names(self.model)
         return [n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad]
 
     def new_version(self) -> int:
@@ -350,7 +359,8 @@ class Learner:
     def export_pretrained(self, path: str | Path) -> Path:
         """A folder transformers and vLLM load (weights, config, tokenizer, processor)."""
         path = Path(path)
-        state = dict(self.named_weights()) if self.sharded is not None else None  # collective when sharded
+        # collective when sharded; LoRA: the merged weights, in the base model's names
+        state = dict(self.named_weights()) if self.sharded is not None or self.cfg.model.lora.rank else None
         if self.dist.is_main:
             self.model.save_pretrained(path, state_dict=state)
             self.processor.save_pretrained(path)

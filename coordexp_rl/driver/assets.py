@@ -100,8 +100,11 @@ def pretrain_config(cfg: Config) -> Config:
 def stage1_settings(cfg: Config) -> dict:
     """Every setting but those Stage-1 never reads (config.STAGE2_ONLY_KEYS, checked by
     tests/deploy/test_ablate.py): the pretrained model's cache key. Any default that changes what Stage-1
-    trains gives a new folder; a new Stage-2, evaluation or run setting does not retrain it."""
-    return {k: v for k, v in flat_settings(cfg.model_dump()).items() if not is_stage2_only(k)}
+    trains gives a new folder; a new Stage-2, evaluation or run setting does not retrain it. The model.lora
+    keys join only when LoRA is on (rank > 0): a full fine-tune keeps the folder it had before they existed."""
+    lora_off = not cfg.model.lora.rank
+    return {k: v for k, v in flat_settings(cfg.model_dump()).items()
+            if not is_stage2_only(k) and not (lora_off and k.startswith("model.lora."))}
 
 
 def pretrained_tiny_model(cfg: Config, init: Path) -> Path:

@@ -13,6 +13,10 @@ Korthikanti et al.'s ~34 B per token per hidden unit per decoder layer (bf16 aut
 attention without the s^2 term); with activation checkpointing only each layer's float32 input is kept,
 plus one layer being recomputed. Stage-2 forwards two sequences per rollout (self-context + reordered GT).
 
+LoRA (model.lora, learner/lora.py): the base stays in float32 but frozen, so only the adapters, the coord
+and structure token rows (and an unfrozen vision tower) cost gradients and AdamW moments, and a checkpoint
+holds only those: 8B trains replicated on one GPU per rank, where a full fine-tune needs FSDP over several.
+
 >>> round(count_params(QWEN3VL["8b"])["text"] / 1e9, 2)
 8.2
 """
@@ -56,6 +60,32 @@ def count_params(spec: dict, vocab: int = VOCAB_WITH_COORDS) -> dict[str, int]:
             "root_text": root_text, "root_vision": root_vision}
 
 
+TRAINED_TOKENS = 1006  # LoRA trains these rows of the embeddings and LM head: 1000 coord + 6 structure tokens
+
+
+def lora_params(spec: dict, lora) -> int:
+    """Parameters LoRA trains besides a vision tower: rank x (in + out) per adapted projection and layer, and
+    the coord rows (twice when the LM head is untied). ``lora``: the config's model.lora (rank > 0)."""
+    t = spec["text"]
+    h, q, kv, i = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"], t["intermediate"]
+    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),  # (in, out)
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    unknown = sorted(set(lora.target_modules) - set(sizes))
+    if unknown:
+        raise ValueError(f"model.lora.target_modules {unknown}: this arithmetic knows the text model's {list(sizes)}")
+    adapters = t["layers"] * sum(lora.rank * sum(sizes[m]) for m in lora.target_modules)
+    return adapters + TRAINED_TOKENS * h * (1 if t["tied"] else 2)
+
+
+def trainable_params(cfg) -> int:
+    """Parameters with gradients and AdamW state: the whole model (or its text part with the vision tower
+    frozen), or under LoRA the adapters and coord rows (plus an unfrozen vision tower)."""
+    spec = QWEN3VL[model_key(cfg)]
+    p = count_params(spec)
+    vision = 0 if cfg.model.freeze_vision else p["vision"]
+    return lora_params(spec, cfg.model.lora) + vision if cfg.model.lora.rank else p["text"] + vision
+
+
 def model_key(cfg) -> str:
     """Which released model a config trains, from its model.path (".../Qwen3-VL-8B-...")."""
     for key, spec in QWEN3VL.items():
@@ -65,18 +95,18 @@ def model_key(cfg) -> str:
 
 
 def checkpoint_gb(cfg) -> float:
-    """A checkpoint's size (GB): float32 weights of the whole model + AdamW's two moments of the trained part."""
-    p = count_params(QWEN3VL[model_key(cfg)])
-    trainable = p["text"] if cfg.model.freeze_vision else p["total"]
-    return (4 * p["total"] + 8 * trainable) / GB
+    """A checkpoint's size (GB): float32 weights of the whole model (LoRA: of the trained tensors only) +
+    AdamW's two moments of the trained part."""
+    p, trainable = count_params(QWEN3VL[model_key(cfg)]), trainable_params(cfg)
+    return (4 * (trainable if cfg.model.lora.rank else p["total"]) + 8 * trainable) / GB
 
 
 def learner_budget(cfg) -> dict[str, float]:
     """Bytes per learner rank (GB) for a config; keys as in ``budget_comment``."""
     spec = QWEN3VL[model_key(cfg)]
     t, lr = spec["text"], cfg.learner
-    p = count_params(spec)
-    trainable = p["text"] if cfg.model.freeze_vision else p["total"]
+    p, trainable = count_params(spec), trainable_params(cfg)
+    lora = lora_params(spec, cfg.model.lora) if cfg.model.lora.rank else 0  # the adapters' own weights
     w = lr.world_size if lr.sharding == "fsdp" else 1
     micro = cfg.optim.batch_size // (lr.world_size * lr.accum_steps)
     tokens = 2 * micro * cfg.rollout.max_model_len  # Stage-2: self-context + reordered GT per rollout
@@ -86,8 +116,9 @@ def learner_budget(cfg) -> dict[str, float]:
     else:
         acts = t["layers"] * per_layer
     ce = cfg.loss.ce_chunk_size * VOCAB_WITH_COORDS * 4 * 3  # fp32 logits, their softmax and gradient
-    out = {"micro": micro, "tokens": tokens, "weights": 4 * p["total"] / w / GB, "grads": 4 * trainable / w / GB,
-           "adam": 8 * trainable / w / GB, "activations": (acts + ce + tokens * t["hidden"] * 4) / GB}
+    out = {"micro": micro, "tokens": tokens, "weights": 4 * (p["total"] + lora) / w / GB,
+           "grads": 4 * trainable / w / GB, "adam": 8 * trainable / w / GB,
+           "activations": (acts + ce + tokens * t["hidden"] * 4) / GB}
     out["sharded"] = out["weights"] + out["grads"] + out["adam"]
     # Unsharded at a time under FSDP: the root group with its gradients, and 2 layers (prefetch) + 1 layer's grads.
     out["unsharded"] = (8 * p["root_text"] + 4 * p["root_vision"] + 12 * p["layer"]) / GB if w > 1 else 0.0
@@ -112,6 +143,9 @@ def budget_comment(cfg) -> str:
     p, lb, eb, lr = count_params(spec), learner_budget(cfg), engine_budget(cfg), cfg.learner
     b = lambda x: f"{x / 1e9:.2f} B"  # noqa: E731
     frozen = " (vision frozen)" if cfg.model.freeze_vision else ""
+    if cfg.model.lora.rank:  # gradients and AdamW only for the adapters, coord rows (and an unfrozen tower)
+        tower = ", vision frozen" if cfg.model.freeze_vision else ""
+        frozen = f" of {b(trainable_params(cfg))} trained params (LoRA rank {cfg.model.lora.rank}{tower})"
     return "\n".join([
         "# Memory, derived by coordexp_rl/modeling/memory.py from the settings below (a test checks this block;",
         "# nothing here is measured on a GPU):",

@@ -5,7 +5,8 @@ A checkpoint holds the weights and the training state, not the model's config, t
 those come from the base model the run trained from, the folder its ``state.json`` records as
 ``model_path``; ``--base`` names it when that folder has moved (or for checkpoints written before the
 record). The export loads the base on the CPU in its own dtype (its config.json's: what it is served in),
-puts the checkpoint's weights in (cast), and writes both with ``save_pretrained``. A sharded checkpoint (an
+puts the checkpoint's weights in (cast; a LoRA checkpoint: its adapters merged into the base), and writes
+both with ``save_pretrained``. A sharded checkpoint (an
 FSDP learner's) is read a group of whole tensors at a time (learner/sharded_files.read_tensors), so the
 float32 master weights are never whole in memory. `coordexp-rl infer --model CHECKPOINT` exports into a
 temporary folder this way first.
@@ -59,17 +60,25 @@ def export_checkpoint(checkpoint: Path, out: Path, base: Path | None = None) -> 
     from learner.checkpoint import SHARDS, read_state
 
     folder = base_model(checkpoint, base)
-    model, processor, _ = load_model_and_processor(folder, base_dtype(folder), "cpu")
+    model, processor, vocab = load_model_and_processor(folder, base_dtype(folder), "cpu")
+    state = read_state(checkpoint)
+    record, merged = state.get("lora"), None
     try:
-        if read_state(checkpoint).get("layout") == "sharded":
+        if state.get("layout") == "sharded":
             fill_from_shards(model, checkpoint / SHARDS)
+        elif record:  # LoRA: the base with the checkpoint's adapters merged in (learner/lora.py)
+            from safetensors.torch import load_file
+
+            from learner.lora import ADAPTER_FILE, merged_state_from_checkpoint
+
+            merged = merged_state_from_checkpoint(model, record, load_file(str(checkpoint / ADAPTER_FILE)), vocab)
         else:
             load_model(model, str(checkpoint / "model.safetensors"))  # strict: every weight, names as saved
-    except (SafetensorError, RuntimeError) as exc:  # a torn file, or weights of another model than the base
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:  # torn, or another model's weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{checkpoint}: its weights do not load into the base model ({first})") from None
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=merged)
     processor.save_pretrained(out)
     return out
 

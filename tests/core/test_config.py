@@ -171,3 +171,11 @@ def test_settings_that_do_not_fit_together_are_refused():
         load_config(None, ["rollout.per_image=2"])
     assert load_config(None, ["rollout.per_image=2", "rollout.temperature=0.7"]).rollout.per_image == 2
     load_config(None, ["stage1.steps=0", "stage2.steps=0", "eval.every=0"])  # zero steps: a stage skipped
+
+
+def test_lora_is_refused_with_fsdp_and_named():
+    with pytest.raises(ConfigError, match="model.lora.rank=8 with learner.sharding=fsdp is not supported"):
+        load_config(None, ["model.lora.rank=8", "learner.sharding=fsdp"])
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        load_config(None, ["model.lora.rank=8", "model.lora.target_modules=[]"])
+    assert load_config(None, ["model.lora.rank=8"]).model.lora.rank == 8

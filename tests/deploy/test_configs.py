@@ -242,7 +242,7 @@ def test_rollouts_decode_as_evaluation_does_by_default(name):
 COMMENT_FACTS = re.compile("|".join([
     r"Qwen3-VL-\d+B", r"\b[28]B\b", r"A100/H100 80 GB", r"p4de\.24xlarge", r"(train|val)2017", r"METHOD \d+(\.\d+)?",
     r"640 px", r"FSDP2", r"one node with 8 GPUs", r"two nodes x 8 GPUs = 16 GPUs", r"\w+\.yaml",
-    r"float32|bfloat16|bf16|fp32", r"Stage-[12]", r"max_staleness \+ 1", r"L1"]))
+    r"float32|bfloat16|bf16|fp32", r"Stage-[12]", r"max_staleness \+ 1", r"L1", r"`[^`]*`"]))  # `code`: commands
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)

@@ -10,9 +10,11 @@ from coordexp_rl.modeling.memory import (
     QWEN3VL,
     VOCAB_WITH_COORDS,
     budget_comment,
+    checkpoint_gb,
     count_params,
     engine_budget,
     learner_budget,
+    trainable_params,
 )
 from tests.deploy.packing import CONFIGS, GPU_CONFIGS
 
@@ -74,3 +76,21 @@ def test_param_count_matches_a_transformers_build(key):
     vision = sum(p.numel() for p in model.model.visual.parameters())
     counted = count_params(QWEN3VL[key])
     assert (counted["total"], counted["vision"]) == (sum(p.numel() for p in model.parameters()), vision)
+
+
+def test_lora_fits_8b_on_one_gpu_per_rank_where_a_full_fine_tune_does_not():
+    """One learner GPU, replicated: a full fine-tune carries 16 B per trained parameter (fp32 weights, grads,
+    AdamW m and v) for 8.2 B text parameters, ~134 GB; LoRA rank 16 keeps the fp32 base (35 GB) without
+    grads or AdamW state and trains 16 x (in + out) per projection of 36 layers + 1,006 coord rows of 4,096
+    in the untied embeddings and head."""
+    one_gpu = ["learner.world_size=1", "learner.sharding=replicate", "learner.accum_steps=8"]
+    full = load_config(CONFIGS / "qwen3vl_8b_1node.yaml", one_gpu)
+    lora = load_config(CONFIGS / "qwen3vl_8b_1node.yaml", one_gpu + ["model.lora.rank=16"])
+    assert learner_budget(full)["total"] > GPU_GB
+    assert learner_budget(lora)["total"] < 0.9 * GPU_GB
+    h, q, kv, i = 4096, 32 * 128, 8 * 128, 12288
+    per_layer = 16 * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    assert trainable_params(lora) == 36 * per_layer + 2 * 1006 * h == 51_888_128
+    assert learner_budget(lora)["grads"] == pytest.approx(4 * 51_888_128 / 1e9)
+    assert checkpoint_gb(lora) == pytest.approx(12 * 51_888_128 / 1e9)  # adapters + AdamW, no base
+    assert "of 0.05 B trained params (LoRA rank 16, vision frozen)" in budget_comment(lora)

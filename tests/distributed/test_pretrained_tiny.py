@@ -61,6 +61,17 @@ def test_the_cache_key_holds_what_stage1_reads_and_nothing_else():
     assert assets.stage1_settings(changed) != key
 
 
+def test_lora_keys_join_the_cache_key_only_when_lora_is_on():
+    """model.lora came after the cached pretrained model: off (rank 0), it must leave its key as it was
+    (a new key costs every test run an 11-minute retrain); on, it trains something else."""
+    base = assets.pretrain_config(load_config(None, ["model.tiny_pretrain_steps=3"]))
+    key = assets.stage1_settings(base)
+    assert not [k for k in key if k.startswith("model.lora.")]
+    lora = base.model_copy(deep=True)
+    lora.model.lora.rank = 8
+    assert assets.stage1_settings(lora)["model.lora.rank"] == 8
+
+
 def test_a_real_model_path_and_pretraining_are_refused_together():
     with pytest.raises(ConfigError, match="model.tiny_pretrain_steps=5 pretrains the tiny model, but model.path"):
         load_config(None, ["model.tiny_pretrain_steps=5", "model.path=/models/qwen3-vl"])
