@@ -23,19 +23,21 @@ from tests.distributed import launcher
 
 pytestmark = pytest.mark.integration
 
-# The GCS marks a node dead after failure_threshold missed health checks; Ray's defaults (3 s period, 10 s
-# timeout, 5 misses) take 15-60 s, these ~3-6 s.
-FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                   "RAY_health_check_failure_threshold": "3"}
-ON_CLUSTER = ["learner.node_resource=coordexp_learner", "stage2.steps=6"]
+# The GCS marks a node dead after failure_threshold failed health checks, one per period: a killed raylet
+# refuses them at once, so ~6 s here instead of Ray's 15 s (3 s x 5). Ray's 10 s timeout stays: a head
+# raylet slow to answer on a loaded machine must not be taken for dead.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "3"}
+# Stage-2 steps of the runs that get a node back, 2 rows each (SMALL_RUN: on-policy, a sync after every
+# step): ~3 s each, enough that neither ends Stage-2 before the other's vLLM engine is up (~20 s apart).
+STEPS = 10
 RUNS = {
-    "object_store": [*ON_CLUSTER, "weight_sync.transport=object_store", "rollout.node_resource=coordexp_rollout"],
-    "broadcast": [*ON_CLUSTER, "weight_sync.transport=broadcast", "rollout.node_resource=coordexp_rollout"],
-    # the transformers engine: the stop does not depend on the engine, which starts in a third of the time
-    "gone": [*ON_CLUSTER, "rollout.node_resource=coordexp_rollout_gone", "rollout.gone_timeout_s=20",
-             "rollout.engine=hf"],
+    "object_store": ["weight_sync.transport=object_store", "rollout.node_resource=coordexp_rollout"],
+    "broadcast": ["weight_sync.transport=broadcast", "rollout.node_resource=coordexp_rollout"],
+    # the transformers engine (the stop does not depend on the engine, which starts in a third of the time);
+    # Stage-2 long enough to be still under way when the vLLM runs reach it
+    "gone": ["rollout.node_resource=coordexp_rollout_gone", "rollout.gone_timeout_s=20", "rollout.engine=hf",
+             "stage2.steps=100"],
 }
-STEPS = 6  # Stage-2 steps of each run, 2 rows each (SMALL_RUN: on-policy, a sync after every step)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
     with local_ray_head(env, num_cpus=len(RUNS), info=info, resources={"coordexp_learner": len(RUNS)}):
         node = join_node(env, info["gcs"], num_cpus=3, resources={"coordexp_rollout": 2, "coordexp_rollout_gone": 1})
         outs = {name: root / name for name in RUNS}
-        procs = {name: launcher.start(outs[name], launch_cache, f"run.ray_address={info['gcs']}", *o, env=env)
+        procs = {name: launcher.start(outs[name], launch_cache, f"run.ray_address={info['gcs']}",
+                                 "learner.node_resource=coordexp_learner", f"stage2.steps={STEPS}", *o, env=env)
                  for name, o in RUNS.items()}
         try:
             deadline = time.monotonic() + 500
@@ -56,7 +59,7 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
                 assert not ended and time.monotonic() < deadline, "\n".join(
                     f"{n}: rc {procs[n].returncode}\n{launcher.output(outs[n])[-3000:]}" for n in RUNS)
                 time.sleep(0.2)
-            assert all(len(launcher.records(out, "stage2")) < STEPS for out in outs.values()), "Stage-2 ended"
+            assert all(p.poll() is None for p in procs.values()), "a run ended Stage-2 before the others began it"
             kill_node(node)
             join_node(env, info["gcs"], num_cpus=2, resources={"coordexp_rollout": 2})  # takes ~20 s itself
             return {name: (launcher.finish(procs[name], outs[name]), launcher.output(outs[name]), outs[name])
