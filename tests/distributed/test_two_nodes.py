@@ -59,6 +59,10 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
                 assert not ended and time.monotonic() < deadline, "\n".join(
                     f"{n}: rc {procs[n].returncode}\n{launcher.output(outs[n])[-3000:]}" for n in RUNS)
                 time.sleep(0.2)
+            # The object_store run's actor generates its next 2 rows right after a sync: the kill loses them.
+            synced = len(launcher.records(outs["object_store"], "sync"))
+            while len(launcher.records(outs["object_store"], "sync")) == synced:
+                time.sleep(0.05)
             assert all(p.poll() is None for p in procs.values()), "a run ended Stage-2 before the others began it"
             kill_node(node)
             join_node(env, info["gcs"], num_cpus=2, resources={"coordexp_rollout": 2})  # takes ~20 s itself
@@ -99,7 +103,9 @@ def test_actors_on_a_lost_node_restart_on_a_node_that_joins_and_every_row_is_con
     final = launcher.records(out, "rollout")[-1]
     assert final["supervisor/actor_deaths"] == final["supervisor/actor_recoveries"] == 1
     assert final["buffer/stale_dropped"] == 0
-    print(transport, "lost rows", final["buffer/lost_rows"])
+    # 2 rows per weight version (on-policy): both lost mid-generation (object_store: killed then), none
+    # between steps (broadcast: killed whenever)
+    assert final["buffer/lost_rows"] in ((2,) if transport == "object_store" else (0, 2))
 
 
 def test_with_no_node_returning_the_run_stops_after_gone_timeout_with_its_resume_command(lost_node_runs):
@@ -111,5 +117,4 @@ def test_with_no_node_returning_the_run_stops_after_gone_timeout_with_its_resume
     ids = consumed_ids(out)
     assert sorted(seq for _, seq in ids) == list(range(len(ids)))  # what it consumed, each once
     final = launcher.records(out, "rollout")[-1]
-    assert final["actors/0/gone"] == 1
-    print("gone: outstanding", final["buffer/outstanding_permits"], "lost", final["buffer/lost_rows"])
+    assert final["actors/0/gone"] == 1 and final["buffer/outstanding_permits"] in (0, 2)  # rows lost in flight
