@@ -59,7 +59,7 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
                 assert not ended and time.monotonic() < deadline, "\n".join(
                     f"{n}: rc {procs[n].returncode}\n{launcher.output(outs[n])[-3000:]}" for n in RUNS)
                 time.sleep(0.2)
-            # The object_store run's actor generates its next 2 rows right after a sync: the kill loses them.
+            # Right after one of the object_store run's syncs: its actor dies in a step call, not in a sync.
             synced = len(launcher.records(outs["object_store"], "sync"))
             while len(launcher.records(outs["object_store"], "sync")) == synced:
                 time.sleep(0.05)
@@ -83,6 +83,14 @@ def consumed_ids(out) -> list[tuple[str, int]]:
     return ids
 
 
+def assert_rows_accounted(final: dict) -> None:
+    """Every row permitted was put, lost with the dead actor (voided at its restart), or is still permitted
+    (at a stop: in flight on the lost node). Rows lost: 0 or 2 (on-policy, 2 per version); this tiny model
+    generates them in a fraction of a step, so the kill rarely finds any in flight (test_buffer counts them)."""
+    lost = final["buffer/lost_rows"] + final["buffer/outstanding_permits"]
+    assert final["buffer/permits_granted"] == final["buffer/rows_in"] + lost and lost in (0, 2)
+
+
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
 def test_actors_on_a_lost_node_restart_on_a_node_that_joins_and_every_row_is_consumed_once(lost_node_runs,
                                                                                            transport):
@@ -103,9 +111,7 @@ def test_actors_on_a_lost_node_restart_on_a_node_that_joins_and_every_row_is_con
     final = launcher.records(out, "rollout")[-1]
     assert final["supervisor/actor_deaths"] == final["supervisor/actor_recoveries"] == 1
     assert final["buffer/stale_dropped"] == 0
-    # 2 rows per weight version (on-policy): both lost mid-generation (object_store: killed then), none
-    # between steps (broadcast: killed whenever)
-    assert final["buffer/lost_rows"] in ((2,) if transport == "object_store" else (0, 2))
+    assert_rows_accounted(final)
 
 
 def test_with_no_node_returning_the_run_stops_after_gone_timeout_with_its_resume_command(lost_node_runs):
@@ -117,4 +123,5 @@ def test_with_no_node_returning_the_run_stops_after_gone_timeout_with_its_resume
     ids = consumed_ids(out)
     assert sorted(seq for _, seq in ids) == list(range(len(ids)))  # what it consumed, each once
     final = launcher.records(out, "rollout")[-1]
-    assert final["actors/0/gone"] == 1 and final["buffer/outstanding_permits"] in (0, 2)  # rows lost in flight
+    assert final["actors/0/gone"] == 1  # logged at the stop
+    assert_rows_accounted(final)
