@@ -72,6 +72,7 @@ class BufferCounters:
     restore_dropped: int = 0  # rows held when restored (dropped: generated again)
     regenerated_rows: int = 0  # rows the actors had generated past the restored ids (generated again)
     refused_rows: int = 0  # rows put by an actor that had not registered since the restore
+    lost_rows: int = 0  # rows a dead actor (its process, its node) was generating: voided at its restart
 
 
 class BufferCore:
@@ -220,7 +221,8 @@ class BufferCore:
     def register(self, actor_id: str, actor_seq: int = 0) -> int:
         """A rollout actor (re)starts: its earlier permits are void; returns the seq of its next row.
         ``actor_seq``: the actor's own next seq; past the returned one, its rows are generated again."""
-        self._permits.pop(actor_id, None)
+        # Permits of a previous life that never became a put: those rows died with it (same ids again).
+        self.counters.lost_rows += self._permits.pop(actor_id, 0)
         seq = self._next_seq.get(actor_id, 0)
         self.counters.regenerated_rows += max(0, actor_seq - seq)
         return seq

@@ -35,7 +35,7 @@ from coordexp_rl.driver.evaluations import (
     results_table,
 )
 from coordexp_rl.driver.faults import FaultInjector
-from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, reserve_resources
+from coordexp_rl.driver.placement import ResourceError, bundles, connect_ray, node_ids, reserve_resources
 from coordexp_rl.driver.plan import describe_plan
 from coordexp_rl.driver.rollout import Rollout, start_rollout
 from coordexp_rl.driver.run_control import (
@@ -88,6 +88,8 @@ class Driver:
         self.rollout: Rollout | None = None  # buffer, actors, their work list
         self.syncer: WeightSyncer | None = None
         self.supervisor: RolloutSupervisor | None = None  # Stage-2 only: the actors' faults
+        self.groups: dict = {}  # role -> placement group
+        self.placement: dict = {}  # role -> node ids, as last logged
 
     # ------------------------------------------------------------------------------------------------
     # The whole run on one screen
@@ -97,16 +99,17 @@ class Driver:
         self.prepare()
         train, counts = self.check_data()  # a data error ends the run here, before Ray starts
         local = connect_ray(self.cfg, log_to_driver=not self.actor_options)
-        groups = reserve_resources(self.cfg, local)
-        self.learner = self.start_learner(groups["learner"])
+        self.groups = reserve_resources(self.cfg, local)
+        self.learner = self.start_learner(self.groups["learner"])
         resumed = self.resume()  # the learner first: the buffer continues the checkpoint's row ids
         if not resumed:  # a resumed run logged them before
             self.run_log.log("data", 0, counts)
-        self.rollout = start_rollout(self.cfg, groups["rollout"], train, self.assets.model_path, self.out, resumed,
-                                     self.actor_options)
+        self.rollout = start_rollout(self.cfg, self.groups["rollout"], train, self.assets.model_path, self.out,
+                                     resumed, self.actor_options)
         log.info("learner up %s; %d rollout actors starting", ray.get(self.learner.status.remote()),
                  len(self.rollout.actors))
         self.syncer = self.weight_syncer()
+        self.log_placement()
         if resumed:  # the actors get the checkpoint's weights (the same version when it was just synced)
             self.sync_weights(bump=resumed["driver"].get("last_sync_step") != self.step, label="resume")
         with stop_on_signals(self):
@@ -265,7 +268,10 @@ class Driver:
                 self.check_stop()
                 try:
                     self.stage2_step(bar)
-                except (ActorsGone, BufferGone) as e:
+                except ActorsGone as e:
+                    self.log_rollout_stats()  # the last counters: the rows lost with the actors are permits held
+                    raise self.stopped(str(e), exit_code=4) from None
+                except BufferGone as e:
                     raise self.stopped(str(e), exit_code=4) from None
                 except RayActorError as exc:
                     if not self.learner.owns(exc):
@@ -306,6 +312,16 @@ class Driver:
         """Buffer, actor (throughput, ids) and supervisor counters; at every sync and at the end of Stage-2."""
         stats = rollout_stats(self.rollout.actors, self.rollout.buffer, self.supervisor)
         self.run_log.log("rollout", self.step, flatten(stats))
+        self.log_placement()
+
+    def log_placement(self) -> None:
+        """A "placement" record (node ids: the driver's, where the buffer is too, and each bundle's) whenever
+        it changed: a lost node's bundles are "" until Ray places them on a node that joined."""
+        where = {"driver": ray.get_runtime_context().get_node_id(),
+                 **{role: node_ids(pg) for role, pg in self.groups.items() if pg is not None}}
+        if where != self.placement:
+            self.placement = where
+            self.run_log.log("placement", self.step, where)
 
     # ------------------------------------------------------------------------------------------------
     # Weights, evaluation, checkpoints

@@ -14,7 +14,7 @@ import os
 import time
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from coordexp_rl.config import Config
 
@@ -112,6 +112,13 @@ def reserve_resources(cfg: Config, local: bool = True, poll_s: float = 30.0) -> 
         log.info("waiting for placement: %s; %.0f s of %g s; the cluster has %s free", waiting,
                  time.monotonic() - start, timeout, _describe([ray.available_resources()]))
     return pgs
+
+
+def node_ids(pg) -> list[str]:
+    """The node id of each bundle of ``pg`` now, in bundle order ("" while Ray reschedules a bundle whose
+    node was lost: the group waits for a node with the bundle's resources, then its actors restart there)."""
+    table = placement_group_table(pg)
+    return [table["bundles_to_node_id"].get(i) or "" for i in range(len(table["bundles"]))]
 
 
 def bundle_text(bundle: dict) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.buffer import RolloutBuffer
 from actors.rollout_actor import RolloutActor
@@ -47,8 +47,10 @@ def start_rollout(cfg: Config, group, train: list, model_path: Path, out: Path, 
     every actor gets (Driver.actor_options)."""
     r, options = cfg.rollout, actor_options or {}
     spill = str(out / cfg.buffer.spill_dir) if cfg.buffer.spill_dir else None
-    # Restarted empty when its process dies; the learner's next get restores it (actors/buffer.py).
-    buffer = RolloutBuffer.options(max_restarts=cfg.buffer.max_restarts, **options).remote(
+    # Restarted empty when its process dies; the learner's next get restores it (actors/buffer.py). On the
+    # driver's node (the head, under `ray job submit`): a lost rollout node must not take the rows with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    buffer = RolloutBuffer.options(max_restarts=cfg.buffer.max_restarts, scheduling_strategy=here, **options).remote(
         cfg.buffer.capacity, cfg.buffer.max_staleness, rows_per_version=cfg.optim.batch_size * cfg.stage2.sync_every,
         spill_dir=spill, version=resumed.get("version", 0), next_seq=resumed.get("consumed"))
     work_list = ray.put([(s.sample_id, str(s.image_path), s.image_rel) for s in train])

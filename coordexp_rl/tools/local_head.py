@@ -4,6 +4,7 @@ by its own temp dir only (`ray stop` would end every Ray process of the user).""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -35,10 +36,11 @@ def token_env(folder: Path, **extra: str) -> dict:
 
 
 @contextmanager
-def local_ray_head(env: dict, num_cpus: int, info: dict | None = None) -> Iterator[str]:
+def local_ray_head(env: dict, num_cpus: int, info: dict | None = None,
+                   resources: dict | None = None) -> Iterator[str]:
     """`ray start --head`, wait until its job agent answers, yield the dashboard address; on exit end this
     cluster's processes (nodes that joined it included). ``info`` gets the GCS address (``gcs``: what
-    `ray start --address` and `ray.init` take) and the temp dir."""
+    `ray start --address` and `ray.init` take) and the temp dir; ``resources``: custom resources of the head."""
     from learner.distributed import free_port
 
     # A short temp dir: Ray's unix socket paths under it must stay below the 107-byte limit.
@@ -47,7 +49,8 @@ def local_ray_head(env: dict, num_cpus: int, info: dict | None = None) -> Iterat
     # The job agent's port too: another Ray on the machine may hold the default 52365 ("No available agent").
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                             f"--port={port}", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-                            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+                            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+                            *([f"--resources={json.dumps(resources)}"] if resources else [])],
                            env=env, capture_output=True, text=True, timeout=180)
     try:
         if start.returncode:
@@ -67,6 +70,40 @@ def local_ray_head(env: dict, num_cpus: int, info: dict | None = None) -> Iterat
                     pass
             time.sleep(2)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def join_node(env: dict, gcs: str, num_cpus: int, resources: dict | None = None) -> psutil.Process:
+    """A second raylet on this machine joins the cluster at ``gcs`` (as Ray's own multi-node tests do);
+    returns its raylet process (``kill_node`` ends it; ``local_ray_head`` ends it with the cluster)."""
+    before = {p.pid for p in _raylets(gcs)}
+    joined = subprocess.run([RAY, "start", f"--address={gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                             "--disable-usage-stats", *([f"--resources={json.dumps(resources)}"] if resources else [])],
+                            env=env, capture_output=True, text=True, timeout=180)
+    if joined.returncode:
+        raise RuntimeError(f"ray start --address={gcs} failed ({joined.returncode}):\n{joined.stderr[-2000:]}")
+    (raylet,) = [p for p in _raylets(gcs) if p.pid not in before]
+    return raylet
+
+
+def kill_node(raylet: psutil.Process) -> None:
+    """The node lost at once (a spot reclaim, a hardware fault): SIGKILL to its raylet and everything under it
+    (its agents, its workers and their engines)."""
+    for p in [raylet, *raylet.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _raylets(gcs: str) -> list[psutil.Process]:
+    """The raylets of the cluster at ``gcs`` (``host:port``; by the port: the head may name another IP)."""
+    port, found = gcs.rsplit(":", 1)[1], []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and Path(cmd[0]).name == "raylet" and any(
+                a.startswith("--gcs-address=") and a.endswith(f":{port}") for a in cmd):
+            found.append(p)
+    return found
 
 
 def _cluster_processes(temp_dir: Path, port: int) -> list[psutil.Process]:

@@ -110,6 +110,7 @@ def test_a_restarted_actor_gets_its_next_seq_and_its_old_permits_are_void():
     # actor a dies after its grant (rows never put); Ray restarts it and it registers again
     assert core.register("a") == 7  # continues after the last row the buffer accepted
     assert core.stats()["outstanding_permits"] == 2 and core.budget(0) == 4  # a's 4 permits are void
+    assert core.stats()["lost_rows"] == 4  # the rows it was generating died with it (generated again)
     core.offer(seq_batch("b", [0, 1]))
     assert core.stats()["outstanding_permits"] == 0
 

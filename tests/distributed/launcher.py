@@ -34,8 +34,9 @@ def prepare_cache(cache: Path) -> Path:
     return cache
 
 
-def start(out: Path, cache: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "COORDEXP_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+def start(out: Path, cache: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """``env``: the launcher's environment (default: this process's; e.g. a Ray head's auth token)."""
+    env = {**(env or os.environ), "COORDEXP_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     log = open(out.parent / f"{out.name}.log", "a")
     return subprocess.Popen([sys.executable, "-m", "coordexp_rl.launch", *SMALL_RUN, f"run.out_dir={out}",
