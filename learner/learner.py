@@ -66,9 +66,12 @@ class Learner:
                 p.requires_grad_(False)
         # FSDP2: self.model keeps its class; its parameters become DTensor shards, and the forward goes
         # through self.sharded (the root FSDP module). None = every rank holds the whole model.
-        self.sharded = fully_shard_model(self.model) if self.plan.sharding == "fsdp" else None
+        mixed = self.autocast if self.plan.mixed_precision is None else self.plan.mixed_precision
+        self.sharded = fully_shard_model(self.model, mixed) if self.plan.sharding == "fsdp" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # fused: one kernel for all parameters on CUDA; the CPU keeps the for-each implementation (its numbers)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                           fused=self.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.curriculum = MatchCurriculum.from_config(cfg.matching)
         self.sequences = SequenceBuilder(cfg, self.processor, self.vocab)  # no model: data in, sequences out
