@@ -41,6 +41,9 @@ class ParallelPlan:
     sharding: Sharding = "replicate"  # "replicate": full model per rank (DDP-style); "fsdp": FSDP2 fully_shard
     accum_steps: int = 1  # micro-batches per optimizer step (per rank); the loss is the same for any value
     activation_checkpointing: bool = False  # recompute decoder activations in backward (HF gradient checkpointing)
+    # FSDP2 mixed precision (bf16 parameters and all-gathers, float32 reductions; float32 master weights and
+    # AdamW state): None = on when model.dtype is bfloat16 on CUDA; True forces it (the gloo test on CPUs)
+    mixed_precision: bool | None = None
 
     def __post_init__(self):
         if self.sharding not in ("replicate", "fsdp"):
@@ -200,21 +203,26 @@ class LossForward(torch.nn.Module):
         return fn(hidden)
 
 
-def fully_shard_model(model: torch.nn.Module) -> LossForward:
+def fully_shard_model(model: torch.nn.Module, mixed_precision: bool = False) -> LossForward:
     """FSDP2-shard a Qwen3-VL model in place: one group per vision block and decoder layer, one root.
 
-    Parameters stay float32 (bf16 compute comes from autocast, as on one rank), so all-gathers move fp32.
-    Gradient reductions are sums (see the module docstring).
+    The sharded parameters (master weights, what AdamW updates) stay float32. ``mixed_precision``: each
+    group's all-gather casts them to bf16 (half the bytes moved, bf16 compute without autocast's casts) and
+    the gradients are reduce-scattered in float32 (a bf16 sum over ranks would round every rank's share);
+    without it, gathers move float32 and bf16 compute comes from autocast, as on one rank. Gradient
+    reductions are sums (see the module docstring).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
     inner = model.model
     for block in inner.visual.blocks:
-        fully_shard(block)
+        fully_shard(block, mp_policy=policy)
     for layer in inner.language_model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
     root = LossForward(model)
-    fully_shard(root)
+    fully_shard(root, mp_policy=policy)
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

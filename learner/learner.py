@@ -27,8 +27,8 @@ from coordexp_rl.config import Config, stage2_lr
 from coordexp_rl.data.loader import Sample
 from coordexp_rl.data.sequences import SequenceBuilder, TrainSequence
 from coordexp_rl.evaluation.exposure import teacher_forced_box_ious
-from coordexp_rl.method.coordexp import coordexp, tau_at
-from coordexp_rl.method.losses import coord_terms, weighted_token_ce, weighted_total
+from coordexp_rl.method.coordexp import CoordExpOutput, coord_expectation, coord_logits, tau_at
+from coordexp_rl.method.losses import TokenCE, coord_terms, weighted_token_ce, weighted_total
 from coordexp_rl.method.matching import MatchCurriculum
 from coordexp_rl.method.protocol import canonical_order
 from coordexp_rl.modeling.inputs import collate
@@ -69,9 +69,12 @@ class Learner:
                 p.requires_grad_(False)
         # FSDP2: self.model keeps its class; its parameters become DTensor shards, and the forward goes
         # through self.sharded (the root FSDP module). None = every rank holds the whole model.
-        self.sharded = fully_shard_model(self.model) if self.plan.sharding == "fsdp" else None
+        mixed = self.autocast if self.plan.mixed_precision is None else self.plan.mixed_precision
+        self.sharded = fully_shard_model(self.model, mixed) if self.plan.sharding == "fsdp" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # fused: one kernel for all parameters on CUDA; the CPU keeps the for-each implementation (its numbers)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                           fused=self.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.curriculum = MatchCurriculum.from_config(cfg.matching)
         self.sequences = SequenceBuilder(cfg, self.processor, self.vocab)  # no model: data in, sequences out
@@ -252,24 +255,47 @@ class Learner:
 
     def _losses(self, stage: str, sup: dict[str, torch.Tensor], W: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Every term: a sum over this micro-batch / W, the global batch's CE weight (losses.py docstring)."""
-        coords = sup["coord_hidden"]
-        out = self._coordexp(coords) if coords.shape[0] else None
+        head = self._lm_head_losses(sup)
+        out = self._coord_decode(head.coord_logits) if head.coord_logits is not None else None
         terms = {k: (None if v is None else v / W, lam)
                  for k, (v, lam) in coord_terms(stage, self.cfg.loss, out, sup["coord_targets"]).items()}
-        return weighted_total(self._ce(sup, W), terms, "ce_all" if stage == "stage1" else "ce_gt")
+        return weighted_total(head.loss_sum / W, terms, "ce_all" if stage == "stage1" else "ce_gt")
 
-    def _ce(self, sup: dict[str, torch.Tensor], W: torch.Tensor) -> torch.Tensor:
-        return weighted_token_ce(sup["ce_hidden"], self.lm_head_weight, sup["ce_targets"], sup["ce_weights"],
-                                 chunk_size=self.cfg.loss.ce_chunk_size).loss_sum / W
+    def _lm_head_losses(self, sup: dict[str, torch.Tensor]) -> TokenCE:
+        """Token CE and the coord logits in one pass over the LM head. Logits exist only at the supervised
+        positions (gather_supervision), coord logits come from the 1,000 coord rows, and the LM head gets one
+        (V, H) gradient buffer (a separate CoordExp projection would add a second). The coord states join
+        the CE's with weight 0: they get coord logits and no CE."""
+        ce_hidden, coord_hidden = sup["ce_hidden"], sup["coord_hidden"]
+        n, p = ce_hidden.shape[0], coord_hidden.shape[0]
+        weight = self._head_weight()
+        hidden = torch.cat([ce_hidden, coord_hidden]).to(weight.dtype)  # (n + p, H)
+        targets = torch.cat([sup["ce_targets"].long(), sup["ce_targets"].new_zeros(p, dtype=torch.long)])
+        weights = torch.cat([sup["ce_weights"], sup["ce_weights"].new_zeros(p)])
+        coords = dict(coord_positions=torch.arange(n, n + p, device=self.device), coord_ids=self.vocab.coord_ids) \
+            if p else {}
+        return weighted_token_ce(hidden, weight, targets, weights, chunk_size=self.cfg.loss.ce_chunk_size, **coords)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.lm_head.weight  # (V, H)
 
-    def _coordexp(self, hidden: torch.Tensor):
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head in the losses' compute dtype: bf16 under CUDA autocast (the float32 master weights cast,
+        as autocast casts every linear layer's; the CE's log-sum-exp stays float32), else as it is (float32
+        on the CPU; bf16 when FSDP's mixed-precision policy gathered it so)."""
+        weight = self.lm_head_weight
+        return weight.to(torch.bfloat16) if self.autocast else weight
+
+    def _coordexp(self, hidden: torch.Tensor) -> CoordExpOutput:
+        """CoordExp of (P, H) hidden states (evaluation; training gets its coord logits from the CE pass)."""
+        weight = self._head_weight()
+        return self._coord_decode(coord_logits(hidden.to(weight.dtype), weight, self.vocab.coord_ids))
+
+    def _coord_decode(self, logits: torch.Tensor) -> CoordExpOutput:
         c = self.cfg.coordexp
         tau = tau_at(self.step, c.tau_start, c.tau_end, c.anneal_steps)
-        return coordexp(hidden, self.lm_head_weight, self.vocab.coord_ids, tau=tau, top_k=c.top_k or None)
+        return coord_expectation(logits, tau=tau, top_k=c.top_k or None)
 
     def _train_step(self, seqs: list[TrainSequence], stage: str) -> dict[str, float]:
         """This rank's sequences in ``accum_steps`` micro-batches (backward each), then one optimizer step.

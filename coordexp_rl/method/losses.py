@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 # Guards divisions by a zero union/hull (degenerate boxes); clamp, not add, so normal boxes -- even one
 # bin wide (area 1e-6) -- get exact values.
 EPS = 1e-9
+# Rows of a bf16 chunk's logits converted to float32 at a time in the CE's softmax: a (32, V) float32 block
+# is 20 MB at Qwen3-VL's vocabulary, against 78 MB for a 256-row chunk's bf16 logits.
+FLOAT32_BLOCK_ROWS = 32
 
 # ----------------------------------------------------------------------------------------------------
 # Token cross entropy
@@ -64,6 +67,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, keep, coord_pos, coord_ids, chunk_size):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_grad = need_h or need_w or need_b
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # softmax dtype
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -73,23 +77,29 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         for lo in range(0, keep.numel(), chunk_size):
             idx = keep[lo:lo + chunk_size]
             h, y, w = hidden[idx], targets[idx], weights[idx].to(acc)  # (C, H), (C,), (C,)
-            logits = h @ weight.T  # (C, V)
+            logits = h @ weight.T  # (C, V) in the hidden dtype
             if bias is not None:
                 logits = logits + bias
-            logits = logits.to(acc)  # a new buffer for bf16, the same one for fp32
-            # Softmax in place in the one (C, V) buffer (torch.logsumexp would allocate a second one).
-            picked = logits.gather(1, y[:, None]).squeeze(1)  # (C,) logit of the target
-            top = logits.amax(dim=-1)  # (C,)
-            denom = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # buffer now holds exp(z - max)
-            chunk_nll = top + denom.log() - picked
+            if logits.dtype == acc:
+                chunk_nll = _nll_and_grad_(logits, y, w, need_grad)  # logits now hold the gradient
+            else:
+                # bf16: the float32 softmax runs on row blocks and writes each block's gradient back into the
+                # bf16 buffer, so at most a (rows, V) float32 copy exists beside the (C, V) bf16 logits (a
+                # whole-chunk float32 copy is 2x the bf16 logits, and another bf16 one held the gradient).
+                # Rows are independent: the values equal a whole-chunk float32 pass.
+                chunk_nll = torch.empty(len(y), dtype=acc, device=hidden.device)
+                for r in range(0, len(y), FLOAT32_BLOCK_ROWS):
+                    rows = slice(r, r + FLOAT32_BLOCK_ROWS)
+                    block = logits[rows].to(acc)  # (rows, V)
+                    chunk_nll[rows] = _nll_and_grad_(block, y[rows], w[rows], need_grad)
+                    if need_grad:
+                        logits[rows] = block
+                    del block
             nll[lo:lo + chunk_size] = chunk_nll
             total += (chunk_nll * w).sum()
-            if not (need_h or need_w or need_b):
+            if not need_grad:
                 continue
-            # d(w * nll)/dlogits = w * (softmax - onehot), still in the same buffer.
-            g = logits.div_(denom[:, None])
-            g[torch.arange(len(y), device=g.device), y] -= 1.0
-            g = g.mul_(w[:, None]).to(hidden.dtype)
+            g = logits.to(hidden.dtype)  # (C, V) d(w * nll)/dlogits; the same buffer unless fp32 logits of bf16
             if need_h:
                 grad_h[idx] = g @ weight  # positions in keep are unique
             if need_w:
@@ -126,6 +136,21 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
+def _nll_and_grad_(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """(C,) NLL of ``y`` under ``logits`` (C, V); with ``need_grad`` the buffer ends holding
+    ``w * (softmax - onehot)``, the gradient of ``sum w * nll``. In place: torch.logsumexp would allocate a
+    second (C, V) buffer."""
+    picked = logits.gather(1, y[:, None]).squeeze(1)  # (C,) logit of the target
+    top = logits.amax(dim=-1)  # (C,)
+    denom = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # buffer now holds exp(z - max)
+    nll = top + denom.log() - picked
+    if need_grad:
+        logits.div_(denom[:, None])
+        logits[torch.arange(len(y), device=logits.device), y] -= 1.0
+        logits.mul_(w[:, None])
+    return nll
+
+
 def _rows_add(table: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
     start = coordexp.contiguous_start(ids)
     if start is not None:
@@ -142,7 +167,10 @@ def weighted_token_ce(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
 
     hidden (T, H) are the states that *predict* ``targets`` (T,) (the caller shifts by one); weights (T,)
     come from :func:`position_weights`. Positions with weight 0 are skipped entirely (no logits, zero
-    gradient). Peak extra memory is about one (chunk_size, V) fp32 buffer plus the gradients.
+    gradient). Logits are computed in the hidden dtype, the log-sum-exp in float32 (float64 for float64):
+    peak extra memory is one (chunk_size, V) logits buffer in the hidden dtype, plus a (32, V) float32
+    block when that dtype is bf16/fp16, plus the gradients. Up to ``chunk_size`` supervised positions run as
+    one chunk, exactly the naive path's three matmuls; longer sequences are chunked.
 
     With ``coord_positions`` (P,) and ``coord_ids`` (K,), the result also carries the coord logits at
     those positions (``hidden[pos] @ W[coord_ids].T``) for :func:`coordexp_rl.method.coordexp.coord_expectation`,

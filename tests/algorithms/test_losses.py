@@ -5,11 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from coordexp_rl.config import LossConfig
 from coordexp_rl.method.coordexp import coord_expectation
 from coordexp_rl.method.coords import CoordVocab
 from coordexp_rl.method.losses import (
+    FLOAT32_BLOCK_ROWS,
     box_iou,
     coord_l1,
     coord_soft_ce,
@@ -293,3 +296,64 @@ def test_bf16_inputs_give_fp32_loss_close_to_fp32_reference():
     out.loss_sum.backward()
     assert out.loss_sum.dtype == torch.float32
     assert out.loss_sum.item() == pytest.approx(naive_ce(h, W, y, w).item(), rel=0.05)
+
+
+class _LargestFloat32(TorchDispatchMode):
+    """Records the element count of the largest float32 tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _naive_ce_with_coords(h, W, y, w, pos, ids):
+    """The reference: full (T, V) logits in the input dtype, float32 CE, coord columns gathered from them."""
+    logits = h @ W.T
+    ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum()
+    return ce, logits[pos][:, ids]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk_size", [64, 256])
+def test_chunked_ce_and_coord_logits_match_naive_full_logits(dtype, rtol, chunk_size):
+    # 100 positions: chunk 64 gives a full and a partial chunk, each over several float32 blocks (bf16)
+    torch.manual_seed(5)
+    T, H, V = 100, 32, 1200
+    h0, W0 = torch.randn(T, H) * 0.5, torch.randn(V, H) * H ** -0.5
+    y, w = torch.randint(0, V, (T,)), torch.rand(T) * 2
+    w[::7] = 0.0  # skipped positions
+    pos, ids = torch.arange(3, 43, 2), torch.arange(100, 1100)
+    phi = torch.rand(len(ids))  # any function of the coord logits: a random linear read-out of softmax
+
+    def run(fused: bool):
+        h, W = h0.to(dtype).requires_grad_(), W0.to(dtype).requires_grad_()
+        if fused:
+            out = weighted_token_ce(h, W, y, w, chunk_size=chunk_size, coord_positions=pos, coord_ids=ids)
+            ce, coord = out.loss_sum, out.coord_logits
+        else:
+            ce, coord = _naive_ce_with_coords(h, W, y, w, pos, ids)
+        loss = ce / w.sum() + (coord.float().softmax(-1) @ phi).sum()
+        loss.backward()
+        return [loss.detach().float(), h.grad.float(), W.grad.float()]
+
+    for got, ref in zip(run(True), run(False)):
+        assert float((got - ref).abs().max() / ref.abs().max()) <= rtol
+
+
+def test_bf16_ce_never_holds_float32_logits_of_a_whole_chunk():
+    torch.manual_seed(6)
+    T, H, V, chunk = 256, 16, 2000, 256
+    h = torch.randn(T, H).bfloat16().requires_grad_()
+    W = (torch.randn(V, H) * 0.25).bfloat16().requires_grad_()
+    y, w = torch.randint(0, V, (T,)), torch.ones(T)
+    with _LargestFloat32() as probe:
+        weighted_token_ce(h, W, y, w, chunk_size=chunk).loss_sum.backward()
+    # one float32 block of rows at a time; the chunk's (256, V) logits stay bf16
+    assert probe.largest == FLOAT32_BLOCK_ROWS * V < chunk * V

@@ -54,6 +54,8 @@ def test_cpu_dry_run_runs_every_step_and_reports_each_as_json(tmp_path):
         assert _finite_losses(train[stage]["first"]) and _finite_losses(train[stage]["last"])
     assert train["stage2"]["last"]["loss/geo_self"] > 0  # the jittered-GT rows reach the geometric loss
     assert train["stage2"]["weight_syncs"] == 3 and train["stage1"]["steps_per_s"] > 0
+    # model FLOPs by formula on the CPU; no MFU without a bf16 peak for the device
+    assert train["stage1"]["model_tflops_per_s"] > 0 and train["stage1"]["mfu"] is None
     bench = by["bench_loss"]["result"]["report"]
     assert bench["chunk_size"] == 256 and bench["dtype"] == "bfloat16"  # the GPU run's dtype, on the CPU
     assert bench["settings"][0]["ours"]["loss"] == pytest.approx(bench["settings"][0]["naive"]["loss"],

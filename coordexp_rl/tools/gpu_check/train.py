@@ -87,15 +87,41 @@ def stage1(learner, samples, p: Profile) -> dict:
 
     stream = BatchStream(samples, p.batch_size, seed=0)
     first = learner.stage1_step(stream.next_batch())  # warm-up: kernels, allocator, autotuning
+    batches = [stream.next_batch() for _ in range(p.stage1_steps - 1)]
+    # model FLOPs from the timed steps' own sequences, built before the timer (no model needed)
+    flops = sum(_step_flops(learner, learner.sequences.stage1(b, learner.step + i)) for i, b in enumerate(batches))
     reset_peak()
-    steps = []
     with Timer() as t:
-        for _ in range(p.stage1_steps - 1):
-            steps.append(learner.stage1_step(stream.next_batch()))
+        steps = [learner.stage1_step(b) for b in batches]
     _check_finite("stage1", [first, *steps])
     return {"steps": len(steps) + 1, "timed_steps": len(steps), "steps_per_s": round(len(steps) / t.s, 3),
             "tokens_per_s": round(sum(m["tokens_per_s"] for m in steps) / len(steps), 1),
+            **_throughput(flops, sum(m["compute/learner_tokens"] for m in steps), t.s),
             "first": _pick(first), "last": _pick(steps[-1]), **(peak_memory() or {})}
+
+
+def _step_flops(learner, seqs) -> float:
+    """Model FLOPs of a step on ``seqs`` (coordexp_rl/tools/gpu_check/mfu.py has the formula)."""
+    from coordexp_rl.tools.gpu_check.mfu import model_shape, sequence_counts, step_flops
+
+    shape = model_shape(learner.model, vision_trained=not learner.cfg.model.freeze_vision)
+    image_token = learner.model.config.image_token_id
+    return step_flops(shape, [sequence_counts(s, image_token, shape.spatial_merge) for s in seqs])
+
+
+def _throughput(flops: float, tokens: float, seconds: float) -> dict:
+    """Model FLOP/s, tokens/s (image tokens included) over the timed steps, and MFU against the device's
+    bf16 peak: None for a device not in mfu.BF16_PEAK_FLOPS (the CPU among them)."""
+    import torch
+
+    from coordexp_rl.tools.gpu_check.mfu import bf16_peak_flops
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+    peak = bf16_peak_flops(name)
+    return {"device_name": name, "model_flops_per_step": flops, "model_tflops_per_s": round(flops / seconds / 1e12, 6),
+            "timed_tokens_per_s": round(tokens / seconds, 1),
+            "bf16_peak_tflops": None if peak is None else peak / 1e12,
+            "mfu": None if peak is None else round(flops / seconds / peak, 4)}
 
 
 def stage2(learner, engine, samples, cfg, p: Profile) -> dict:
