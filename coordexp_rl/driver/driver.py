@@ -219,7 +219,7 @@ class Driver:
                     self.save_checkpoint_if_due()
                     if every and self.step % every == 0 and self.step < steps:
                         self.evaluate_beside_training()
-                    self.faults.fire_due(label, self.step - offset, self.fault_targets())
+                    self.fire_faults(label, self.step - offset)
                 except RayActorError as exc:
                     if not self.learner.owns(exc):
                         raise
@@ -296,7 +296,7 @@ class Driver:
         self.save_checkpoint_if_due()
         if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and k + 1 < self.cfg.stage2.steps:
             self.evaluate_in_stage2()
-        self.faults.fire_due("stage2", k + 1, self.fault_targets())
+        self.fire_faults("stage2", k + 1)
 
     def evaluate_in_stage2(self) -> None:
         """A curve point in the EM loop (eval.every): the actors score it after the rollout step each has
@@ -379,6 +379,11 @@ class Driver:
 
     def driver_state(self) -> dict:
         return {"last_sync_step": self.last_sync_step}
+
+    def fire_faults(self, stage: str, stage_step: int) -> None:
+        """run.fail_at's points due at this step of the stage (none before prepare(): a driver driven by hand)."""
+        if self.faults is not None:
+            self.faults.fire_due(stage, stage_step, self.fault_targets())
 
     def fault_targets(self) -> dict:
         """What run.fail_at can kill: learner rank 0, the buffer, rollout-0."""
