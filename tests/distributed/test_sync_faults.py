@@ -95,8 +95,9 @@ def test_broadcast_sync_survives_an_actor_dying_mid_transfer(ray_local, tiny_mod
         actor_id=f"rollout-{i}", num_shards=2, shard_index=i, buffer=buffer, marker=str(marker) if i else "")
         for i in range(2)]
     versions = lambda: ray.get([a.weight_version.remote() for a in actors])  # noqa: E731
-    # rollout-0 waits this long for the buckets that never come when rollout-1 dies mid-transfer
-    syncer = WeightSyncer(learner, actors, buffer, "broadcast", bucket_mb=1, timeout_s=8)
+    # rollout-0 waits this long for the buckets that never come when rollout-1 dies mid-transfer, and the
+    # restarted rollout-1 has this long to come up for the object store (8 s was too short on a loaded machine)
+    syncer = WeightSyncer(learner, actors, buffer, "broadcast", bucket_mb=1, timeout_s=15)
     assert syncer.form_group(strict=True)
 
     first = syncer.sync()
