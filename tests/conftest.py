@@ -12,9 +12,13 @@ prepare_runtime()
 
 
 def pytest_collection_modifyitems(config, items):
-    """gpu-marked tests skip, with the reason, where torch sees no CUDA device."""
+    """Files with integration tests first (each file kept whole, in its own order): xdist's --dist loadfile
+    hands files out in this order, so the long ones start early and the short ones fill the gaps after.
+    gpu-marked tests skip, with the reason, where torch sees no CUDA device."""
     import torch
 
+    slow_files = {item.path for item in items if "integration" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole and in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")

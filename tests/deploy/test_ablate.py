@@ -68,6 +68,7 @@ def test_step_overrides_are_refused(capsys):
     assert "--scale" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_two_arms_really_run_and_fill_the_table(tmp_path):
     """Two arms, one seed, a few steps each, through the real launcher (Ray + vLLM); a rerun reads back."""
     import argparse
