@@ -26,6 +26,7 @@ OVERRIDES = ["optim.warmup_steps=0", "optim.batch_size=6", "optim.lr=1e-12", "lo
 VARIANTS = {  # name: (overrides, accum_steps); the reference is padded, batch order, 2 micro-batches
     "length": (["learner.micro_batch_order=length"], 2),
     "budget": (["learner.micro_batch_tokens=250"], 1),
+    "packed": (["learner.packing=true"], 2),
     "packed_budget": (["learner.packing=true", "learner.micro_batch_tokens=250"], 1),
 }
 
