@@ -250,6 +250,21 @@ class LearnerConfig(_Section):
     sharding: Literal["replicate", "fsdp"] = "replicate"  # whole model per rank, or FSDP2 shards
     accum_steps: Count = 1  # micro-batches per optimizer step per rank
     activation_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
+    # How a rank's sequences form its micro-batches; these three change only speed and memory, never the
+    # loss or gradients (every loss is a sum over the micro-batch / a global normaliser; learner/batching.py).
+    # "length": sorted by token count before the split into accum_steps micro-batches, so each pads to
+    # similar lengths (fewer pad tokens when accum_steps > 1); "given": in batch order.
+    micro_batch_order: Literal["given", "length"] = "given"
+    # A token budget per micro-batch instead of accum_steps micro-batches (keep accum_steps 1): sequences in
+    # length order join a micro-batch while its forward stays within this many tokens (padded: count x the
+    # longest; packed: the sum); a longer sequence goes alone. Every rank runs as many micro-batches as the
+    # rank that needs the most (one that has fewer repeats a forward with its loss x 0). 0 = off.
+    micro_batch_tokens: NonNegativeInt = 0
+    # Each micro-batch's sequences in one row without padding (modeling/inputs.py pack): position ids restart
+    # per sequence (M-RoPE ids per sequence), the causal mask is block-diagonal (transformers reads the
+    # restarts; flash-attention runs varlen). No pad tokens, but on sdpa/eager the mask is dense: the
+    # attention costs (sum of lengths)^2 per micro-batch, not count x longest^2 (measured: docs/BENCHMARKS.md).
+    packing: bool = False
     # A custom Ray resource each learner rank's bundle asks 1 of (e.g. coordexp_learner on on-demand nodes,
     # so that the optimizer state never sits on spot capacity). "" = any node.
     node_resource: ResourceName = ""
@@ -416,6 +431,10 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     if cfg.optim.batch_size < ranks:
         raise ConfigError(f"{source}: optim.batch_size={cfg.optim.batch_size} is the global batch; it must be >= "
                           f"learner.world_size x learner.accum_steps = {ranks}")
+    if cfg.learner.micro_batch_tokens and cfg.learner.accum_steps > 1:
+        raise ConfigError(f"{source}: learner.micro_batch_tokens={cfg.learner.micro_batch_tokens} forms the "
+                          f"micro-batches under a token budget, learner.accum_steps={cfg.learner.accum_steps} "
+                          "as a fixed count; set one of them (accum_steps=1 or micro_batch_tokens=0)")
     _check_token_budget(cfg, source)
     _check_reproducible(cfg, source)
     if cfg.model.lora.rank and cfg.learner.sharding == "fsdp":

@@ -104,6 +104,9 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return float(t)
 
+    def max(self, value: float) -> float:
+        return -self.min(-value)
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (pickled over the gloo group)."""
         if not self.enabled:

@@ -6,7 +6,8 @@ forward on the rollout tokens with CoordExp L1 + GIoU at matched coord positions
 a reordered-GT forward with CE. Both forwards of a whole batch run as one padded batch.
 
 On W ranks (learner.distributed), every step takes the GLOBAL batch, each rank works on its contiguous
-share, in ``plan.accum_steps`` micro-batches. Every loss is (local sum / global normaliser), with the
+share, in ``plan.accum_steps`` micro-batches (or under learner.micro_batch_tokens; padded or packed, in
+batch or length order: learner/batching.py). Every loss is (local sum / global normaliser), with the
 normalisers (CE weight sum, coord count) summed over ranks before any forward, so W ranks x accum micro-
 batches give the same loss and gradients as one rank on the whole batch (up to float rounding).
 """
@@ -31,11 +32,11 @@ from coordexp_rl.method.coordexp import CoordExpOutput, coord_expectation, coord
 from coordexp_rl.method.losses import TokenCE, coord_terms, weighted_token_ce, weighted_total
 from coordexp_rl.method.matching import MatchCurriculum
 from coordexp_rl.method.protocol import canonical_order
-from coordexp_rl.modeling.inputs import collate
+from coordexp_rl.modeling.inputs import collate, pack
 from coordexp_rl.modeling.load import load_model_and_processor
 from coordexp_rl.rollout.schema import RolloutRow
 from learner import lora
-from learner.batching import gather_supervision
+from learner.batching import forward_tokens, gather_supervision, micro_batches
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
 
@@ -82,6 +83,7 @@ class Learner:
         self.stage2_steps = 0  # Stage-2 steps taken (drives the matching curriculum)
         self.version = 0  # published weight version: bumps when weights go to the rollout engines
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.packing = cfg.learner.packing  # each forward's sequences in one row, no padding (inputs.pack)
 
     # ------------------------------------------------------------------------------------------------
     # Steps
@@ -196,9 +198,9 @@ class Learner:
                                           with_coords=True)
 
     def _decode_coords(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        """One padded forward (the caller holds no_grad): per sequence, CoordExp at its coord positions."""
+        """One forward (the caller holds no_grad): per sequence, CoordExp at its coord positions."""
         def apply(hidden: torch.Tensor) -> torch.Tensor:
-            coords = gather_supervision(seqs, hidden)["coord_hidden"].to(self.device)
+            coords = gather_supervision(seqs, hidden, self.packing)["coord_hidden"].to(self.device)
             return self._coordexp(coords).expectation.float().cpu() if coords.shape[0] else torch.zeros(0)
 
         values = self._forward(seqs, apply)
@@ -236,9 +238,12 @@ class Learner:
     # ------------------------------------------------------------------------------------------------
 
     def _forward(self, seqs: list[TrainSequence], apply: Callable[[torch.Tensor], object]):
-        """``apply(hidden)`` on one padded forward of ``seqs`` (hidden: (B, T, H) float32), inside the FSDP
-        root's forward when sharded, so the LM head is whole while ``apply`` reads it."""
-        batch = {k: v.to(self.device) for k, v in collate([s.enc for s in seqs], self.pad_id).items()}
+        """``apply(hidden)`` on one forward of ``seqs`` (hidden float32: (B, T, H) padded, (1, sum L, H) with
+        learner.packing), inside the FSDP root's forward when sharded, so the LM head is whole while
+        ``apply`` reads it."""
+        encs = [s.enc for s in seqs]
+        inputs = pack(encs, self.model.model.get_rope_index) if self.packing else collate(encs, self.pad_id)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if self.sharded is not None:
             return self.sharded(batch, apply, autocast=self.autocast)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -246,9 +251,9 @@ class Learner:
         return apply(hidden)
 
     def _forward_loss(self, seqs: list[TrainSequence], stage: str, norm: dict[str, float]):
-        """One micro-batch: padded forward, supervision picked out, the stage's losses applied."""
+        """One micro-batch: one forward (padded or packed), supervision picked out, the stage's losses applied."""
         def apply(hidden: torch.Tensor):
-            sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden).items()}
+            sup = {k: v.to(self.device) for k, v in gather_supervision(seqs, hidden, self.packing).items()}
             return self._losses(stage, sup, torch.tensor(max(1.0, norm["ce_weight"]), device=self.device))
 
         return self._forward(seqs, apply)
@@ -298,7 +303,7 @@ class Learner:
         return coord_expectation(logits, tau=tau, top_k=c.top_k or None)
 
     def _train_step(self, seqs: list[TrainSequence], stage: str) -> dict[str, float]:
-        """This rank's sequences in ``accum_steps`` micro-batches (backward each), then one optimizer step.
+        """This rank's sequences in micro-batches (``_micro_batches``; backward each), then one optimizer step.
 
         Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.
         """
@@ -307,12 +312,16 @@ class Learner:
             "coords": float(sum(len(s.coord_positions) for s in seqs))})
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
-        for micro in split(seqs, self.plan.accum_steps):
-            if not micro:  # one rank only (see _share): fewer sequences than micro-batches
+        micros = self._micro_batches(seqs)
+        for micro in micros:
+            if not micro and self.dist.world_size == 1:  # fewer sequences than accum_steps micro-batches
                 continue
-            total, micro_terms = self._forward_loss(micro, stage, norm)
-            total.backward()  # even when non-finite (checked below, on every rank): FSDP peers wait on it
-            for k, v in micro_terms.items():
+            # A rank with fewer micro-batches than another (a token budget) runs its first sequence again and
+            # drops it (loss x 0): FSDP's all-gathers and reduce-scatters are collectives of every rank.
+            filler = not micro
+            total, micro_terms = self._forward_loss(micro or seqs[:1], stage, norm)
+            (total * 0 if filler else total).backward()  # even when non-finite (checked below, on every rank)
+            for k, v in ({} if filler else micro_terms).items():
                 terms[k] = terms.get(k, 0.0) + v
         terms = self.dist.sum(terms)
         if not math.isfinite(terms["total"]):
@@ -326,8 +335,23 @@ class Learner:
         self.step += 1
         metrics = {f"loss/{k}": v for k, v in terms.items()}
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        # the share of the tokens through the forwards that were padding (summed over ranks)
+        sizes = self.dist.sum({"forward": float(sum(forward_tokens(m, self.packing) for m in micros)),
+                               "real": float(sum(len(s.input_ids) for s in seqs))})
+        metrics["pad_fraction"] = 1.0 - sizes["real"] / sizes["forward"] if sizes["forward"] else 0.0
         metrics.update(self._peak_memory())
         return metrics
+
+    def _micro_batches(self, seqs: list[TrainSequence]) -> list[list[TrainSequence]]:
+        """This rank's micro-batches (batching.micro_batches: learner.micro_batch_order, micro_batch_tokens);
+        with a token budget, padded with empty ones to the most any rank formed (every rank must run as many
+        forwards; _train_step fills an empty one)."""
+        lc = self.cfg.learner
+        micros = micro_batches(seqs, self.plan.accum_steps, lc.micro_batch_order, lc.micro_batch_tokens,
+                               self.packing)
+        if lc.micro_batch_tokens:
+            micros += [[] for _ in range(int(self.dist.max(len(micros))) - len(micros))]
+        return micros
 
     def _peak_memory(self) -> dict[str, float]:
         """This rank's peak memory: on a GPU the step's peak allocation (reset after each step), on the CPU

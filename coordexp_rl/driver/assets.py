@@ -103,8 +103,16 @@ def stage1_settings(cfg: Config) -> dict:
     trains gives a new folder; a new Stage-2, evaluation or run setting does not retrain it. The model.lora
     keys join only when LoRA is on (rank > 0): a full fine-tune keeps the folder it had before they existed."""
     lora_off = not cfg.model.lora.rank
+    defaults = flat_settings(Config().model_dump())
     return {k: v for k, v in flat_settings(cfg.model_dump()).items()
-            if not is_stage2_only(k) and not (lora_off and k.startswith("model.lora."))}
+            if not is_stage2_only(k) and not (lora_off and k.startswith("model.lora."))
+            and not (k in LAYOUT_KEYS and v == defaults[k])}
+
+
+# How the learner lays out its forwards (micro-batches, padding or packing): the same loss and gradients up to
+# float rounding. They join stage1_settings only when set, so the folders built before they existed keep
+# their names.
+LAYOUT_KEYS = ("learner.micro_batch_order", "learner.micro_batch_tokens", "learner.packing")
 
 
 def pretrained_tiny_model(cfg: Config, init: Path) -> Path:

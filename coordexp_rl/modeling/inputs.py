@@ -81,3 +81,31 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
         "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),
     }
+
+
+def pack(examples: Sequence[dict], rope_index) -> dict[str, torch.Tensor]:
+    """Encodings concatenated into ONE row without padding (packing), for the learner's forward.
+
+    ``rope_index``: the model's ``model.model.get_rope_index`` (M-RoPE ids need the image grid; it reads no
+    weights). Returns input_ids / mm_token_type_ids (1, sum L), position_ids (4, 1, sum L), pixel_values
+    (sum N, D), image_grid_thw (B, 3), use_cache False, and no attention mask. position_ids row 0 holds the
+    text positions 0..L_i-1, restarting at each example: with no attention mask, transformers' masking
+    (masking_utils.find_packed_sequence_indices) reads each restart as a new sequence and makes the causal
+    mask block-diagonal (sdpa, eager), and flash-attention runs varlen from the same ids. Rows 1-3 are each
+    example's own M-RoPE ids (as get_rope_index gives them in a padded batch), so every token sees the
+    positions and the context it has alone. use_cache False: a cache (on by default in Qwen3-VL's config)
+    turns that detection off, and every example would attend to the ones before it.
+    """
+    text, mrope = [], []
+    for e in examples:
+        ids = e["input_ids"][None]
+        text.append(torch.arange(ids.shape[1], dtype=torch.long))
+        mrope.append(rope_index(ids, e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"])[0])  # (3, 1, L)
+    return {
+        "input_ids": torch.cat([e["input_ids"] for e in examples])[None],
+        "mm_token_type_ids": torch.cat([e["mm_token_type_ids"] for e in examples])[None],
+        "position_ids": torch.cat([torch.cat(text)[None, None], torch.cat(mrope, dim=2)]),
+        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+        "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),
+        "use_cache": False,
+    }
