@@ -61,7 +61,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, train_path: str
     samples = load_samples(train_path)[:4]
     results = {}
     for name, plan in plans.items():
-        learner = Learner(load_config(None, OVERRIDES), model_dir, ParallelPlan(**plan))
+        plan = dict(plan)
+        learner = Learner(load_config(None, [*OVERRIDES, *plan.pop("overrides", [])]), model_dir, ParallelPlan(**plan))
         if plan.get("sharding") == "fsdp":
             assert all(is_sharded(p) for p in learner.model.parameters())
         results[name] = train(learner, samples, rows)
@@ -130,9 +131,13 @@ def test_stage1_giou_gradients_do_not_depend_on_accumulation(tiny_model_dir, sam
 
 
 def test_two_ranks_equal_one_rank(tiny_model_dir, synth_dir, reference, tmp_path):
-    """W=2 replicated, W=2 replicated with accumulation, and W=2 FSDP2: same losses, same weights."""
+    """W=2 replicated, W=2 replicated with accumulation, W=2 FSDP2, and W=2 FSDP2 under a token budget:
+    same losses, same weights. A budget of 1 token puts every sequence in its own micro-batch: in Stage-2
+    rank 0 has 4 sequences and rank 1 3 (its failed parse has no self-context forward), so rank 1 runs one
+    filler forward with its loss x 0 (learner._micro_batches), or FSDP's collectives would wait forever."""
     rows, ref = reference
-    plans = {"replicate": {}, "replicate_accum2": {"accum_steps": 2}, "fsdp": {"sharding": "fsdp"}}
+    plans = {"replicate": {}, "replicate_accum2": {"accum_steps": 2}, "fsdp": {"sharding": "fsdp"},
+             "fsdp_budget": {"sharding": "fsdp", "overrides": ["learner.micro_batch_tokens=1"]}}
     out = tmp_path / "results.pt"
     mp.spawn(_rank_main, nprocs=2, join=True,
              args=(2, free_port(), str(tiny_model_dir), str(synth_dir / "train.jsonl"), rows, plans, str(out)))
