@@ -22,7 +22,9 @@ from tests.distributed import launcher
 
 pytestmark = pytest.mark.integration
 
-LONGER_STAGE1 = ["stage1.steps=6", "run.keep_last=0"]  # checkpoints at 2, 4, 6 (Stage-1), 8, 10 (Stage-2)
+# checkpoints at 2, 4, 6 (Stage-1), 8, 10 (Stage-2); two learner ranks, so that a rank's death is seen by
+# the driver while its peer is in (or about to enter) a collective with it
+LONGER_STAGE1 = ["stage1.steps=6", "run.keep_last=0", "learner.world_size=2"]
 FAULT_RUNS = {
     # its Stage-1 is also the uninterrupted one the learner run's is compared with
     "buffer": [*LONGER_STAGE1, "run.fail_at=buffer@stage2:2"],
