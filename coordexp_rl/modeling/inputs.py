@@ -86,7 +86,7 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def pack(examples: Sequence[dict], rope_index) -> dict[str, torch.Tensor]:
     """Encodings concatenated into ONE row without padding (packing), for the learner's forward.
 
-    ``rope_index``: the model's ``model.model.get_rope_index`` (M-RoPE ids need the image grid; it reads no
+    ``rope_index``: the inner Qwen3-VL model's ``get_rope_index`` method (M-RoPE ids need the image grid; it reads no
     weights). Returns input_ids / mm_token_type_ids (1, sum L), position_ids (4, 1, sum L), pixel_values
     (sum N, D), image_grid_thw (B, 3), use_cache False, and no attention mask. position_ids row 0 holds the
     text positions 0..L_i-1, restarting at each example: with no attention mask, transformers' masking
