@@ -307,12 +307,15 @@ class Learner:
 
         Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.
         """
+        micros = self._micro_batches(seqs)
+        # one all-reduce for the normalisers and the padding counts (pad_fraction below)
         norm = self.dist.sum({
             "ce_weight": sum(float(s.ce_weights[1:].sum()) for s in seqs if s.ce_weights is not None),
-            "coords": float(sum(len(s.coord_positions) for s in seqs))})
+            "coords": float(sum(len(s.coord_positions) for s in seqs)),
+            "forward_tokens": float(sum(forward_tokens(m, self.packing) for m in micros)),
+            "tokens": float(sum(len(s.input_ids) for s in seqs))})
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
-        micros = self._micro_batches(seqs)
         for micro in micros:
             if not micro and self.dist.world_size == 1:  # fewer sequences than accum_steps micro-batches
                 continue
@@ -335,10 +338,8 @@ class Learner:
         self.step += 1
         metrics = {f"loss/{k}": v for k, v in terms.items()}
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
-        # the share of the tokens through the forwards that were padding (summed over ranks)
-        sizes = self.dist.sum({"forward": float(sum(forward_tokens(m, self.packing) for m in micros)),
-                               "real": float(sum(len(s.input_ids) for s in seqs))})
-        metrics["pad_fraction"] = 1.0 - sizes["real"] / sizes["forward"] if sizes["forward"] else 0.0
+        # the share of the tokens through the forwards that were padding (all ranks)
+        metrics["pad_fraction"] = 1.0 - norm["tokens"] / norm["forward_tokens"] if norm["forward_tokens"] else 0.0
         metrics.update(self._peak_memory())
         return metrics
 
