@@ -45,7 +45,8 @@ class HFEngine:
 
         self.config = config
         self.model, self.processor, self.vocab = load_model_and_processor(
-            config.model_path, config.dtype, config.device, max_pixels=config.max_pixels, min_pixels=config.min_pixels)
+            config.model_path, config.dtype, config.device, max_pixels=config.max_pixels, min_pixels=config.min_pixels,
+            attn_implementation=config.attn_implementation)
         self.model.eval()
         tok = self.processor.tokenizer
         gen_eos = self.model.generation_config.eos_token_id

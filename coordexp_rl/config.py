@@ -67,6 +67,13 @@ class ModelConfig(_Section):
     # built once into the cache folder. 0 = start from random weights. Only with path "".
     tiny_pretrain_steps: NonNegativeInt = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # The attention kernel of the learner's and the hf engine's transformers model (from_pretrained's
+    # attn_implementation; vLLM picks its own): sdpa (torch's scaled_dot_product_attention, transformers' own
+    # default), eager (plain matmuls: the reference), or flash_attention_2 (needs a CUDA device, the flash_attn
+    # package and dtype bfloat16; refused otherwise; untested on GPUs here). With learner.packing, flash-attention
+    # turns the packed row's restarting position ids into varlen sequences (cu_seqlens, no mask), where sdpa and
+    # eager get a dense block-diagonal (sum of lengths)^2 mask.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     freeze_vision: bool = False  # keep the vision tower fixed (saves memory on real models)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -435,6 +442,10 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
         raise ConfigError(f"{source}: learner.micro_batch_tokens={cfg.learner.micro_batch_tokens} forms the "
                           f"micro-batches under a token budget, learner.accum_steps={cfg.learner.accum_steps} "
                           "as a fixed count; set one of them (accum_steps=1 or micro_batch_tokens=0)")
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.model.dtype != "bfloat16":
+        # the learner keeps float32 weights and autocasts only for bfloat16: flash_attn refuses float32 inputs
+        raise ConfigError(f"{source}: model.attn_implementation=flash_attention_2 runs in half precision only, "
+                          f"model.dtype={cfg.model.dtype}; set model.dtype=bfloat16 or model.attn_implementation=sdpa")
     _check_token_budget(cfg, source)
     _check_reproducible(cfg, source)
     if cfg.model.lora.rank and cfg.learner.sharding == "fsdp":

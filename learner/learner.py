@@ -58,7 +58,8 @@ class Learner:
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # AdamW moments decay into denormals, which crawl on CPUs
         self.model, self.processor, self.vocab = load_model_and_processor(
-            model_path, "float32", str(self.device), max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels)
+            model_path, "float32", str(self.device), max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels,
+            attn_implementation=cfg.model.attn_implementation)
         self.tokenizer = self.processor.tokenizer
         if self.plan.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

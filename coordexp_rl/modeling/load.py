@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -59,14 +60,17 @@ def pixel_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
 
 
 def load_model_and_processor(path: str | Path, dtype: str = "float32", device: str = "cpu",
-                             max_pixels: int | None = None, min_pixels: int | None = None):
-    """-> (model, processor, CoordVocab). ``dtype`` is a torch dtype name ("float32", "bfloat16", ...).
+                             max_pixels: int | None = None, min_pixels: int | None = None,
+                             attn_implementation: str = "sdpa"):
+    """-> (model, processor, CoordVocab). ``dtype`` is a torch dtype name ("float32", "bfloat16", ...);
+    ``attn_implementation`` the attention kernel (``model.attn_implementation``; see check_attention).
 
     Raises ValueError naming the folder and the fix when the tokenizer lacks coord tokens, or when
     the model has fewer embedding rows than the tokenizer has tokens.
     """
     from transformers import Qwen3VLForConditionalGeneration
 
+    check_attention(attn_implementation, device)
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}/config.json not found: expected a Qwen3-VL model folder "
@@ -79,7 +83,8 @@ def load_model_and_processor(path: str | Path, dtype: str = "float32", device: s
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype name (try 'float32' or 'bfloat16')")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation=attn_implementation).to(device)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(processor.tokenizer):
         raise ValueError(f"{folder}: the model has {rows} embedding rows but the tokenizer has "
@@ -87,6 +92,27 @@ def load_model_and_processor(path: str | Path, dtype: str = "float32", device: s
     linear_patch_embed(model)
     log.info("loaded %s (%s on %s): %d tokens", folder, dtype, device, len(processor.tokenizer))
     return model, processor, vocab
+
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # model.attn_implementation's values
+
+
+def check_attention(attn_implementation: str, device: str) -> None:
+    """Refuse an attention kernel that cannot run here, naming the setting and the fix: flash_attention_2
+    needs a CUDA device and the flash_attn package (transformers' own error names neither the setting nor
+    the way back)."""
+    if attn_implementation not in ATTENTION:
+        raise ValueError(f"model.attn_implementation={attn_implementation!r} is none of {list(ATTENTION)}")
+    if attn_implementation != "flash_attention_2":
+        return
+    missing = []
+    if not str(device).startswith("cuda"):
+        missing.append(f"a CUDA device (the model loads on {device!r})")
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash_attn package (pip install flash-attn)")
+    if missing:
+        raise ValueError(f"model.attn_implementation=flash_attention_2 needs {' and '.join(missing)}; "
+                         "set model.attn_implementation=sdpa (the default) or run where both are present")
 
 
 def linear_patch_embed(model) -> None:

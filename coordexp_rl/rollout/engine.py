@@ -89,6 +89,7 @@ class EngineConfig:
     tensor_parallel_size: int = _ROLLOUT.tensor_parallel_size  # vLLM
     max_pixels: int | None = None  # image resize bounds (data.max_pixels / min_pixels); None = the folder's
     min_pixels: int | None = None
+    attn_implementation: str = _MODEL.attn_implementation  # hf only (model.attn_implementation); vLLM picks its own
 
     @classmethod
     def from_config(cls, cfg, model_path, **changes) -> "EngineConfig":
@@ -100,7 +101,7 @@ class EngineConfig:
                       max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
                       tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
                       max_pixels=cfg.data.max_pixels,
-                      min_pixels=cfg.data.min_pixels)
+                      min_pixels=cfg.data.min_pixels, attn_implementation=cfg.model.attn_implementation)
         return cls(**{**fields, **changes})
 
 
