@@ -48,7 +48,8 @@ def _memory_lines(cfg: Config) -> list[str]:
              f"(rollout.gpu_memory_utilization {cfg.rollout.gpu_memory_utilization} x {GPU_GB} GB)"]
     if learner["total"] > GPU_GB:
         lines.append(f"WARNING: the learner needs ~{learner['total']:.0f} GB per rank, more than a {GPU_GB} GB GPU "
-                     "(learner.world_size, learner.activation_checkpointing, optim.batch_size, rollout.max_model_len)")
+                     "(learner.world_size, learner.activation_checkpointing, optim.batch_size, rollout.max_model_len, "
+                     "learner.micro_batch_tokens)")
     if engine["total"] > engine["limit"]:
         lines.append(f"WARNING: the rollout engine needs ~{engine['total']:.1f} GB, more than its "
                      f"{engine['limit']:.0f} GB (rollout.max_num_seqs, rollout.max_model_len, "

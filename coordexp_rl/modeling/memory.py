@@ -8,10 +8,12 @@ Learner (per rank, FSDP2 over ``learner.world_size`` ranks, learner/distributed.
 float32 (master weights), so each parameter costs 4 B of weights, each trainable one 4 B of gradient and
 8 B of AdamW moments, all divided by the ranks. On top: what FSDP unshards at a time (the root group, i.e.
 embeddings, LM head and the other parameters outside the per-layer groups, for the whole step, with its
-gradients; two decoder layers with prefetch) and activations of one micro-batch. Activations use
-Korthikanti et al.'s ~34 B per token per hidden unit per decoder layer (bf16 autocast, flash-style
-attention without the s^2 term); with activation checkpointing only each layer's float32 input is kept,
-plus one layer being recomputed. Stage-2 forwards two sequences per rollout (self-context + reordered GT).
+gradients; two decoder layers with prefetch) and activations of one micro-batch (its most tokens under
+learner.accum_steps, learner.micro_batch_tokens and learner.packing: ``micro_batch_tokens``). Activations
+use Korthikanti et al.'s ~34 B per token per hidden unit per decoder layer (bf16 autocast, flash-style
+attention without the s^2 term: eager's scores and the dense mask of a packed row on sdpa are not counted);
+with activation checkpointing only each layer's float32 input is kept, plus one layer being recomputed.
+Stage-2 forwards two sequences per rollout (self-context + reordered GT).
 
 LoRA (model.lora, learner/lora.py): the base stays in float32 but frozen, so only the adapters, the coord
 and structure token rows (and an unfrozen vision tower) cost gradients and AdamW moments, and a checkpoint
@@ -101,15 +103,44 @@ def checkpoint_gb(cfg) -> float:
     return (4 * (trainable if cfg.model.lora.rank else p["total"]) + 8 * trainable) / GB
 
 
+def micro_batch_tokens(cfg) -> tuple[int, str]:
+    """The most tokens one micro-batch's forward holds on a learner rank, and which rule bounds it (the
+    phrase ``budget_comment`` prints). Stage-2 is the larger stage: two sequences per rollout (self-context +
+    reordered GT), each at most rollout.max_model_len = L tokens; micro = optim.batch_size / (learner.world_size
+    x learner.accum_steps) rollouts per micro-batch.
+
+    learner.micro_batch_tokens = 0: a fixed count, 2 x micro x L (padded: rows x the longest; packed: the
+    sum, no more at worst). A budget B > 0 (accum_steps is then 1, micro is the rank's share;
+    learner/batching.py micro_batches): a micro-batch takes sequences while rows x the longest (packed: the
+    sum) stays <= B, and a longer sequence goes alone, so a forward holds min(max(B, L), 2 x micro x L).
+    E.g. 2 rollouts per rank, L 2,048, B 3,000 -> 3,000; B 1,000 -> 2,048 (one sequence); B 10,000 -> 8,192.
+    """
+    lr, L = cfg.learner, cfg.rollout.max_model_len
+    micro = cfg.optim.batch_size // (lr.world_size * lr.accum_steps)
+    share = 2 * micro * L  # every sequence the micro-batch (under a budget: the rank) can hold, at full length
+    budget = lr.micro_batch_tokens
+    if not budget:
+        return share, (f"{micro} rollout(s) per micro-batch x 2 sequences x {L:,} tokens"
+                       + (", packed in one row" if lr.packing else ""))
+    if budget >= share:
+        return share, (f"the rank's {2 * micro} sequences x {L:,} tokens in one micro-batch "
+                       f"(learner.micro_batch_tokens {budget:,})")
+    if budget < L:
+        return L, f"one sequence alone ({L:,} tokens > learner.micro_batch_tokens {budget:,})"
+    layout = "packed: the sum of lengths" if lr.packing else "padded: rows x the longest"
+    return budget, f"<= {budget:,} tokens per micro-batch (learner.micro_batch_tokens; {layout})"
+
+
 def learner_budget(cfg) -> dict[str, float]:
-    """Bytes per learner rank (GB) for a config; keys as in ``budget_comment``."""
+    """Bytes per learner rank (GB) for a config; keys as in ``budget_comment``. ``micro``: rollouts per
+    micro-batch (under learner.micro_batch_tokens the rank's share); ``tokens``: micro_batch_tokens' bound."""
     spec = QWEN3VL[model_key(cfg)]
     t, lr = spec["text"], cfg.learner
     p, trainable = count_params(spec), trainable_params(cfg)
     lora = lora_params(spec, cfg.model.lora) if cfg.model.lora.rank else 0  # the adapters' own weights
     w = lr.world_size if lr.sharding == "fsdp" else 1
     micro = cfg.optim.batch_size // (lr.world_size * lr.accum_steps)
-    tokens = 2 * micro * cfg.rollout.max_model_len  # Stage-2: self-context + reordered GT per rollout
+    tokens, _ = micro_batch_tokens(cfg)
     per_layer = tokens * t["hidden"] * ACT_BYTES
     if lr.activation_checkpointing:
         acts = t["layers"] * tokens * t["hidden"] * 4 + per_layer  # fp32 layer inputs + one layer recomputed
@@ -154,8 +185,8 @@ def budget_comment(cfg) -> str:
         f"#   learner, per rank of {lr.world_size} ({lr.sharding}): fp32 weights {lb['weights']:.1f} GB + fp32 grads"
         f"{frozen} {lb['grads']:.1f} GB + AdamW m,v {lb['adam']:.1f} GB = {lb['sharded']:.1f} GB;",
         f"#     unsharded at a time (root group + grads, 2 layers + 1 layer's grads) {lb['unsharded']:.1f} GB;",
-        f"#     activations of {lb['micro']} rollout(s) per micro-batch x 2 sequences x {cfg.rollout.max_model_len:,} "
-        f"tokens{' (checkpointed)' if lr.activation_checkpointing else ''} {lb['activations']:.1f} GB;",
+        f"#     activations of {micro_batch_tokens(cfg)[1]}{' (checkpointed)' if lr.activation_checkpointing else ''} "
+        f"{lb['activations']:.1f} GB;",
         f"#     + {CUDA_OVERHEAD_GB:.0f} GB CUDA/NCCL (assumed) = ~{lb['total']:.0f} GB of {GPU_GB} GB",
         f"#   rollout engine, per GPU: bf16 weights {eb['weights']:.1f} GB + KV {cfg.rollout.max_num_seqs} seqs x "
         f"{cfg.rollout.max_model_len:,} tokens x {eb['kv_per_token_kib']:.0f} KiB = {eb['kv']:.1f} GB; "

@@ -94,3 +94,25 @@ def test_lora_fits_8b_on_one_gpu_per_rank_where_a_full_fine_tune_does_not():
     assert learner_budget(lora)["grads"] == pytest.approx(4 * 51_888_128 / 1e9)
     assert checkpoint_gb(lora) == pytest.approx(12 * 51_888_128 / 1e9)  # adapters + AdamW, no base
     assert "of 0.05 B trained params (LoRA rank 16, vision frozen)" in budget_comment(lora)
+
+
+def test_a_token_budget_bounds_the_activations_by_hand():
+    """Qwen3-VL-2B (hidden 2,048, 28 layers, no checkpointing), 2 rollouts per rank = 4 sequences of <= 2,048
+    tokens. learner.micro_batch_tokens 3,000: a micro-batch's forward stays within 3,000 tokens (padded rows x
+    the longest, or packed the sum), so 3,000 x 2,048 x 34 B x 28 layers = 5,849,088,000 B, + one CE chunk
+    256 x 152,675 x 4 B x 3 = 469,017,600 B, + the fp32 final hidden 3,000 x 2,048 x 4 = 24,576,000 B
+    = 6.3426816 GB (the fixed count's 8,192 tokens: 16.5 GB). A budget under one sequence leaves it alone
+    (2,048 tokens); one over the rank's share holds all of it (8,192)."""
+    def budget(*overrides):
+        return learner_budget(load_config(CONFIGS / "qwen3vl_2b_1node.yaml", list(overrides)))
+
+    for packing in ("false", "true"):
+        lb = budget("learner.micro_batch_tokens=3000", f"learner.packing={packing}")
+        assert lb["tokens"] == 3000
+        assert lb["activations"] == pytest.approx((5_849_088_000 + 469_017_600 + 24_576_000) / 1e9)
+    assert budget()["tokens"] == budget("learner.packing=true")["tokens"] == 8192
+    assert budget("learner.micro_batch_tokens=1000")["tokens"] == 2048
+    assert budget("learner.micro_batch_tokens=100000")["tokens"] == 8192
+    assert "<= 3,000 tokens per micro-batch (learner.micro_batch_tokens; packed: the sum of lengths) 6.3 GB" in (
+        budget_comment(load_config(CONFIGS / "qwen3vl_2b_1node.yaml",
+                                   ["learner.micro_batch_tokens=3000", "learner.packing=true"])))
