@@ -11,14 +11,33 @@ from coordexp_rl.runtime import prepare_runtime
 prepare_runtime()
 
 
+# The longest files, longest first (seconds on one xdist worker beside the other, 2 cores; README "Tests"),
+# except that the fault runs (busy on both cores) start beside the two-node runs (mostly waiting on Ray).
+LONGEST_FILES = ("distributed/test_faults.py", "distributed/test_two_nodes.py", "distributed/test_actor_restart.py",
+                 "distributed/test_resume.py", "deploy/test_gpu_check.py", "deploy/test_ablate.py",
+                 "distributed/test_ray_job.py", "distributed/test_reproducible.py", "distributed/test_sync_faults.py",
+                 "distributed/test_placement_wait.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with integration tests first (each file kept whole, in its own order): xdist's --dist loadfile
-    hands files out in this order, so the long ones start early and the short ones fill the gaps after.
-    gpu-marked tests skip, with the reason, where torch sees no CUDA device."""
+    """The longest files first, then the other files with integration tests, then the rest (each file kept
+    whole, in its own order): xdist's --dist loadfile hands files out in this order to whichever worker is
+    free, so the long ones start early and the short ones fill the gaps at the end (longest first keeps
+    the two workers' ends close). gpu-marked tests skip, with the reason, where torch sees no CUDA device."""
     import torch
 
+    tests = Path(__file__).parent
+    if missing := [name for name in LONGEST_FILES if not (tests / name).is_file()]:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names files that are not there: {missing}")
     slow_files = {item.path for item in items if "integration" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole and in order
+
+    def rank(item) -> int:
+        name = item.path.relative_to(tests).as_posix()
+        if name in LONGEST_FILES:
+            return LONGEST_FILES.index(name)
+        return len(LONGEST_FILES) + (item.path not in slow_files)
+
+    items.sort(key=rank)  # stable: files stay whole and in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")

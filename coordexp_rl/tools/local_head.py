@@ -36,11 +36,12 @@ def token_env(folder: Path, **extra: str) -> dict:
 
 
 @contextmanager
-def local_ray_head(env: dict, num_cpus: int, info: dict | None = None,
-                   resources: dict | None = None) -> Iterator[str]:
-    """`ray start --head`, wait until its job agent answers, yield the dashboard address; on exit end this
-    cluster's processes (nodes that joined it included). ``info`` gets the GCS address (``gcs``: what
-    `ray start --address` and `ray.init` take) and the temp dir; ``resources``: custom resources of the head."""
+def local_ray_head(env: dict, num_cpus: int, info: dict | None = None, resources: dict | None = None,
+                   jobs: bool = True) -> Iterator[str]:
+    """`ray start --head`, wait until its job agent answers (``jobs``: for `ray job submit`; drivers that join
+    by the GCS address need no agent), yield the dashboard address; on exit end this cluster's processes
+    (nodes that joined it included). ``info`` gets the GCS address (``gcs``: what `ray start --address` and
+    `ray.init` take) and the temp dir; ``resources``: custom resources of the head."""
     from learner.distributed import free_port
 
     # A short temp dir: Ray's unix socket paths under it must stay below the 107-byte limit.
@@ -58,7 +59,8 @@ def local_ray_head(env: dict, num_cpus: int, info: dict | None = None,
         address = f"http://127.0.0.1:{dash}"
         if info is not None:
             info.update(gcs=f"127.0.0.1:{port}", temp_dir=temp_dir)
-        wait_for_job_agent(env, address)
+        if jobs:
+            wait_for_job_agent(env, address)
         yield address
     finally:
         cluster = _cluster_processes(temp_dir, port)

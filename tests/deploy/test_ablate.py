@@ -70,11 +70,12 @@ def test_step_overrides_are_refused(capsys):
 
 @pytest.mark.integration
 def test_two_arms_really_run_and_fill_the_table(tmp_path):
-    """Two arms, one seed, a few steps each, through the real launcher (Ray + vLLM); a rerun reads back."""
+    """Two arms, one seed, a few steps each, through the real launcher (Ray, the transformers engine: the tool
+    does not depend on the engine, and it starts in a third of vLLM's time); a rerun reads back."""
     import argparse
 
     small = ["data.synth_train=32", "data.synth_val=8", "eval.max_samples=8", "rollout.max_new_tokens=48",
-             "optim.batch_size=4", "stage2.sync_every=2"]
+             "optim.batch_size=4", "stage2.sync_every=2", "rollout.engine=hf"]
     default = load_config(None)
     scale = 1 / default.stage2.steps  # 1 Stage-2 step per arm, after round(stage1.steps / stage2.steps) Stage-1 steps
     out = tmp_path / "RESULTS.md"

@@ -1,10 +1,12 @@
-"""Faults injected with run.fail_at into the real launcher (real Ray, the tiny model, vLLM on CPU): a dead
-buffer, a dead learner in Stage-1 and in Stage-2, a learner that cannot be re-formed.
+"""Faults injected with run.fail_at into the real launcher (real Ray, the tiny model, the transformers engine
+on CPU): a dead buffer, a dead learner in Stage-1 and in Stage-2, a learner that cannot be re-formed.
 
 Every run is the launcher's SMALL_RUN (on-policy, a sync after every step, 2 rows per step, one actor), so
 the row ids (actor, seq) the learner consumes are known: 2 per Stage-2 step, seq 0..9 over 5 steps, each
-once, whatever died in between. All runs go at once (each its own local Ray); only the faults' steps are
-fixed, not the timings.
+once, whatever died in between. All runs go at once, as jobs of one Ray head (a Ray each, four starting at
+once, would crowd the 2 cores); only the faults' steps are fixed, not the timings. These faults are the
+driver's and the buffer's, not the engine's (a vLLM actor's death and restart: test_actor_restart,
+test_two_nodes), so the rollouts come from the transformers engine, which starts in a third of vLLM's time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from coordexp_rl.config import ConfigError, load_config
 from coordexp_rl.driver.faults import FaultInjector
+from coordexp_rl.tools.local_head import ROOT, local_ray_head, token_env
 from learner.checkpoint import is_complete
 from tests.distributed import launcher
 
@@ -24,14 +27,15 @@ pytestmark = pytest.mark.integration
 
 # checkpoints at 2, 4, 6 (Stage-1), 8, 10 (Stage-2); two learner ranks, so that a rank's death is seen by
 # the driver while its peer is in (or about to enter) a collective with it
-LONGER_STAGE1 = ["stage1.steps=6", "run.keep_last=0", "learner.world_size=2"]
+HF = "rollout.engine=hf"
+LONGER_STAGE1 = ["stage1.steps=6", "run.keep_last=0", "learner.world_size=2", HF]
 FAULT_RUNS = {
     # its Stage-1 is also the uninterrupted one the learner run's is compared with
     "buffer": [*LONGER_STAGE1, "run.fail_at=buffer@stage2:2"],
     # one restart in each stage: from step 2 after step 3, from step 8 after step 9 (learner.max_restarts=2)
     "learner": [*LONGER_STAGE1, "run.fail_at=[learner@stage1:3, learner@stage2:3]"],
-    "no_checkpoint": ["stage1.steps=4", "run.fail_at=learner@stage1:1", "rollout.engine=hf"],
-    "spent": ["stage1.steps=4", "run.fail_at=learner@stage1:3", "learner.max_restarts=0", "rollout.engine=hf"],
+    "no_checkpoint": ["stage1.steps=4", "run.fail_at=learner@stage1:1", HF],
+    "spent": ["stage1.steps=4", "run.fail_at=learner@stage1:3", "learner.max_restarts=0", HF],
 }
 
 
@@ -39,12 +43,17 @@ FAULT_RUNS = {
 def fault_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, object]]:
     """Name -> (exit code, output, run folder)."""
     root = tmp_path_factory.mktemp("faults")
-    procs = {}
-    for name, overrides in FAULT_RUNS.items():  # one local Ray starting at a time: five at once time out
-        procs[name] = launcher.start(root / name, launch_cache, *overrides)
-        launcher.wait_for_record(procs[name], root / name, "data")
-    return {name: (launcher.finish(p, root / name), launcher.output(root / name), root / name)
-            for name, p in procs.items()}
+    env = token_env(root, PYTHONPATH=str(ROOT))
+    info: dict = {}
+    with local_ray_head(env, num_cpus=3 * len(FAULT_RUNS), info=info, jobs=False):  # 2 learner ranks + 1 actor each
+        procs = {name: launcher.start(root / name, launch_cache, f"run.ray_address={info['gcs']}", *overrides,
+                                      env=env) for name, overrides in FAULT_RUNS.items()}
+        try:
+            return {name: (launcher.finish(p, root / name), launcher.output(root / name), root / name)
+                    for name, p in procs.items()}
+        finally:
+            for p in procs.values():
+                launcher.kill_tree(p)
 
 
 def assert_every_row_once(out, steps: range) -> None:

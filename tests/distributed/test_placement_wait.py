@@ -44,7 +44,7 @@ def test_the_launcher_waits_for_a_node_that_joins_and_names_what_is_pending_othe
     # a head on 127.0.0.1 refuses other nodes unless this is 1 (Ray reads such a head as a laptop)
     env = token_env(tmp_path, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
     info: dict = {}
-    with local_ray_head(env, num_cpus=1, info=info):
+    with local_ray_head(env, num_cpus=1, info=info, jobs=False):
         alone = _reserve(info["gcs"], env, "run.placement_timeout_s=3")
         out, _ = alone.communicate(timeout=180)
         assert "REFUSED placement groups not ready after run.placement_timeout_s=3 s" in out, out[-3000:]

@@ -36,7 +36,10 @@ RUNS = {
     # the transformers engine (the stop does not depend on the engine, which starts in a third of the time);
     # Stage-2 long enough to be still under way when the vLLM runs reach it
     "gone": ["rollout.node_resource=coordexp_rollout_gone", "rollout.gone_timeout_s=20", "rollout.engine=hf",
-             "stage2.steps=100"],
+             "stage2.steps=100",
+             # the sync that meets the lost actor asks again while Ray restarts it, up to this long; Ray never
+             # can (no node has its resource), so the default 120 s would be waited in full before gone_timeout_s
+             "weight_sync.timeout_s=20"],
 }
 
 
@@ -46,7 +49,7 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
     root = tmp_path_factory.mktemp("two_nodes")
     env = token_env(root, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", **FAST_NODE_DEATH)
     info: dict = {}
-    with local_ray_head(env, num_cpus=len(RUNS), info=info, resources={"coordexp_learner": len(RUNS)}):
+    with local_ray_head(env, num_cpus=len(RUNS), info=info, resources={"coordexp_learner": len(RUNS)}, jobs=False):
         node = join_node(env, info["gcs"], num_cpus=3, resources={"coordexp_rollout": 2, "coordexp_rollout_gone": 1})
         outs = {name: root / name for name in RUNS}
         procs = {name: launcher.start(outs[name], launch_cache, f"run.ray_address={info['gcs']}",
