@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from coordexp_rl.config import ConfigError, load_config
-from coordexp_rl.data.loader import load_samples
 from coordexp_rl.driver import assets
 from learner.learner import Learner
+from tests.learner.test_micro_batches import mixed_lengths
 
 OVERRIDES = ["optim.warmup_steps=0", "optim.batch_size=6", "optim.lr=1e-12", "loss.lambda_l1=1.0",
              "loss.lambda_giou=1.0"]
@@ -24,10 +24,7 @@ NAMES_THE_FIX = r"model\.attn_implementation=flash_attention_2 needs a CUDA devi
 @pytest.fixture(scope="module")
 def samples(synth_dir):
     """6 samples of 1 to 3 objects: one padded micro-batch holds sequences of three lengths."""
-    by_count: dict[int, list] = {}
-    for s in load_samples(synth_dir / "train.jsonl"):
-        by_count.setdefault(len(s.objects), []).append(s)
-    return [by_count[n][i] for i, n in enumerate((1, 3, 1, 3, 2, 2))]
+    return mixed_lengths(synth_dir)
 
 
 def stage1(tiny_model_dir, samples, attn: str, packing: bool) -> dict[str, float]:

@@ -31,13 +31,17 @@ VARIANTS = {  # name: (overrides, accum_steps); the reference is padded, batch o
 }
 
 
-@pytest.fixture(scope="module")
-def samples(synth_dir):
+def mixed_lengths(synth_dir) -> list:
     """6 samples of 1 to 3 objects (55 to 79 tokens), long and short ones alternating."""
     by_count: dict[int, list] = {}
     for s in load_samples(synth_dir / "train.jsonl"):
         by_count.setdefault(len(s.objects), []).append(s)
     return [by_count[n][i] for i, n in enumerate((1, 3, 1, 3, 2, 2))]
+
+
+@pytest.fixture(scope="module")
+def samples(synth_dir):
+    return mixed_lengths(synth_dir)
 
 
 def run(tiny_model_dir, samples, overrides=(), accum_steps=2) -> list[dict]:
