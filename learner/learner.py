@@ -39,6 +39,7 @@ from learner import lora
 from learner.batching import forward_tokens, gather_supervision, micro_batches
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
+from learner.step_timer import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Learner:
         local = self._share(rows)
         batch = self._fail_together(lambda: self.sequences.stage2(local, samples, params))
         seqs, stats, ious = batch.sequences, batch.stats, batch.ious
+        sequences_s = time.perf_counter() - t0  # parse checks, matching, both sequences of every row (host)
 
         self.stage2_steps += 1
         metrics = self._train_step(seqs, "stage2")
@@ -147,6 +149,7 @@ class Learner:
         metrics["match/iou_thr"] = params.iou_thr
         metrics["weight_version_lag"] = self.version - min((r.weight_version for r in rows), default=self.version)
         metrics["tokens_per_s"] = totals["tokens"] / (time.perf_counter() - t0)
+        metrics["time/sequences_s"] = sequences_s
         # COMPUTE: the step's work in tokens, for equal-compute comparisons (`coordexp-rl ablate`). Learner
         # tokens went through forward + backward (summed over ranks; unpadded, image tokens included: the
         # self-context and the GT sequence of every row); rollout tokens are the prompt + generated tokens of
@@ -308,6 +311,7 @@ class Learner:
 
         Normalisers are summed over ranks first, so the summed gradients are the whole batch's gradient.
         """
+        timer = PhaseTimer(self.device)
         micros = self._micro_batches(seqs)
         # one all-reduce for the normalisers and the padding counts (pad_fraction below)
         norm = self.dist.sum({
@@ -316,6 +320,7 @@ class Learner:
             "forward_tokens": float(sum(forward_tokens(m, self.packing) for m in micros)),
             "tokens": float(sum(len(s.input_ids) for s in seqs))})
         self.optimizer.zero_grad(set_to_none=True)
+        timer.mark("prepare")  # micro-batches and the normalisers' all-reduce
         terms: dict[str, float] = {}
         for micro in micros:
             if not micro and self.dist.world_size == 1:  # fewer sequences than accum_steps micro-batches
@@ -324,7 +329,9 @@ class Learner:
             # drops it (loss x 0): FSDP's all-gathers and reduce-scatters are collectives of every rank.
             filler = not micro
             total, micro_terms = self._forward_loss(micro or seqs[:1], stage, norm)
+            timer.mark("forward")
             (total * 0 if filler else total).backward()  # even when non-finite (checked below, on every rank)
+            timer.mark("backward")
             for k, v in ({} if filler else micro_terms).items():
                 terms[k] = terms.get(k, 0.0) + v
         terms = self.dist.sum(terms)
@@ -336,8 +343,10 @@ class Learner:
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
+        timer.mark("optimizer")  # with the gradients' all-reduce (unsharded ranks) and clipping
         self.step += 1
         metrics = {f"loss/{k}": v for k, v in terms.items()}
+        metrics.update({f"time/{k}_s": v for k, v in timer.seconds().items()})
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
         # the share of the tokens through the forwards that were padding (all ranks)
         metrics["pad_fraction"] = 1.0 - norm["tokens"] / norm["forward_tokens"] if norm["forward_tokens"] else 0.0

@@ -56,7 +56,13 @@ def test_cpu_dry_run_runs_every_step_and_reports_each_as_json(tmp_path):
     assert train["stage2"]["weight_syncs"] == 3 and train["stage1"]["steps_per_s"] > 0
     # model FLOPs by formula on the CPU; no MFU without a bf16 peak for the device
     assert train["stage1"]["model_tflops_per_s"] > 0 and train["stage1"]["mfu"] is None
-    bench = by["bench_loss"]["result"]["report"]
+    assert train["stage2"]["model_tflops_per_s"] > 0 and train["stage2"]["mfu"] is None
+    phases = train["stage2"]["learn_breakdown_s"]  # the learner's time/* phases of the timed steps
+    assert set(phases) == {"sequences_s", "prepare_s", "forward_s", "backward_s", "optimizer_s"}
+    assert 0 < sum(phases.values()) <= train["stage2"]["learn_s"]
+    runs = by["bench_loss"]["result"]["runs"]
+    assert [r["chunk_size"] for r in runs] == [256]
+    bench = runs[0]["report"]
     assert bench["chunk_size"] == 256 and bench["dtype"] == "bfloat16"  # the GPU run's dtype, on the CPU
     assert bench["settings"][0]["ours"]["loss"] == pytest.approx(bench["settings"][0]["naive"]["loss"],
                                                                  rel=bench["agreement_rtol"])

@@ -1,6 +1,7 @@
 """The Learner on the tiny model, in one process (no Ray)."""
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from coordexp_rl.method.protocol import BoxObject, build_assistant_ids, parse_id
 from coordexp_rl.modeling.inputs import encode_prompt
 from coordexp_rl.rollout.schema import RolloutRow
 from learner.learner import Learner
+from learner.step_timer import PhaseTimer
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,36 @@ def test_every_step_reports_its_peak_memory(tiny_model_dir, samples):
     row = rollout_of(learner, samples[0], samples[0].objects)
     later = learner.stage2_step([row], {samples[0].sample_id: samples[0]})["memory/peak_rss_gib"]
     assert later >= m["memory/peak_rss_gib"]
+
+
+def test_every_step_reports_where_its_time_went(tiny_model_dir, samples):
+    """time/*: the phases of the step (learner/step_timer.py), each positive, inside the step's wall time;
+    Stage-2 adds the host time of matching and building the sequences."""
+    learner = make_learner(tiny_model_dir, "learner.accum_steps=2")
+    t0 = time.perf_counter()
+    m = learner.stage1_step(samples)
+    wall = time.perf_counter() - t0
+    phases = {k: v for k, v in m.items() if k.startswith("time/")}
+    assert set(phases) == {"time/prepare_s", "time/forward_s", "time/backward_s", "time/optimizer_s"}
+    assert all(v > 0 for v in phases.values()) and sum(phases.values()) <= wall
+    row = rollout_of(learner, samples[0], samples[0].objects)
+    t0 = time.perf_counter()
+    m2 = learner.stage2_step([row], {samples[0].sample_id: samples[0]})
+    wall = time.perf_counter() - t0
+    stage2 = {k: v for k, v in m2.items() if k.startswith("time/")}
+    assert set(stage2) == set(phases) | {"time/sequences_s"} and all(v > 0 for v in stage2.values())
+    assert sum(stage2.values()) <= wall
+
+
+def test_phase_timer_adds_up_a_phase_marked_twice():
+    timer = PhaseTimer(torch.device("cpu"))
+    for _ in range(2):
+        time.sleep(0.02)
+        timer.mark("a")
+        time.sleep(0.01)
+        timer.mark("b")
+    got = timer.seconds()
+    assert set(got) == {"a", "b"} and got["a"] >= 0.04 and 0.02 <= got["b"] < got["a"]
 
 
 def test_stage2_runs_at_its_own_learning_rate(tiny_model_dir, samples):

@@ -54,6 +54,7 @@ class Profile:
     bench_objects: tuple[int, ...]
     bench_repeats: int
     chunk_size: int = 256  # loss.ce_chunk_size, the shipped default (configs/qwen3vl_2b_1node.yaml too)
+    bench_chunk_sizes: tuple[int, ...] = (256,)  # bench_loss runs once per size
     skipped_parts: list = field(default_factory=list)  # [{"part", "reason"}] this profile leaves out
 
 
@@ -62,6 +63,8 @@ GPU = Profile(
     image_size=448, n_images=16, batch_size=8, stage1_steps=4, stage2_steps=3, max_new_tokens=64,
     gen_batches=(1, 8, 64), gen_new_tokens=128, gen_warmup=True,
     bench_hidden=2048, bench_objects=(20, 100), bench_repeats=3,
+    # the shipped chunk, and one that holds 20 objects' 300 positions whole (the naive path's three matmuls)
+    bench_chunk_sizes=(256, 1024),
 )
 DRY = Profile(
     name="dry", device="cpu", model_sizes={}, fsdp_sizes={}, tokenizer="local",

@@ -109,15 +109,20 @@ def junit_summary(path: Path) -> dict:
 
 
 def bench_loss(work: Path, p: Profile) -> dict:
-    """``coordexp-rl bench loss`` (its own subprocesses per method) at the profile's size; its JSON report."""
+    """``coordexp-rl bench loss`` (its own subprocesses per method) at the profile's size, once per chunk size
+    in ``p.bench_chunk_sizes`` (where chunking starts to pay on a GPU is what the runs measure); their JSON
+    reports."""
     require_cuda(p)
-    # bf16 in the dry run too: its looser naive-vs-ours tolerance is rehearsed on the CPU before a GPU run
-    cmd = [sys.executable, "-m", "coordexp_rl.cli", "bench", "loss", "--device", p.device, "--dtype", "bfloat16",
-           "--hidden", str(p.bench_hidden), "--chunk-size", str(p.chunk_size), "--repeats", str(p.bench_repeats),
-           "--objects", *map(str, p.bench_objects)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    print(" ".join(cmd), proc.stderr[-5000:], sep="\n")
-    if proc.returncode:
-        raise RuntimeError(f"bench loss exited {proc.returncode}: {proc.stderr[-1500:]}")
-    report = json.loads(proc.stdout)
-    return {"command": "coordexp-rl " + " ".join(cmd[3:]), "report": report}
+    runs = []
+    for chunk_size in p.bench_chunk_sizes:
+        # bf16 in the dry run too: its looser naive-vs-ours tolerance is rehearsed on the CPU before a GPU run
+        cmd = [sys.executable, "-m", "coordexp_rl.cli", "bench", "loss", "--device", p.device, "--dtype", "bfloat16",
+               "--hidden", str(p.bench_hidden), "--chunk-size", str(chunk_size), "--repeats", str(p.bench_repeats),
+               "--objects", *map(str, p.bench_objects)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        print(" ".join(cmd), proc.stderr[-5000:], sep="\n")
+        if proc.returncode:
+            raise RuntimeError(f"bench loss exited {proc.returncode}: {proc.stderr[-1500:]}")
+        runs.append({"chunk_size": chunk_size, "command": "coordexp-rl " + " ".join(cmd[3:]),
+                     "report": json.loads(proc.stdout)})
+    return {"runs": runs}

@@ -132,6 +132,7 @@ def stage2(learner, engine, samples, cfg, p: Profile) -> dict:
     reset_peak()
     sync_s = _sync_weights(learner, engine)  # the engine starts from the Stage-1 weights, as in the launcher
     records, times = [], {"rollout_s": 0.0, "learn_s": 0.0, "sync_s": sync_s, "generated_tokens": 0}
+    flops = 0.0
     for k in range(p.stage2_steps):
         batch = [samples[(k * p.batch_size + i) % len(samples)] for i in range(p.batch_size)]
         half = len(batch) // 2
@@ -140,14 +141,24 @@ def stage2(learner, engine, samples, cfg, p: Profile) -> dict:
         times["rollout_s"] += time.perf_counter() - t0
         times["generated_tokens"] += sum(len(row.generated_ids) for row in rows)
         rows += [jittered_gt_row(learner, s) for s in batch[half:]]
+        if k:  # the first step is a warm-up (as in Stage-1): its shapes are new to the allocator and kernels
+            # model FLOPs of the step's own sequences (self-context and reordered GT), built untimed
+            params = learner.curriculum.at(learner.stage2_steps)
+            flops += _step_flops(learner, learner.sequences.stage2(rows, by_id, params).sequences)
         with Timer() as t:
             records.append(learner.stage2_step(rows, by_id))
-        times["learn_s"] += t.s
+        if k:
+            times["learn_s"] += t.s
         times["sync_s"] += _sync_weights(learner, engine)
     _check_finite("stage2", records)
-    n = p.stage2_steps
-    return {"steps": n, "rows_per_step": {"engine": p.batch_size // 2, "jittered_gt": p.batch_size - p.batch_size // 2},
-            "learn_steps_per_s": round(n / times["learn_s"], 3),
+    n, timed = p.stage2_steps, records[1:]
+    # where a timed step's time went: the learner's own phases (time/*, learner/step_timer.py), summed
+    phases = {k.removeprefix("time/"): sum(m[k] for m in timed) for k in timed[0] if k.startswith("time/")}
+    return {"steps": n, "timed_steps": len(timed),
+            "rows_per_step": {"engine": p.batch_size // 2, "jittered_gt": p.batch_size - p.batch_size // 2},
+            "learn_steps_per_s": round(len(timed) / times["learn_s"], 3),
+            **_throughput(flops, sum(m["compute/learner_tokens"] for m in timed), times["learn_s"]),
+            "learn_breakdown_s": rounded(phases, 4),
             "rollout_tokens_per_s": round(times["generated_tokens"] / max(times["rollout_s"], 1e-9), 1),
             "weight_syncs": n + 1, "sync_s_mean": round(times["sync_s"] / (n + 1), 3),
             **rounded(times, 3), "first": _pick(records[0]), "last": _pick(records[-1]), **(peak_memory() or {})}
