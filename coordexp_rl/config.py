@@ -257,6 +257,10 @@ class LearnerConfig(_Section):
     sharding: Literal["replicate", "fsdp"] = "replicate"  # whole model per rank, or FSDP2 shards
     accum_steps: Count = 1  # micro-batches per optimizer step per rank
     activation_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
+    # torch.compile each decoder layer (inductor, dynamic shapes: lengths change every step). The first step
+    # pays the compile (about a minute for the tiny model on 2 CPU cores); whether it pays on GPUs is what
+    # the GPU check's train_compiled step measures (docs/DEPLOY.md). Off in every shipped config.
+    compile: bool = False
     # How a rank's sequences form its micro-batches; these three change only speed and memory, never the
     # loss or gradients (every loss is a sum over the micro-batch / a global normaliser; learner/batching.py).
     # "length": sorted by token count before the split into accum_steps micro-batches, so each pads to

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check (docs/DEPLOY.md, "The GPU check"): every CUDA path in one run of under 8 minutes.
+# The prepared GPU check (docs/DEPLOY.md, "The GPU check"): every CUDA path in one run of under 10 minutes.
 #
-#   bash deploy/gpu_check.sh --out DIR [--cpu-dry-run] [--steps env train ...] [--budget-s 440]
+#   bash deploy/gpu_check.sh --out DIR [--cpu-dry-run] [--steps env train ...] [--budget-s 540]
 #   bash deploy/gpu_check.sh --fetch-wheels      # here, with PyPI: the wheels the GPU machine lacks -> .whl/
 #
 # The GPU machine has torch + CUDA and transformers but no pydantic (coordexp_rl.config, the data contract)

@@ -233,6 +233,22 @@ def fully_shard_model(model: torch.nn.Module, mixed_precision: bool = False) -> 
     return root
 
 
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer of the language model in place (learner.compile); returns how many.
+
+    Per layer, as torchtitan does: the layers share one code object, so one compile serves all of them,
+    FSDP2's per-layer hooks stay outside the compiled regions, and a graph break costs one layer, not the
+    model. dynamic=True: sequence lengths change every step, and without it each new length recompiles.
+    Found by name, so a LoRA-wrapped model (learner/lora.py) is found too.
+    """
+    layers = [m for name, m in model.named_modules() if name.endswith("language_model.layers")]
+    if len(layers) != 1:
+        raise ValueError(f"learner.compile: expected one language_model.layers list in the model, found {len(layers)}")
+    for layer in layers[0]:
+        layer.compile(dynamic=True)
+    return len(layers[0])
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

@@ -38,7 +38,14 @@ from coordexp_rl.rollout.schema import RolloutRow
 from learner import lora
 from learner.batching import forward_tokens, gather_supervision, micro_batches
 from learner.checkpoint import load_checkpoint, save_checkpoint
-from learner.distributed import DistContext, ParallelPlan, full_tensor, fully_shard_model, split
+from learner.distributed import (
+    DistContext,
+    ParallelPlan,
+    compile_decoder_layers,
+    full_tensor,
+    fully_shard_model,
+    split,
+)
 from learner.step_timer import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,8 @@ class Learner:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora.rank:  # adapters + coord rows train; the vision tower per freeze_vision
             self.model = lora.apply_lora(self.model, cfg.model.lora, self.vocab, cfg.model.freeze_vision)
+        if cfg.learner.compile:  # after checkpointing and adapters wrap the layers, before FSDP shards them
+            compile_decoder_layers(self.model)
         self.model.train()
         if cfg.model.freeze_vision:
             for p in self.model.model.visual.parameters():
@@ -247,6 +256,7 @@ class Learner:
         ``apply`` reads it."""
         encs = [s.enc for s in seqs]
         inputs = pack(encs, self.model.model.get_rope_index) if self.packing else collate(encs, self.pad_id)
+        inputs["use_cache"] = False  # a training forward needs no KV cache (Qwen3-VL's config builds one)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if self.sharded is not None:
             return self.sharded(batch, apply, autocast=self.autocast)

@@ -109,11 +109,11 @@ def stage1_settings(cfg: Config) -> dict:
             and not (k in LAYOUT_KEYS and v == defaults[k])}
 
 
-# How the learner lays out its forwards (micro-batches, padding or packing) and which attention kernel runs
-# them: the same loss and gradients up to float rounding. They join stage1_settings only when set, so the
-# folders built before they existed keep their names.
+# How the learner lays out its forwards (micro-batches, padding or packing), which attention kernel runs
+# them and whether they are compiled: the same loss and gradients up to float rounding. They join
+# stage1_settings only when set, so the folders built before they existed keep their names.
 LAYOUT_KEYS = ("learner.micro_batch_order", "learner.micro_batch_tokens", "learner.packing",
-               "model.attn_implementation")
+               "model.attn_implementation", "learner.compile")
 
 
 def pretrained_tiny_model(cfg: Config, init: Path) -> Path:

@@ -78,3 +78,11 @@ def test_step_phases_are_timed_by_cuda_events(tiny_model_dir, samples):
     phases = [m[f"time/{k}_s"] for k in ("prepare", "forward", "backward", "optimizer")]
     assert all(v > 0 for v in phases) and sum(phases) <= wall * 1.01
 
+
+
+def test_compiled_layers_on_cuda_track_the_eager_loss(tiny_model_dir, samples):
+    """learner.compile on CUDA (inductor's GPU kernels, which the CPU test cannot reach): the same loss."""
+    eager = make_learner(tiny_model_dir, "optim.lr=1e-12").stage1_step(samples)
+    compiled = make_learner(tiny_model_dir, "optim.lr=1e-12", "learner.compile=true").stage1_step(samples)
+    assert compiled["loss/total"] == pytest.approx(eager["loss/total"], rel=2e-2)
+    assert math.isfinite(compiled["grad_norm"]) and compiled["grad_norm"] > 0

@@ -82,11 +82,31 @@ def run(work: Path, p: Profile) -> dict:
     return out
 
 
+def run_compiled(work: Path, p: Profile) -> dict:
+    """``train``'s Stage-1 steps with learner.compile: the first step pays the compile (``first_step_s``), the
+    timed ones show what it buys (compare ``train``'s ``stage1``, same batches). Not in the dry run: a CPU
+    compile of the tiny model takes about a minute, and tests/learner/test_compile.py runs it there."""
+    require_cuda(p)
+    if p.device != "cuda":
+        raise Skip("--cpu-dry-run: learner.compile is tested on the CPU by tests/learner/test_compile.py "
+                   "(a minute's compile here); only its GPU speed is this step's")
+    require("pydantic", why="coordexp_rl.config and the data contract are pydantic models")
+    samples = load_data(work)
+    from coordexp_rl.config import load_config
+    from learner.learner import Learner
+
+    with Timer() as t:
+        learner = Learner(load_config(None, [*learner_overrides(p), "learner.compile=true"]), work / MAIN)
+    return {"device": p.device, "batch_size": p.batch_size, "learner": {"load_s": round(t.s, 1)},
+            "stage1": stage1(learner, samples, p)}
+
+
 def stage1(learner, samples, p: Profile) -> dict:
     from coordexp_rl.data.stream import BatchStream
 
     stream = BatchStream(samples, p.batch_size, seed=0)
-    first = learner.stage1_step(stream.next_batch())  # warm-up: kernels, allocator, autotuning
+    with Timer() as warm:
+        first = learner.stage1_step(stream.next_batch())  # warm-up: kernels, allocator, autotuning, a compile
     batches = [stream.next_batch() for _ in range(p.stage1_steps - 1)]
     # model FLOPs from the timed steps' own sequences, built before the timer (no model needed)
     flops = sum(_step_flops(learner, learner.sequences.stage1(b, learner.step + i)) for i, b in enumerate(batches))
@@ -94,7 +114,8 @@ def stage1(learner, samples, p: Profile) -> dict:
     with Timer() as t:
         steps = [learner.stage1_step(b) for b in batches]
     _check_finite("stage1", [first, *steps])
-    return {"steps": len(steps) + 1, "timed_steps": len(steps), "steps_per_s": round(len(steps) / t.s, 3),
+    return {"steps": len(steps) + 1, "timed_steps": len(steps), "first_step_s": round(warm.s, 2),
+            "steps_per_s": round(len(steps) / t.s, 3),
             "tokens_per_s": round(sum(m["tokens_per_s"] for m in steps) / len(steps), 1),
             **_throughput(flops, sum(m["compute/learner_tokens"] for m in steps), t.s),
             "first": _pick(first), "last": _pick(steps[-1]), **(peak_memory() or {})}

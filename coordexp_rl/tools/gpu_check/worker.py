@@ -27,6 +27,7 @@ def call(step: str, work: Path, out_dir: Path, dry_run: bool) -> dict:
         "build_model": lambda: build.run(work, p),
         "train": lambda: train.run(work, p),
         "bench_loss": lambda: steps.bench_loss(work, p),
+        "train_compiled": lambda: train.run_compiled(work, p),
         "generate": lambda: generate.run(work, p),
         "fsdp": lambda: fsdp.run(work, p),
     }
