@@ -59,6 +59,8 @@ def test_cpu_dry_run_runs_every_step_and_reports_each_as_json(tmp_path):
     # model FLOPs by formula on the CPU; no MFU without a bf16 peak for the device
     assert train["stage1"]["model_tflops_per_s"] > 0 and train["stage1"]["mfu"] is None
     assert train["stage2"]["model_tflops_per_s"] > 0 and train["stage2"]["mfu"] is None
+    larger = train["stage1_larger_batches"]["8"]  # Stage-1 again at a larger batch: rate, FLOPs, memory
+    assert larger["batch_size"] == 8 and larger["steps_per_s"] > 0 and larger["model_tflops_per_s"] > 0
     phases = train["stage2"]["learn_breakdown_s"]  # the learner's time/* phases of the timed steps
     assert set(phases) == {"sequences_s", "prepare_s", "forward_s", "backward_s", "optimizer_s"}
     assert 0 < sum(phases.values()) <= train["stage2"]["learn_s"]

@@ -55,6 +55,9 @@ class Profile:
     bench_repeats: int
     chunk_size: int = 256  # loss.ce_chunk_size, the shipped default (configs/qwen3vl_2b_1node.yaml too)
     bench_chunk_sizes: tuple[int, ...] = (256,)  # bench_loss runs once per size
+    # Stage-1 again at these batch sizes after Stage-2 (train's last part): whether the rate is bound by the
+    # batch (it rises with it) or by per-step overheads; the GPU configs' batch is sized from it
+    larger_batches: tuple[int, ...] = ()
     skipped_parts: list = field(default_factory=list)  # [{"part", "reason"}] this profile leaves out
 
 
@@ -65,12 +68,13 @@ GPU = Profile(
     bench_hidden=2048, bench_objects=(20, 100), bench_repeats=3,
     # the shipped chunk, and one that holds 20 objects' 300 positions whole (the naive path's three matmuls)
     bench_chunk_sizes=(256, 1024),
+    larger_batches=(16, 32),
 )
 DRY = Profile(
     name="dry", device="cpu", model_sizes={}, fsdp_sizes={}, tokenizer="local",
     image_size=288, n_images=8, batch_size=4, stage1_steps=2, stage2_steps=2, max_new_tokens=16,
     gen_batches=(1, 8, 16), gen_new_tokens=16, gen_warmup=False,
-    bench_hidden=128, bench_objects=(5,), bench_repeats=1,
+    bench_hidden=128, bench_objects=(5,), bench_repeats=1, larger_batches=(8,),
     skipped_parts=[
         {"part": "CUDA, bf16 autocast, NCCL", "reason": "--cpu-dry-run: float32 on the CPU, gloo for FSDP"},
         {"part": "Qwen3-VL-2B shapes and the real Qwen vocabulary",

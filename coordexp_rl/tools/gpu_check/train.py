@@ -79,6 +79,26 @@ def run(work: Path, p: Profile) -> dict:
         engine = HFEngine(EngineConfig.from_config(cfg, work / MAIN, kind="hf", device=p.device))
     out["engine"] = {"load_s": round(t.s, 1), "dtype": str(engine.model.dtype)}
     out["stage2"] = stage2(learner, engine, samples, cfg, p)
+    del engine
+    out["stage1_larger_batches"] = larger_batches(learner, samples, p)
+    return out
+
+
+def larger_batches(learner, samples, p: Profile) -> dict:
+    """Stage-1 at each of ``p.larger_batches`` (the same learner, so the steps continue its schedule): the
+    rate, MFU and peak memory per batch size; a size that runs out of device memory is recorded as such and
+    ends the list (a larger one would too)."""
+    import torch
+
+    out: dict = {}
+    for batch in p.larger_batches:
+        try:
+            out[str(batch)] = stage1(learner, samples, p, batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            learner.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            out[str(batch)] = {"out_of_memory": str(exc).splitlines()[0][:300]}
+            break
     return out
 
 
@@ -101,10 +121,11 @@ def run_compiled(work: Path, p: Profile) -> dict:
             "stage1": stage1(learner, samples, p)}
 
 
-def stage1(learner, samples, p: Profile) -> dict:
+def stage1(learner, samples, p: Profile, batch_size: int | None = None) -> dict:
     from coordexp_rl.data.stream import BatchStream
 
-    stream = BatchStream(samples, p.batch_size, seed=0)
+    batch_size = batch_size or p.batch_size
+    stream = BatchStream(samples, batch_size, seed=0)
     with Timer() as warm:
         first = learner.stage1_step(stream.next_batch())  # warm-up: kernels, allocator, autotuning, a compile
     batches = [stream.next_batch() for _ in range(p.stage1_steps - 1)]
@@ -114,8 +135,8 @@ def stage1(learner, samples, p: Profile) -> dict:
     with Timer() as t:
         steps = [learner.stage1_step(b) for b in batches]
     _check_finite("stage1", [first, *steps])
-    return {"steps": len(steps) + 1, "timed_steps": len(steps), "first_step_s": round(warm.s, 2),
-            "steps_per_s": round(len(steps) / t.s, 3),
+    return {"batch_size": batch_size, "steps": len(steps) + 1, "timed_steps": len(steps),
+            "first_step_s": round(warm.s, 2), "steps_per_s": round(len(steps) / t.s, 3),
             "tokens_per_s": round(sum(m["tokens_per_s"] for m in steps) / len(steps), 1),
             **_throughput(flops, sum(m["compute/learner_tokens"] for m in steps), t.s),
             "first": _pick(first), "last": _pick(steps[-1]), **(peak_memory() or {})}
