@@ -79,8 +79,10 @@ def schedule_comment(cfg: Config) -> str:
     kept = min(saves, cfg.run.keep_last) if cfg.run.keep_last else saves
     lines = [
         "# Schedule, derived by coordexp_rl/driver/plan.py from the settings below (a test checks this block):",
-        f"#   samples per optimizer step: optim.batch_size {batch} = {ln.world_size} ranks x {ln.accum_steps} "
-        f"accumulation step(s) x {micro} per micro-batch",
+        f"#   samples per optimizer step: optim.batch_size {batch} = {ln.world_size} ranks x "
+        + (f"{batch // ln.world_size} in micro-batches of <= {ln.micro_batch_tokens:,} tokens "
+           "(learner.micro_batch_tokens)" if ln.micro_batch_tokens
+           else f"{ln.accum_steps} accumulation step(s) x {micro} per micro-batch"),
         f"#   Stage-1: {s1:,} steps x {batch} = {s1 * batch:,} samples{epochs(s1 * batch)}"
         + (f" of {name} ({images:,} images);" if images else ";"),
         f"#     lr {lr:g} after {cfg.optim.warmup_steps} warmup steps ({100 * cfg.optim.warmup_steps / s1:.1f} %), "

@@ -277,3 +277,7 @@ def test_the_schedule_block_derives_from_the_settings():
     changed = schedule_comment(config("qwen3vl_2b_1node.yaml").model_copy(
         update={"stage2": config("qwen3vl_2b_1node.yaml").stage2.model_copy(update={"sync_every": 20})}))
     assert "150 weight syncs" in changed and "160 rows per weight version" in changed
+    assert "4 ranks x 1 accumulation step(s) x 2 per micro-batch" in block
+    budget = config("qwen3vl_2b_1node.yaml")
+    budget = budget.model_copy(update={"learner": budget.learner.model_copy(update={"micro_batch_tokens": 8192})})
+    assert "4 ranks x 2 in micro-batches of <= 8,192 tokens (learner.micro_batch_tokens)" in schedule_comment(budget)
