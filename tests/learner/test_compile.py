@@ -13,6 +13,7 @@ from learner.learner import Learner
 OVERRIDES = ["optim.warmup_steps=0", "optim.batch_size=4", "optim.lr=1e-3"]
 
 
+@pytest.mark.integration  # a minute's inductor compile: scheduled with the slow files (tests/conftest.py)
 def test_compiled_layers_train_as_the_eager_model(tiny_model_dir, synth_dir):
     """Two Stage-1 steps of different sequence lengths (one compile serves both: dynamic shapes): the losses
     and gradient norms of the compiled learner equal the eager learner's to float rounding."""
