@@ -237,11 +237,11 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer of the language model in place (learner.compile); returns how many.
 
     Per layer, as torchtitan does: the layers share one code object, so one compile serves all of them, and
-    a graph break costs one layer, not the model. In place (nn.Module.compile), so parameter names, and with
-    them checkpoints and weight sync, do not change. dynamic=True: sequence lengths change every step, and
-    without it each new length recompiles. Found by name, so a LoRA-wrapped model (learner/lora.py) is found
-    too. FSDP2 shards the compiled layers afterwards; that combination is not tested here (CPU tests compile
-    one unsharded rank).
+    a graph break costs one layer, not the model. In place (the module's own compile method), so parameter
+    names, and with them checkpoints and weight sync, do not change. dynamic=True: sequence lengths change
+    every step, and without it each new length recompiles. Found by name, so a LoRA-wrapped model
+    (learner/lora.py) is found too. FSDP2 shards the compiled layers afterwards; that combination is not
+    tested here (CPU tests compile one unsharded rank).
     """
     layers = [m for name, m in model.named_modules() if name.endswith("language_model.layers")]
     if len(layers) != 1:
