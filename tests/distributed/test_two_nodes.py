@@ -110,7 +110,11 @@ def test_actors_on_a_lost_node_restart_on_a_node_that_joins_and_every_row_is_con
     ids = consumed_ids(out)
     assert sorted(seq for _, seq in ids) == list(range(2 * STEPS))  # each once, none skipped
     syncs = launcher.records(out, "sync")
-    assert len(syncs) == 1 + STEPS and all(r["failed_actors"] == 0 for r in syncs)  # across the nodes
+    assert len(syncs) == 1 + STEPS  # across the nodes
+    # The kill falls between the object_store run's syncs; the broadcast run's may meet the dying actor, which
+    # keeps its old weights and loads the newest at its restart (test_sync_faults): one failed sync at most.
+    failed = [r["failed_actors"] for r in syncs if r["failed_actors"]]
+    assert failed == [] if transport == "object_store" else failed in ([], [1])
     final = launcher.records(out, "rollout")[-1]
     assert final["supervisor/actor_deaths"] == final["supervisor/actor_recoveries"] == 1
     assert final["buffer/stale_dropped"] == 0
