@@ -18,6 +18,7 @@ With one process and no process group, ``DistContext`` is rank 0 of 1 and every 
 from __future__ import annotations
 
 import logging
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,9 +176,36 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     log.info("learner rank %d/%d joined (%s, %s:%d)", rank, world_size, backend, master_addr, master_port)
 
 
+# Where free_port looks first: above Ray's worker ports (10002-19999 by default), below Linux's usual
+# ephemeral range (32768-60999), which /proc tells exactly where it can.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports (Linux's /proc; the usual one elsewhere)."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port free on this host right now (the rendezvous binds it moments later)."""
-    with socket.socket() as s:
+    """A TCP port free on this host right now, outside the ephemeral range where one is free. Why: the
+    rendezvous binds it later (after a model load: minutes on a loaded machine), and meanwhile any outgoing
+    connection may take an ephemeral port (seen once in CI: a learner re-form failed with EADDRINUSE).
+    Picked at random from the OS's entropy: a seeded ``random`` would give concurrent runs the same port."""
+    ephemeral, pick = ephemeral_ports(), random.SystemRandom()
+    for port in pick.sample(RENDEZVOUS_PORTS, 32):
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken, or the range ephemeral here: any port the OS gives
         s.bind(("", 0))
         return int(s.getsockname()[1])
 

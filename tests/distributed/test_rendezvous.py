@@ -2,6 +2,7 @@
 listens on all interfaces (``*:port``) whatever host it is given; ours listens on 127.0.0.1 on one machine.
 Read from /proc/net/tcp{,6} (the CI and the clusters run Linux)."""
 
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -69,3 +70,16 @@ def test_learner_group_listens_on_loopback():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == f"['{LOOPBACK}']"
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
+    """Outgoing connections take ephemeral ports at any moment; a rendezvous port picked there can be gone
+    by the time rank 0 binds it (EADDRINUSE at a learner re-form, once in CI)."""
+    from learner.distributed import ephemeral_ports
+
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # random, not one fixed port for every caller
+    for port in ports:
+        assert port not in ephemeral_ports()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
