@@ -16,6 +16,7 @@ import logging
 from typing import Any, Sequence
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.ray_learner import LearnerActor, node_address
@@ -130,11 +131,30 @@ class LearnerGroup:
         for w in self.workers:
             ray.kill(w)
 
-    def restart(self) -> None:
+    def restart(self, tries: int = 2) -> None:
         """A rank died: end every rank (the survivors may wait in a collective) and start the group again
-        in the same bundles, untrained (load a checkpoint next). Every holder of this group sees the new ranks."""
-        self.kill()
-        self.workers = self._start_workers(*self._args, **self._options)
+        in the same bundles, untrained (load a checkpoint next), returning once every rank is up. Every holder
+        of this group sees the new ranks. A rank that fails to start (its rendezvous port taken meanwhile,
+        say) ends the others at once, which would otherwise wait for it until dist_timeout_s, and the group
+        starts again on a new port; the last try's error is raised."""
+        for attempt in range(1, tries + 1):
+            self.kill()
+            self.workers = self._start_workers(*self._args, **self._options)
+            try:
+                self._wait_started()
+                return
+            except RayActorError as exc:
+                if attempt == tries:
+                    self.kill()
+                    raise
+                log.warning("learner group: a rank failed to start (%s); starting the group again", exc)
+
+    def _wait_started(self) -> None:
+        """Until every rank's constructor has returned; the first one that failed raises at once."""
+        pending = [w.__ray_ready__.remote() for w in self.workers]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
 
     def owns(self, exc: BaseException) -> bool:
         """Whether the actor error ``exc`` (a RayActorError) is about one of this group's ranks."""

@@ -85,3 +85,42 @@ def test_frozen_vision_is_packed_once_per_learner_life(ray_local, tiny_model_dir
         assert set(got) == names and set(payload.omitted) == (set(frozen) if ref is not frozen1 else set())
         for name, w in got.items():
             assert torch.equal(w, learner_weights[name]), name
+
+
+def test_a_restart_whose_rendezvous_port_is_taken_starts_again_on_another(ray_local, tiny_model_dir, synth_dir,
+                                                                         monkeypatch):
+    """Rank 0 cannot bind a port someone else listens on, and rank 1 would wait for it until dist_timeout_s:
+    restart() ends both at once and starts the group again on a new port (seen once in CI: EADDRINUSE)."""
+    import socket
+    import time
+
+    import learner.group as group_module
+    from learner.group import LearnerGroup
+
+    ray = ray_local
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(8)  # rank 1 connects here and waits for a store that never answers
+    picks = []
+
+    real = group_module._rendezvous_address
+
+    class FirstTaken:  # the first start of restart() gets the taken port, later ones a free one
+        def options(self, **kw):
+            picks.append(kw)
+            if len(picks) == 2:
+                return type("R", (), {"remote": staticmethod(lambda: ray.put(("127.0.0.1", taken.getsockname()[1])))})
+            return real.options(**kw)
+
+    cfg = load_config(None, OVERRIDES).model_dump()
+    group = LearnerGroup(cfg, str(tiny_model_dir), str(synth_dir / "train.jsonl"), world_size=2, num_cpus=1,
+                         dist_timeout_s=600)
+    monkeypatch.setattr(group_module, "_rendezvous_address", FirstTaken())
+    picks.append({})  # the group's first start, before the patch
+    t0 = time.monotonic()
+    group.restart()
+    assert len(picks) == 3  # the taken port, then a new one
+    assert time.monotonic() - t0 < 300  # not dist_timeout_s
+    assert ray.get(group.status.remote())["world_size"] == 2
+    taken.close()
+    group.kill()
