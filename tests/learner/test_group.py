@@ -102,15 +102,16 @@ def test_a_restart_whose_rendezvous_port_is_taken_starts_again_on_another(ray_lo
     taken.bind(("127.0.0.1", 0))
     taken.listen(8)  # rank 1 connects here and waits for a store that never answers
     picks = []
-
     real = group_module._rendezvous_address
+
+    class TakenPort:
+        def remote(self):
+            return ray.put(("127.0.0.1", taken.getsockname()[1]))
 
     class FirstTaken:  # the first start of restart() gets the taken port, later ones a free one
         def options(self, **kw):
             picks.append(kw)
-            if len(picks) == 2:
-                return type("R", (), {"remote": staticmethod(lambda: ray.put(("127.0.0.1", taken.getsockname()[1])))})
-            return real.options(**kw)
+            return TakenPort() if len(picks) == 2 else real.options(**kw)
 
     cfg = load_config(None, OVERRIDES).model_dump()
     group = LearnerGroup(cfg, str(tiny_model_dir), str(synth_dir / "train.jsonl"), world_size=2, num_cpus=1,
