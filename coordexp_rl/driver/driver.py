@@ -271,8 +271,8 @@ class Driver:
                 except ActorsGone as e:
                     self.log_rollout_stats()  # the last counters: the rows lost with the actors are permits held
                     raise self.stopped(str(e), exit_code=4) from None
-                except BufferGone as e:
-                    raise self.stopped(str(e), exit_code=4) from None
+                except BufferGone as e:  # from the learner's task, Ray's copy carries the remote traceback
+                    raise self.stopped(str(getattr(e, "cause", None) or e), exit_code=4) from None
                 except RayActorError as exc:
                     if not self.learner.owns(exc):
                         raise

@@ -3,7 +3,8 @@ in the trackers of ``run.loggers`` (TensorBoard, W&B, MLflow: coordexp_rl/driver
 
 A resumed run rewinds the log to its checkpoint: ``RunLog(out, resume_step=k)`` keeps the records with
 ``step <= k`` (rewriting ``metrics.jsonl`` atomically) and TensorBoard hides events after ``k``
-(``purge_step``), so the steps between the checkpoint and the crash, which run again, appear once.
+(``purge_step``), so the steps between the checkpoint and the crash, which run again, appear once. A learner
+re-formed within a run rewinds the same way (``rewind``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ class RunLog:
 
     def rewind(self, step: int) -> None:
         """Within a run (the learner re-formed from the checkpoint of ``step``): keep the records up to it,
-        as a resume does. The trackers keep theirs and get the steps taken again as new points."""
+        as a resume does; TensorBoard hides its events past it too. W&B and MLflow cannot drop points: they
+        get the steps taken again as second points (the ``fault`` record says how many)."""
         with self._lock:
             self._file.close()
             self._rewind(step)
             self._file = self.path.open("a")
+            for tracker in self.trackers:
+                tracker.rewind(step)
 
     def evaluations(self) -> dict[str, dict]:
         """The evaluations kept from before a resume: label -> headline metrics (``eval/`` prefix removed)."""

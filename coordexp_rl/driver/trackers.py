@@ -58,10 +58,18 @@ def numeric(metrics: dict) -> dict[str, float]:
 
 class TensorBoard:
     def __init__(self, out: Path, resume_step: int | None):
+        self.folder = out / "tb"
+        self.writer = self._open(resume_step)
+
+    def _open(self, rewound_to: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run hides the events past its checkpoint (they run again).
-        self.writer = SummaryWriter(str(out / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        # After a resume or a re-formed learner, the events past the checkpoint are hidden (they run again).
+        return SummaryWriter(str(self.folder), purge_step=None if rewound_to is None else rewound_to + 1)
+
+    def rewind(self, step: int) -> None:
+        self.writer.close()
+        self.writer = self._open(step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -100,6 +108,9 @@ class Wandb:
         if overlays:
             logged[f"eval/{label}/overlays"] = [self.wandb.Image(str(p), caption=p.stem) for p in overlays]
         self.run.log(logged)
+
+    def rewind(self, step: int) -> None:
+        pass  # W&B cannot drop logged points: the steps taken again appear a second time (fault/steps_lost)
 
     def close(self) -> None:
         self.run.finish()
@@ -142,6 +153,9 @@ class Mlflow:
         self.client.log_dict(self.run_id, {"step": step, **metrics}, f"eval/{label}/metrics.json")
         if (folder / "overlays").is_dir():
             self.client.log_artifacts(self.run_id, str(folder / "overlays"), f"eval/{label}/overlays")
+
+    def rewind(self, step: int) -> None:
+        pass  # MLflow keeps every value of a step: the steps taken again are a second value at each (fault/steps_lost)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

@@ -1,5 +1,5 @@
 """Faults injected with run.fail_at into the real launcher (real Ray, the tiny model, the transformers engine
-on CPU): a dead buffer, a dead learner in Stage-1 and in Stage-2, a learner that cannot be re-formed.
+on CPU): a dead buffer, a dead learner in Stage-1 and in Stage-2, a learner or a buffer that cannot come back.
 
 Every run is the launcher's SMALL_RUN (on-policy, a sync after every step, 2 rows per step, one actor), so
 the row ids (actor, seq) the learner consumes are known: 2 per Stage-2 step, seq 0..9 over 5 steps, each
@@ -36,6 +36,7 @@ FAULT_RUNS = {
     "learner": [*LONGER_STAGE1, "run.fail_at=[learner@stage1:3, learner@stage2:3]"],
     "no_checkpoint": ["stage1.steps=4", "run.fail_at=learner@stage1:1", HF],
     "spent": ["stage1.steps=4", "run.fail_at=learner@stage1:3", "learner.max_restarts=0", HF],
+    "buffer_spent": ["stage1.steps=4", "run.fail_at=buffer@stage2:2", "buffer.max_restarts=0", HF],
 }
 
 
@@ -124,6 +125,17 @@ def test_a_learner_that_cannot_be_re_formed_ends_the_job_with_its_resume_command
     assert "learner.max_restarts=0 restarts used up" in text
     checkpoint = text.split("Checkpoint: ")[1].split()[0]
     assert checkpoint.endswith("step-000002") and is_complete(checkpoint) and f"run.resume={checkpoint}" in text
+
+
+def test_a_buffer_whose_restarts_are_spent_ends_the_job_with_a_checkpoint_and_its_resume_command(fault_runs):
+    rc, text, out = fault_runs["buffer_spent"]
+    assert rc == 4, text[-4000:]
+    stopped = text.split("run stopped: ")[1].split("\n")[0]
+    # the learner's or the driver's own words, without the remote traceback Ray wraps around a task's error
+    assert stopped.startswith("the rollout buffer died and is not restarted (buffer.max_restarts used up): "), stopped
+    checkpoint = text.split("Checkpoint: ")[1].split()[0]  # the Stage-2 checkpoint at step 6, before the kill
+    assert checkpoint.endswith("step-000006") and is_complete(checkpoint) and f"run.resume={checkpoint}" in text
+    assert [r["step"] for r in launcher.records(out, "stage2")] == [5, 6]
 
 
 def test_fault_points_are_checked_when_the_config_loads_and_fire_once_per_run_folder(tmp_path):

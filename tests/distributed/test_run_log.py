@@ -42,3 +42,22 @@ def test_tensorboard_hides_events_after_the_resume_step(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("stage1/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_rewind_within_a_run_keeps_each_step_once_in_the_log_and_in_tensorboard(tmp_path):
+    """A re-formed learner goes on from its checkpoint in the same process: the same rewind as a resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunLog(tmp_path, trackers=[TensorBoard(tmp_path, None)])
+    for step in range(1, 5):
+        run.log("stage1", step, {"loss": float(step)})
+    run.rewind(2)  # the learner died after step 4; its checkpoint is step 2's
+    for step in (3, 4, 5):
+        run.log("stage1", step, {"loss": 10.0 * step})
+    run.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    assert [(r["step"], r["loss"]) for r in records] == expected
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("stage1/loss")] == expected
