@@ -315,6 +315,7 @@ class RunConfig(_Section):
     keep_last: NonNegativeInt = 3  # complete checkpoints kept on disk (oldest removed first); 0 = keep all
     # On a cluster the launch joined: how long to wait for its placement groups (nodes joining, an
     # autoscaler adding them) before it stops with the knobs to change. A local Ray refuses at once.
+    # A learner re-formed after its node was lost waits as long for a node to join, then stops (exit 5).
     placement_timeout_s: Positive = 600.0
     ray_address: str = ""  # "" = join the cluster `ray job submit` provides, else start a local one
     # Where metrics go besides metrics.jsonl (always written: resume and the reports read it): tensorboard,

@@ -13,15 +13,21 @@ or raises the first rank's error. So the launcher's ``ray.get(self.learner.X.rem
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.ray_learner import LearnerActor, node_address
 
 log = logging.getLogger(__name__)
+
+
+class LearnerNotPlaced(RuntimeError):
+    """A re-formed group's ranks did not start within ``start_timeout_s``: their node was lost and no node
+    with the learner's resources joined (its placement-group bundles wait for one)."""
 
 
 @ray.remote(num_cpus=0)
@@ -76,18 +82,20 @@ class LearnerGroup:
     Methods are those of ``LearnerWorker`` (status, stage1_steps, stage2_step_from_buffer,
     put_weights, save_checkpoint, load_checkpoint, export), called as ``group.status.remote()``.
     ``plan``: learner.distributed.ParallelPlan fields (sharding, accum_steps, activation_checkpointing).
+    ``start_timeout_s``: how long ``restart`` waits for its ranks to be placed and up (None: no limit).
     """
 
     def __init__(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None = None, *,
                  world_size: int = 1, placement_group=None, bundle_indices: Sequence[int] | None = None,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, plan: dict | None = None,
-                 dist_timeout_s: float = 1800.0, actor_options: dict | None = None):
+                 dist_timeout_s: float = 1800.0, actor_options: dict | None = None,
+                 start_timeout_s: float | None = None):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if placement_group is not None and (bundle_indices is None or len(bundle_indices) != world_size):
             raise ValueError(f"give one placement-group bundle index per learner rank: world_size {world_size}, "
                              f"bundle_indices {bundle_indices}")
-        self.world_size = world_size
+        self.world_size, self.start_timeout_s = world_size, start_timeout_s
         # Kept for restart(): a re-formed group starts from the same arguments.
         self._args = (cfg_dict, model_path, train_path, image_root)
         self._options = dict(placement_group=placement_group, bundle_indices=bundle_indices, num_cpus=num_cpus,
@@ -97,7 +105,8 @@ class LearnerGroup:
 
     def _start_workers(self, cfg_dict: dict, model_path: str, train_path: str, image_root: str | None, *,
                        placement_group, bundle_indices, num_cpus: float, num_gpus: float, plan: dict | None,
-                       dist_timeout_s: float, actor_options: dict | None) -> list:
+                       dist_timeout_s: float, actor_options: dict | None, deadline: float | None = None) -> list:
+        """The ranks, starting (``deadline``: time.monotonic() by which their bundles must be placed)."""
         world_size = self.world_size
 
         def where(rank: int) -> dict:
@@ -109,10 +118,10 @@ class LearnerGroup:
         addr, port = "", 0
         devices: list = [None] * world_size
         if world_size > 1:
-            addr, port = ray.get(_rendezvous_address.options(**where(0)).remote())
+            addr, port = _get_placed(_rendezvous_address.options(**where(0)).remote(), deadline)
             if num_gpus:  # ranks on one node see all of its learner GPUs, each picks its own
-                devices = share_node_gpus(ray.get([_node_and_gpus.options(num_gpus=num_gpus, **where(r)).remote()
-                                                   for r in range(world_size)]))
+                devices = share_node_gpus(_get_placed([_node_and_gpus.options(num_gpus=num_gpus, **where(r)).remote()
+                                                       for r in range(world_size)], deadline))
         workers = [
             LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **where(rank), **(actor_options or {})).remote(
                 cfg_dict, model_path, train_path, image_root, rank=rank, world_size=world_size,
@@ -136,27 +145,48 @@ class LearnerGroup:
         in the same bundles, untrained (load a checkpoint next), returning once every rank is up. Every holder
         of this group sees the new ranks. A rank that fails to start (its rendezvous port taken meanwhile,
         say) ends the others at once, which would otherwise wait for it until dist_timeout_s, and the group
-        starts again on a new port; the last try's error is raised."""
+        starts again on a new port; the last try's error is raised. Ranks whose node was lost wait for a node
+        to join, up to ``start_timeout_s`` in all: then LearnerNotPlaced."""
+        deadline = None if self.start_timeout_s is None else time.monotonic() + self.start_timeout_s
         for attempt in range(1, tries + 1):
             self.kill()
-            self.workers = self._start_workers(*self._args, **self._options)
             try:
-                self._wait_started()
+                self.workers = self._start_workers(*self._args, **self._options, deadline=deadline)
+                self._wait_started(deadline)
                 return
+            except LearnerNotPlaced:
+                self.kill()
+                raise
             except RayActorError as exc:
                 if attempt == tries:
                     self.kill()
                     raise
                 log.warning("learner group: a rank failed to start (%s); starting the group again", exc)
 
-    def _wait_started(self) -> None:
+    def _wait_started(self, deadline: float | None = None, poll_s: float = 30.0) -> None:
         """Until every rank's constructor has returned; the first one that failed raises at once."""
-        pending = [w.__ray_ready__.remote() for w in self.workers]
+        pending, start = [w.__ray_ready__.remote() for w in self.workers], time.monotonic()
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise LearnerNotPlaced(f"{len(pending)} of {self.world_size} learner ranks not started")
+            done, pending = ray.wait(pending, num_returns=1, timeout=poll_s if left is None else min(poll_s, left))
+            if done:
+                ray.get(done)
+            else:
+                log.warning("learner group: %d of %d ranks still starting after %.0f s (a rank whose node was lost "
+                            "waits for a node with the learner's resources)", len(pending), self.world_size,
+                            time.monotonic() - start)
 
     def owns(self, exc: BaseException) -> bool:
         """Whether the actor error ``exc`` (a RayActorError) is about one of this group's ranks."""
         actor_id = getattr(exc, "actor_id", None)
         return actor_id is not None and actor_id in {w._actor_id.hex() for w in self.workers}
+
+
+def _get_placed(refs, deadline: float | None):
+    """``ray.get(refs)`` of tasks in the group's bundles, by ``deadline`` (they wait for their bundles)."""
+    try:
+        return ray.get(refs, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except GetTimeoutError:
+        raise LearnerNotPlaced("the learner's placement-group bundles were not placed") from None

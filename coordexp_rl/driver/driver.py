@@ -56,7 +56,7 @@ from coordexp_rl.evaluation.plots import plot_training_curves
 from coordexp_rl.method.coords import CoordVocab
 from coordexp_rl.modeling.load import load_processor
 from learner.checkpoint import latest_checkpoint
-from learner.group import LearnerGroup
+from learner.group import LearnerGroup, LearnerNotPlaced
 from learner.ray_learner import BufferGone
 
 log = logging.getLogger("coordexp_rl.launch")
@@ -150,7 +150,7 @@ class Driver:
             placement_group=group, bundle_indices=list(range(plan.world_size)), num_cpus=plan.cpus,
             num_gpus=plan.gpus, plan={"sharding": plan.sharding, "accum_steps": plan.accum_steps,
                                       "activation_checkpointing": plan.activation_checkpointing},
-            actor_options=self.actor_options)
+            actor_options=self.actor_options, start_timeout_s=cfg.run.placement_timeout_s)
 
     def check_data(self) -> tuple[list, dict]:
         """The up-front checks (images once, prompt and target lengths): the training samples and their
@@ -406,7 +406,14 @@ class Driver:
         self.learner_restarts += 1
         log.warning("%s; re-forming the learner group from %s (restart %d of learner.max_restarts=%d)", why, newest,
                     self.learner_restarts, limit)
-        self.learner.restart()
+        try:
+            self.learner.restart()
+        except LearnerNotPlaced as e:
+            self.close_rollout()
+            self.run_log.close()
+            raise RunStopped(f"{why}; re-forming it: {e} within run.placement_timeout_s="
+                             f"{self.cfg.run.placement_timeout_s:g} s (its node lost, none with the learner's "
+                             f"resources joined)", str(newest), exit_code=5) from None
         resumed = load_resume_point(self.learner, str(newest), self.out / "checkpoints")
         self.step = self.checkpoints.last_step = resumed["step"]
         self.checkpoints.last_path = resumed["path"]
@@ -421,6 +428,8 @@ class Driver:
             self.sync_weights(label="restart")
         self.run_log.log("fault", self.step, {"learner_restarts": self.learner_restarts, "lost_at_step": lost_at,
                                               "steps_lost": lost_at - self.step})
+        self.placement = {}  # logged again: the rewind dropped the records after the checkpoint
+        self.log_placement()  # a lost node's ranks are on the node that joined
         log.warning("learner group re-formed at step %d: %d steps are taken again", self.step, lost_at - self.step)
 
     def close_rollout(self) -> None:
