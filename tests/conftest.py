@@ -14,7 +14,8 @@ prepare_runtime()
 # The longest files, longest first (seconds on one xdist worker beside the other, 2 cores; README "Tests"),
 # except that the fault runs (busy on both cores) start beside the two-node runs (mostly waiting on Ray).
 LONGEST_FILES = ("distributed/test_faults.py", "distributed/test_two_nodes.py", "distributed/test_actor_restart.py",
-                 "distributed/test_resume.py", "deploy/test_gpu_check.py", "deploy/test_ablate.py",
+                 "distributed/test_resume.py", "distributed/test_lost_learner_node.py", "deploy/test_gpu_check.py",
+                 "deploy/test_ablate.py",
                  "distributed/test_ray_job.py", "distributed/test_reproducible.py", "distributed/test_sync_faults.py",
                  "distributed/test_placement_wait.py")
 
