@@ -2,8 +2,8 @@
 
 ``group.X.remote(*args)`` calls ``X`` on every rank (they must all take part: the collectives inside
 need them) and returns ONE object ref, which resolves to rank 0's result once every rank has finished,
-or raises the first rank's error. So the launcher's ``ray.get(self.learner.X.remote(...))`` and
-``ray.wait([step_ref, ...])`` work unchanged.
+or raises the first failing rank's error as soon as it fails. So the launcher's
+``ray.get(self.learner.X.remote(...))`` and ``ray.wait([step_ref, ...])`` work unchanged.
 
 >>> group = LearnerGroup(cfg.model_dump(), model, train, world_size=2, placement_group=pg,
 ...                      bundle_indices=[3, 4], num_cpus=1, num_gpus=1)  # doctest: +SKIP
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from learner.ray_learner import LearnerActor, node_address
 
@@ -62,18 +62,24 @@ def share_node_gpus(placements: list[tuple[str, list[str]]]) -> list[tuple[str, 
 
 
 @ray.remote(num_cpus=0)
-def _rank0_result(*results: Any) -> Any:
-    # Ray resolves every rank's ref before this runs, and fails with the first rank's error.
-    return results[0]
+def _rank0_result(refs: list[ray.ObjectRef]) -> Any:
+    """Rank 0's result once every rank has finished; the first rank that fails raises at once (its error,
+    the dead actor's id included). At once: the peers of a dead rank may wait in an NCCL collective until
+    the group's timeout, and the driver must not wait with them (gloo peers fail at once by themselves)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs[0])
 
 
 class _FanOut:
-    def __init__(self, workers: list, name: str):
-        self.workers, self.name = workers, name
+    def __init__(self, workers: list, name: str, here: dict):
+        self.workers, self.name, self.here = workers, name, here
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
         refs = [getattr(w, self.name).remote(*args, **kwargs) for w in self.workers]
-        return refs[0] if len(refs) == 1 else _rank0_result.remote(*refs)
+        return refs[0] if len(refs) == 1 else _rank0_result.options(**self.here).remote(refs)
 
 
 class LearnerGroup:
@@ -134,7 +140,9 @@ class LearnerGroup:
     def __getattr__(self, name: str) -> _FanOut:  # only for names that are not attributes of the group
         if name.startswith("_") or name in ("workers", "world_size"):
             raise AttributeError(name)
-        return _FanOut(self.workers, name)
+        # on the driver's node: the learner's may be lost, and the driver must see the rank's error, not this task's
+        here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)}
+        return _FanOut(self.workers, name, here)
 
     def kill(self) -> None:
         for w in self.workers:

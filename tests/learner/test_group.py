@@ -125,3 +125,37 @@ def test_a_restart_whose_rendezvous_port_is_taken_starts_again_on_another(ray_lo
     assert ray.get(group.status.remote())["world_size"] == 2
     taken.close()
     group.kill()
+
+
+
+def test_a_rank_that_dies_while_its_peer_waits_fails_the_group_call_at_once(ray_local):
+    """The peer of a dead rank may wait in an NCCL collective until the group's timeout (1,800 s); the
+    group's call must fail with the dead rank's error at once, for the driver to re-form the group. Here
+    the peer sleeps, as an NCCL rank would wait (gloo peers fail at once on the closed connection)."""
+    ray = ray_local
+    import os
+    import time
+
+    from learner.group import LearnerGroup
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Rank:
+        def __init__(self, rank: int):
+            self.rank = rank
+
+        def step(self, rank_that_dies: int) -> int:
+            if self.rank == rank_that_dies:
+                os._exit(1)
+            time.sleep(600)  # the peer, waiting for the dead rank
+            return self.rank
+
+    for dies in (0, 1):
+        group = LearnerGroup.__new__(LearnerGroup)  # the group's fan-out, over stand-in ranks
+        group.workers, group.world_size = [Rank.remote(0), Rank.remote(1)], 2
+        ray.get([w.__ray_ready__.remote() for w in group.workers])
+        start = time.monotonic()
+        with pytest.raises(ray.exceptions.RayActorError) as failed:
+            ray.get(group.step.remote(dies), timeout=60)
+        assert time.monotonic() - start < 30, "the call waited for the sleeping peer"
+        assert group.owns(failed.value) and failed.value.actor_id == group.workers[dies]._actor_id.hex()
+        group.kill()
