@@ -22,7 +22,9 @@ from tests.distributed.test_two_nodes import FAST_NODE_DEATH
 
 pytestmark = pytest.mark.integration
 
-STEPS = 10  # Stage-2 steps, 2 rows each (SMALL_RUN), checkpoints every 2
+# Stage-2 steps of the run that gets a node back, 2 rows each (SMALL_RUN), a checkpoint every 2: ~1.2 s each,
+# so that it is still in Stage-2 when the other run (started with it) has begun its own
+STEPS = 16
 # the fault is the learner's: the transformers engine (it starts in a third of vLLM's time), on the head
 ROLLOUT = ["rollout.engine=hf", "rollout.node_resource=coordexp_rollout"]
 RUNS = {

@@ -159,3 +159,27 @@ def test_a_rank_that_dies_while_its_peer_waits_fails_the_group_call_at_once(ray_
         assert time.monotonic() - start < 30, "the call waited for the sleeping peer"
         assert group.owns(failed.value) and failed.value.actor_id == group.workers[dies]._actor_id.hex()
         group.kill()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_restart_whose_ranks_cannot_be_placed_gives_up_after_its_timeout(ray_local, world_size):
+    """The learner's node lost, none with its resources joined: the ranks' bundles wait for a node, and
+    restart() stops waiting after start_timeout_s (one rank: its actor; two: the rendezvous task first)."""
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from learner.group import LearnerGroup, LearnerNotPlaced
+
+    # a bundle no node here can hold, as the lost node's bundles wait after it is gone
+    pg = placement_group([{"CPU": 1, "coordexp_lost_node": 1}] * world_size, strategy="STRICT_PACK")
+    group = LearnerGroup.__new__(LearnerGroup)  # its first start would wait without limit, as a launch does
+    group.world_size, group.start_timeout_s, group.workers = world_size, 3.0, []
+    group._args = ({}, "model", "train.jsonl", None)
+    group._options = dict(placement_group=pg, bundle_indices=list(range(world_size)), num_cpus=1, num_gpus=0,
+                          plan=None, dist_timeout_s=60, actor_options=None)
+    start = time.monotonic()
+    with pytest.raises(LearnerNotPlaced):
+        group.restart()
+    assert 3.0 <= time.monotonic() - start < 30
+    remove_placement_group(pg)
