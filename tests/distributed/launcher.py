@@ -88,3 +88,15 @@ def wait_for_record(proc: subprocess.Popen, out: Path, stage: str, timeout_s: fl
         time.sleep(0.2)
     kill_tree(proc)
     raise AssertionError(f"no {stage} record within {timeout_s} s:\n{output(out)[-4000:]}")
+
+
+def wait_until_all_in_stage2(procs: dict[str, subprocess.Popen], outs: dict[str, Path], steps: int,
+                             timeout_s: float) -> None:
+    """Until every run has ``steps`` Stage-2 records; fails with each run's output when one ends first or
+    ``timeout_s`` passes (runs started together, faulted together: test_two_nodes, test_lost_learner_node)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(len(records(out, "stage2")) >= steps for out in outs.values()):
+        ended = [n for n, p in procs.items() if p.poll() is not None]
+        assert not ended and time.monotonic() < deadline, "\n".join(
+            f"{n}: rc {procs[n].returncode}\n{output(outs[n])[-3000:]}" for n in procs)
+        time.sleep(0.2)

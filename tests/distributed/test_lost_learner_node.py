@@ -9,7 +9,6 @@ which is lost in Stage-2: "back" gets a new node with its resource, "gone" does 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -48,12 +47,7 @@ def lost_learner_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, st
                                   env=env)
                  for name, o in RUNS.items()}
         try:
-            deadline = time.monotonic() + 400
-            while not all(len(launcher.records(out, "stage2")) >= 2 for out in outs.values()):  # a checkpoint each
-                ended = [n for n, p in procs.items() if p.poll() is not None]
-                assert not ended and time.monotonic() < deadline, "\n".join(
-                    f"{n}: rc {procs[n].returncode}\n{launcher.output(outs[n])[-3000:]}" for n in RUNS)
-                time.sleep(0.2)
+            launcher.wait_until_all_in_stage2(procs, outs, 2, timeout_s=400)  # a Stage-2 checkpoint each
             assert all(p.poll() is None for p in procs.values()), "a run ended Stage-2 before the other began it"
             kill_node(node)
             join_node(env, info["gcs"], num_cpus=1, resources={"coordexp_learner": 1})

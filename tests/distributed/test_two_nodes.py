@@ -56,12 +56,7 @@ def lost_node_runs(tmp_path_factory, launch_cache) -> dict[str, tuple[int, str, 
                                  "learner.node_resource=coordexp_learner", f"stage2.steps={STEPS}", *o, env=env)
                  for name, o in RUNS.items()}
         try:
-            deadline = time.monotonic() + 500
-            while not all(launcher.records(out, "stage2") for out in outs.values()):
-                ended = [n for n, p in procs.items() if p.poll() is not None]
-                assert not ended and time.monotonic() < deadline, "\n".join(
-                    f"{n}: rc {procs[n].returncode}\n{launcher.output(outs[n])[-3000:]}" for n in RUNS)
-                time.sleep(0.2)
+            launcher.wait_until_all_in_stage2(procs, outs, 1, timeout_s=500)
             # Right after one of the object_store run's syncs: its actor dies in a step call, not in a sync.
             synced = len(launcher.records(outs["object_store"], "sync"))
             while len(launcher.records(outs["object_store"], "sync")) == synced:
